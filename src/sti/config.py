@@ -1,0 +1,152 @@
+"""Model configuration: the shape of a BERT-family encoder.
+
+Only the fields that change the computation are kept. `from_hf` reads a Hugging Face
+`config.json`; `PRESETS` gives the MiniLM-L6 shape of the real model and the BERT-base and
+BERT-large shapes used (with random weights) for scale tests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 1536
+    vocab_size: int = 30522
+    max_position: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    num_labels: int = 2
+    labels: tuple[str, ...] = field(default=("negative", "positive"))
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "vocab_size", "max_position", "type_vocab_size", "num_labels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model config: hidden_size {self.hidden_size} is not divisible by "
+                f"num_heads {self.num_heads}")
+        if self.intermediate_size % self.num_heads:
+            raise ConfigError(
+                f"model config: intermediate_size {self.intermediate_size} is not divisible by "
+                f"num_heads {self.num_heads}, so the FFN cannot be cut into one slice per head")
+        if len(self.labels) != self.num_labels:
+            raise ConfigError(
+                f"model config: {self.num_labels} labels but {len(self.labels)} label names")
+
+    # Shard geometry (STI.md, key idea 1): shard j = head j + FFN slice j.
+    @property
+    def num_shards(self) -> int:
+        return self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_slice(self) -> int:
+        """FFN neurons per shard."""
+        return self.intermediate_size // self.num_heads
+
+    @property
+    def layer_params(self) -> int:
+        h, f = self.hidden_size, self.intermediate_size
+        return 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+
+    @property
+    def embedding_params(self) -> int:
+        h = self.hidden_size
+        return (self.vocab_size + self.max_position + self.type_vocab_size) * h + 2 * h
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config must be a JSON object, got {type(d).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"model config: unknown fields {sorted(unknown)}")
+        d = dict(d)
+        if "labels" in d:
+            if not isinstance(d["labels"], (list, tuple)) or not all(isinstance(x, str) for x in d["labels"]):
+                raise ConfigError("model config: labels must be a list of strings")
+            d["labels"] = tuple(d["labels"])
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise ConfigError(f"model config: {exc}") from None
+
+    @classmethod
+    def from_hf(cls, path: str | Path) -> "ModelConfig":
+        """Read a Hugging Face BERT `config.json` (a file or the directory holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json at {path}: is this a Hugging Face model directory?") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise ConfigError(f"{path}: hidden_act {hf.get('hidden_act')!r} is not supported (only 'gelu')")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ConfigError(f"{path}: only absolute position embeddings are supported")
+        id2label = hf.get("id2label")
+        labels = cls.labels
+        num_labels = 2
+        if isinstance(id2label, dict) and id2label:
+            num_labels = len(id2label)
+            labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+            if labels == tuple(f"LABEL_{i}" for i in range(num_labels)) and num_labels == 2:
+                labels = cls.labels
+        try:
+            return cls(
+                hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+                num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+                vocab_size=hf["vocab_size"], max_position=hf.get("max_position_embeddings", 512),
+                type_vocab_size=hf.get("type_vocab_size", 2),
+                layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+                num_labels=num_labels, labels=labels)
+        except KeyError as exc:
+            raise ConfigError(f"{path}: missing field {exc}") from None
+
+    def to_hf(self) -> dict:
+        """The Hugging Face `config.json` for this shape (BertForSequenceClassification-like)."""
+        return {
+            "architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu",
+            "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size, "max_position_embeddings": self.max_position,
+            "type_vocab_size": self.type_vocab_size, "layer_norm_eps": self.layer_norm_eps,
+            "position_embedding_type": "absolute", "pad_token_id": 0,
+            "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+            "id2label": {str(i): n for i, n in enumerate(self.labels)},
+            "label2id": {n: i for i, n in enumerate(self.labels)},
+        }
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "minilm-l6": ModelConfig(),
+    "bert-base": ModelConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "bert-large": ModelConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+    # Tiny shape for fast tests.
+    "tiny": ModelConfig(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=64,
+                        vocab_size=120, max_position=64),
+}

@@ -1,0 +1,229 @@
+"""Elastic fine-tuning: a width- and depth-adaptive classifier from the real model.
+
+Three steps (DynaBERT-style, see STI.md key idea 3):
+  1. the teacher: plain fine-tuning of the full model with a classification head;
+  2. rewiring: heads and FFN neurons of every layer sorted by Taylor importance on the
+     dev split (rewire.py), so the first m shards of a layer are its most important;
+  3. elastic training: submodels of m in WIDTHS shards per layer and n in DEPTHS layers
+     learn from the teacher by distillation (soft logits + hidden states of the kept
+     layers) plus the task loss. Running all 16 submodels on every batch would cost about
+     7.5 full passes per step, too slow for two cores, so each step uses the "sandwich
+     rule" of slimmable networks: the largest, the smallest and `samples` random
+     submodels of the grid.
+
+The teacher is cached on its own, so an interrupted run restarts at step 3. Outputs are
+written atomically (a temporary directory renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import data
+from .assets import ensure_model, sti_home
+from .encoder import Submodel, encode, head_logits
+from .errors import Cancelled
+from .evaluate import accuracy
+from .rewire import rewire, taylor_importance
+from .tokenizer import Tokenizer
+from .weights import ModelWeights, load_model_dir, save_model_dir
+
+WIDTHS = (3, 6, 9, 12)
+DEPTHS = (3, 4, 5, 6)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    preset: str = "full"
+    seed: int = 0
+    batch_size: int = 32
+    max_length: int = 64          # RT snippets average ~25 tokens; 64 cuts under 1%
+    teacher_epochs: float = 2.0
+    teacher_lr: float = 5e-5
+    elastic_epochs: float = 2.0
+    elastic_lr: float = 3e-5
+    samples: int = 2              # random submodels per step, besides largest and smallest
+    hidden_weight: float = 1.0
+    task_weight: float = 1.0
+    dropout: float = 0.1
+    train_limit: int | None = None  # use only the first N training examples (tests)
+    eval_limit: int | None = None   # likewise for the dev and test splits (tests)
+
+    @staticmethod
+    def preset_named(name: str) -> "FinetuneConfig":
+        if name == "full":
+            return FinetuneConfig()
+        if name == "quick":
+            return FinetuneConfig(preset="quick", teacher_epochs=1.0, elastic_epochs=0.5,
+                                  samples=1, max_length=48)
+        from .errors import InputError
+        raise InputError(f"unknown preset {name!r}: choose 'full' or 'quick'")
+
+
+def default_model_dir(preset: str = "full") -> Path:
+    return sti_home() / "models" / f"minilm-l6-rt-elastic-{preset}"
+
+
+def grid() -> list[tuple[int, int]]:
+    return [(n, m) for n in DEPTHS for m in WIDTHS]
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def _schedule(opt: torch.optim.Optimizer, base_lr: float, step: int, total: int) -> None:
+    warm = max(1, total // 10)
+    scale = step / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
+    for g in opt.param_groups:
+        g["lr"] = base_lr * scale
+
+
+def _steps(examples, tokenizer, cfg: FinetuneConfig, epochs: float, rng: random.Random):
+    """Shuffled training batches for `epochs` epochs (a fraction allowed)."""
+    total = math.ceil(epochs * len(examples) / cfg.batch_size)
+    order: list[int] = []
+    for _ in range(total):
+        if len(order) < cfg.batch_size:
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order += fresh
+        idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
+        batch = tokenizer.encode([examples[i].text for i in idx])
+        yield batch, torch.tensor([examples[i].label for i in idx])
+
+
+def train_teacher(weights: ModelWeights, tokenizer: Tokenizer, train, cfg: FinetuneConfig, rng) -> ModelWeights:
+    params = weights.parameters()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.teacher_lr, weight_decay=0.01)
+    total = math.ceil(cfg.teacher_epochs * len(train) / cfg.batch_size)
+    with _progress() as bar:
+        task = bar.add_task("teacher", total=total, loss=float("nan"))
+        for step, (batch, labels) in enumerate(_steps(train, tokenizer, cfg, cfg.teacher_epochs, rng)):
+            _schedule(opt, cfg.teacher_lr, step, total)
+            hidden = encode(weights, batch.input_ids, batch.attention_mask, dropout=cfg.dropout)
+            loss = F.cross_entropy(head_logits(weights.head, hidden, batch.attention_mask, cfg.dropout), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            bar.update(task, advance=1, loss=loss.item())
+    for p in params:
+        p.requires_grad_(False)
+    return weights
+
+
+def elastic_loss(student: ModelWeights, sub: Submodel, batch, labels, t_logits, t_hidden, cfg) -> torch.Tensor:
+    hidden = encode(student, batch.input_ids, batch.attention_mask, sub, dropout=cfg.dropout, all_hidden=True)
+    logits = head_logits(student.head, hidden[-1], batch.attention_mask, cfg.dropout)
+    kd = F.kl_div(F.log_softmax(logits, -1), F.softmax(t_logits, -1), reduction="batchmean")
+    mask = batch.attention_mask.unsqueeze(-1).float()
+    # Layer k of the submodel is matched with the teacher's output of the same layer index.
+    mse = sum(((hidden[k + 1] - t_hidden[layer + 1]) ** 2 * mask).sum() / (mask.sum() * hidden[0].shape[-1])
+              for k, layer in enumerate(sub.layers)) / len(sub.layers)
+    return kd + cfg.hidden_weight * mse + cfg.task_weight * F.cross_entropy(logits, labels)
+
+
+def train_elastic(student: ModelWeights, teacher: ModelWeights, tokenizer, train, cfg: FinetuneConfig, rng) -> ModelWeights:
+    c = student.config
+    params = student.parameters()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.elastic_lr, weight_decay=0.01)
+    total = math.ceil(cfg.elastic_epochs * len(train) / cfg.batch_size)
+    cells = grid()
+    with _progress() as bar:
+        task = bar.add_task("elastic", total=total, loss=float("nan"))
+        for step, (batch, labels) in enumerate(_steps(train, tokenizer, cfg, cfg.elastic_epochs, rng)):
+            _schedule(opt, cfg.elastic_lr, step, total)
+            with torch.no_grad():
+                t_hidden = encode(teacher, batch.input_ids, batch.attention_mask, all_hidden=True)
+                t_logits = head_logits(teacher.head, t_hidden[-1], batch.attention_mask)
+            chosen = [(max(DEPTHS), max(WIDTHS)), (min(DEPTHS), min(WIDTHS))] + rng.sample(cells, cfg.samples)
+            opt.zero_grad(set_to_none=True)
+            total_loss = 0.0
+            for n, m in chosen:
+                loss = elastic_loss(student, Submodel.of(c, n, m), batch, labels, t_logits, t_hidden, cfg)
+                (loss / len(chosen)).backward()
+                total_loss += loss.item() / len(chosen)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            bar.update(task, advance=1, loss=total_loss)
+    for p in params:
+        p.requires_grad_(False)
+    return student
+
+
+def grid_accuracy(weights: ModelWeights, tokenizer: Tokenizer, examples) -> dict[str, float]:
+    """Accuracy of every (n, m) of the grid, keyed "n{n}m{m}"."""
+    return {f"n{n}m{m}": accuracy(weights, tokenizer, examples, Submodel.of(weights.config, n, m))
+            for n, m in grid()}
+
+
+def finetune(out: str | Path | None = None, preset: str = "quick", cfg: FinetuneConfig | None = None,
+             base_dir: str | Path | None = None, log=print) -> Path:
+    """Run the three steps and write the elastic model directory (with metrics.json)."""
+    cfg = cfg or FinetuneConfig.preset_named(preset)
+    out = Path(out) if out else default_model_dir(cfg.preset)
+    base_dir = Path(base_dir) if base_dir else ensure_model(log)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    tokenizer = Tokenizer(base_dir, max_length=cfg.max_length)
+    train = data.load_split("train")[: cfg.train_limit]
+    dev = data.load_split("dev")[: cfg.eval_limit]
+    test = data.load_split("test")[: cfg.eval_limit]
+    times = {}
+    try:
+        teacher_dir = out.with_name(out.name + ".teacher")
+        t0 = time.perf_counter()
+        if (teacher_dir / "model.safetensors").exists():
+            log(f"teacher: reusing {teacher_dir}")
+            teacher = load_model_dir(teacher_dir)
+        else:
+            teacher = train_teacher(load_model_dir(base_dir), tokenizer, train, cfg, rng)
+            save_model_dir(teacher, teacher_dir, tokenizer_from=base_dir)
+        times["teacher_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        eval_tok = Tokenizer(base_dir)
+        teacher_acc = accuracy(teacher, eval_tok, test)
+        log(f"teacher test accuracy: {teacher_acc:.4f}")
+        scores = taylor_importance(teacher, eval_tok, dev)
+        rewired = rewire(teacher, scores)
+        times["rewire_s"] = time.perf_counter() - t0
+        rewired_grid = grid_accuracy(rewired, eval_tok, test)
+
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed + 1)
+        elastic = train_elastic(rewired.clone(), rewired, tokenizer, train, cfg, rng)
+        times["elastic_s"] = time.perf_counter() - t0
+        elastic_grid = grid_accuracy(elastic, eval_tok, test)
+    except KeyboardInterrupt:
+        raise Cancelled(f"fine-tuning interrupted; nothing was written to {out} (rerun to resume "
+                        "from the cached teacher if it was finished)") from None
+    metrics = {
+        "preset": cfg.preset, "config": asdict(cfg), "split": "test", "test_size": len(test),
+        "teacher_test_accuracy": teacher_acc,
+        "grid": [{"n": n, "m": m, "rewired_only": rewired_grid[f"n{n}m{m}"],
+                  "elastic": elastic_grid[f"n{n}m{m}"]} for n, m in grid()],
+        "train_seconds": times, "total_train_seconds": sum(times.values()),
+        "torch_threads": torch.get_num_threads(),
+    }
+    save_model_dir(elastic, out, tokenizer_from=base_dir, extra_files={"metrics.json": json.dumps(metrics, indent=2)})
+    return out
+
+
+def read_metrics(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / "metrics.json").read_text())
