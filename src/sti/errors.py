@@ -24,6 +24,10 @@ class ConfigError(StiError):
     """A model configuration or a submodel specification is invalid."""
 
 
+class StoreError(StiError):
+    """A store is missing, malformed, truncated or corrupt (the message names file and record)."""
+
+
 class InputError(StiError):
     """A request or a command-line value is invalid (empty text, bad number, ...)."""
 

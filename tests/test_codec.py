@@ -1,0 +1,178 @@
+"""The codecs against the promises of docs/CODECS.md and stated error bounds."""
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sti import codec
+from sti.codec import CodecError, decode, encode, fit, pack_codes
+
+# Relative RMS error bounds on Gaussian weights (measured ~10% below these, see CODECS.md).
+LINEAR_BOUND = {2: 0.50, 3: 0.22, 4: 0.10, 5: 0.05, 6: 0.025, 8: 0.0065}
+GOBO_BOUND = {2: 0.41, 3: 0.26, 4: 0.16, 5: 0.10, 6: 0.064, 8: 0.024}
+
+
+def gaussian(shape=(128, 96), seed=0, outliers=True):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal(shape) * 0.04).astype(np.float32)
+    if outliers:
+        w.flat[rng.choice(w.size, 5, replace=False)] = [0.9, -0.7, 0.5, -1.2, 0.6]
+    return w
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("bits", codec.PACKED_BITS)
+def test_linear_error_bound(bits):
+    w = gaussian(outliers=False)
+    d = decode(encode(w, bits, "linear"), w.shape)
+    assert rel_err(d, w) < LINEAR_BOUND[bits]
+    # every weight is within half a step of its group's grid
+    groups = w.reshape(-1, codec.GROUP)
+    half_step = (groups.max(1) - groups.min(1)) / (2 * ((1 << bits) - 1))
+    assert (np.abs(d.reshape(-1, codec.GROUP) - groups) <= half_step[:, None] * 1.0001 + 1e-7).all()
+
+
+@pytest.mark.parametrize("bits", codec.PACKED_BITS)
+def test_gobo_error_bound_and_outliers_exact(bits):
+    w = gaussian()
+    f = fit(w, bits, "gobo")
+    d = decode(encode(w, bits, "gobo", f), w.shape)
+    mask = f.outliers(w.astype(np.float64))
+    assert mask.sum() >= 5                                   # the planted outliers
+    assert np.array_equal(d[mask], w[mask])                  # kept in float32, exactly
+    inl = ~mask
+    assert rel_err(d[inl], w[inl]) < GOBO_BOUND[bits]
+    assert set(np.unique(d[inl])) <= set(f.centroids.tolist())  # inliers decode to centroids
+
+
+def test_gobo_bins_are_equal_population_with_mean_centroids():
+    w = gaussian(shape=(64, 64), outliers=False)
+    f = fit(w, 3, "gobo")
+    flat = w.ravel().astype(np.float64)
+    inl = flat[~f.outliers(flat)]
+    codes = np.searchsorted(f.edges, inl)
+    counts = np.bincount(codes, minlength=8)
+    assert counts.max() - counts.min() <= 1
+    for k in range(8):
+        assert abs(inl[codes == k].mean() - f.centroids[k]) < 1e-6
+
+
+def test_gobo_fit_of_a_layer_serves_its_slices():
+    w = gaussian(shape=(256, 64))
+    f = fit(w, 4, "gobo")
+    for part in (w[:64], w[64:128]):
+        blob = encode(part, 4, "gobo", f)
+        assert np.frombuffer(blob[24:24 + 64], "<f4").tolist() == f.centroids.tolist()
+        assert rel_err(decode(blob, part.shape), part) < 0.3
+
+
+def test_packing_layout_is_dense_little_endian():
+    # 8 codes of 3 bits = 3 bytes: code i sits at bits [3i, 3i+3)
+    codes = np.array([1, 2, 3, 4, 5, 6, 7, 0], dtype=np.uint8)
+    value = sum(int(c) << (3 * i) for i, c in enumerate(codes))
+    assert pack_codes(codes, 3) == value.to_bytes(3, "little")
+    assert pack_codes(np.array([0xF, 0x1], np.uint8), 4) == bytes([0x1F, 0, 0, 0])  # padded to 8 codes
+    assert len(pack_codes(np.zeros(17, np.uint8), 5)) == 3 * 5
+
+
+@pytest.mark.parametrize("name", codec.CODECS)
+def test_header_and_length(name):
+    w = gaussian(shape=(10, 7))  # 70 weights: not a multiple of 8 or of the group
+    blob = encode(w, 5, name)
+    magic, version, cid, bits, _, rows, cols, _, _ = struct.unpack_from("<4sBBBBIIII", blob)
+    assert (magic, version, cid, bits, rows, cols) == (b"STIB", 1, codec.CODEC_IDS[name], 5, 10, 7)
+    assert len(blob) % 8 == 0
+    assert len(blob) == codec.expected_length(name, 5, 70, struct.unpack_from("<I", blob, 16)[0])
+    np.testing.assert_allclose(decode(blob, (10, 7)), w, atol=0.3)
+
+
+def test_decode_into_given_buffer():
+    w = gaussian(shape=(32, 16), outliers=False)
+    out = np.full(w.shape, np.nan, np.float32)
+    assert decode(encode(w, 6, "linear"), w.shape, out=out) is out
+    assert np.isfinite(out).all()
+
+
+def test_constant_tensor_is_exact():
+    w = np.full((8, 8), 0.25, np.float32)
+    assert np.array_equal(decode(encode(w, 2, "linear"), w.shape), w)
+    assert np.array_equal(decode(encode(w, 2, "gobo"), w.shape), w)
+
+
+@pytest.mark.parametrize("name", codec.CODECS)
+def test_bad_blobs_are_refused(name):
+    w = gaussian(shape=(16, 16))
+    blob = encode(w, 4, name)
+    cases = {
+        "magic": b"XXXX" + blob[4:],
+        "version": blob[:4] + b"\x09" + blob[5:],
+        "codec": blob[:5] + b"\x07" + blob[6:],
+        "bits": blob[:6] + b"\x07" + blob[7:],
+        "truncated": blob[:-8],
+        "appended": blob + b"\0" * 8,
+        "short": blob[:10],
+    }
+    for what, bad in cases.items():
+        with pytest.raises(CodecError):
+            decode(bad, (16, 16))
+    with pytest.raises(CodecError, match="expected shape"):
+        decode(blob, (8, 32))
+
+
+def test_gobo_outlier_index_out_of_range_is_refused():
+    w = gaussian(shape=(16, 16))
+    blob = bytearray(encode(w, 4, "gobo"))
+    assert struct.unpack_from("<I", blob, 16)[0] > 0
+    struct.pack_into("<I", blob, 24 + 4 * 16, 10_000)  # first outlier index
+    with pytest.raises(CodecError, match="outlier index"):
+        decode(bytes(blob), (16, 16))
+
+
+def test_bad_arguments():
+    w = gaussian(shape=(4, 8))
+    with pytest.raises(CodecError, match="codec"):
+        encode(w, 4, "zip")
+    with pytest.raises(CodecError, match="bits"):
+        encode(w, 7, "linear")
+    w[0, 0] = np.nan
+    with pytest.raises(CodecError, match="NaN"):
+        encode(w, 4, "linear")
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), bits=st.sampled_from(codec.PACKED_BITS),
+       name=st.sampled_from(codec.CODECS), seed=st.integers(0, 2**31), scale=st.floats(1e-4, 1e3))
+def test_round_trip_any_shape(rows, cols, bits, name, seed, scale):
+    w = (np.random.default_rng(seed).standard_normal((rows, cols)) * scale).astype(np.float32)
+    d = decode(encode(w, bits, name), w.shape)
+    assert d.shape == w.shape and d.dtype == np.float32
+    lo, hi = w.min(), w.max()
+    assert (d >= lo - 1e-6 * abs(lo)).all() and (d <= hi + 1e-6 * abs(hi)).all()  # no wild values
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_fuzzed_blobs_raise_only_codec_error(data):
+    try:
+        decode(data, (4, 4))
+    except CodecError:
+        pass
+
+
+@settings(max_examples=400, deadline=None)
+@given(name=st.sampled_from(codec.CODECS), pos=st.integers(0, 40), value=st.integers(0, 255),
+       cut=st.integers(0, 16))
+def test_mutated_blobs_decode_or_raise_codec_error(name, pos, value, cut):
+    blob = bytearray(encode(gaussian(shape=(8, 8)), 3, name))
+    blob[pos] = value
+    try:
+        out = decode(bytes(blob[:len(blob) - cut]), (8, 8))
+        assert out.shape == (8, 8)
+    except CodecError:
+        pass
