@@ -98,3 +98,16 @@ def test_bad_submodels_are_refused(tiny_weights, tiny_config, sub):
     ids, mask = random_ids(tiny_config)
     with pytest.raises(ConfigError):
         encode(tiny_weights, ids, mask, sub)
+
+
+def test_layer_by_shards_equals_stacked_layer(tiny_weights):
+    from sti.encoder import attention_keep, layer_by_shards, layer_forward
+    c = tiny_weights.config
+    ids, mask = random_ids(c)
+    x = torch.randn(ids.shape[0], ids.shape[1], c.hidden_size)
+    keep = attention_keep(mask)
+    layer = tiny_weights.layers[1]
+    for shards in ([0, 1, 2, 3], [3, 1], [2]):
+        ref = layer_forward(x, keep, tiny_weights.submodel_layer(1, tuple(shards)), c)
+        got = layer_by_shards(x, keep, [vars(layer.shard(j, c)) for j in shards], layer.shared, c)
+        assert (ref - got).abs().max() < 1e-5

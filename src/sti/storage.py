@@ -9,8 +9,12 @@ they measure the storage device and not the page cache; where a filesystem refus
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
+import re
+import threading
+import time
 from pathlib import Path
 
 from .errors import StoreError
@@ -93,9 +97,63 @@ def _try_open_direct(path: Path) -> int | None:
     return fd
 
 
-def open_reader(path: str | Path, mode: str = "warm"):
+class EmulatedReader(WarmReader):
+    """Storage of a given bandwidth and per-request latency (eMMC, SD cards, boards),
+    reproduced on any machine: the bytes come from the page cache, and each read returns
+    no earlier than a device of that speed would have delivered it. The device is modelled
+    as one queue: a read starts when the previous one has finished (or now, if idle)."""
+
+    def __init__(self, path: str | Path, bandwidth: float, latency_s: float = 0.0):
+        super().__init__(path)
+        if not (math.isfinite(bandwidth) and bandwidth > 0) or not (math.isfinite(latency_s) and latency_s >= 0):
+            raise StoreError(f"emulated storage needs a positive bandwidth and a latency >= 0, "
+                             f"got {bandwidth} B/s and {latency_s} s")
+        self.bandwidth, self.latency_s = bandwidth, latency_s
+        self.mode = f"emulate:{bandwidth / 1e6:g}MB/s,{latency_s * 1e3:g}ms"
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, length: int) -> memoryview:
+        with self._lock:
+            start = max(time.perf_counter(), self._free_at)
+            self._free_at = done = start + self.latency_s + length / self.bandwidth
+        buf = super().read(offset, length)
+        # sleep for the bulk, spin for the last fraction of a millisecond (sleep overshoots)
+        while (left := done - time.perf_counter()) > 0:
+            time.sleep(left - 2e-4) if left > 5e-4 else None
+        return buf
+
+
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 1024, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def parse_storage(spec: str) -> tuple[str, float, float]:
+    """'cold' | 'warm' | 'emulate:BANDWIDTH[,LATENCY]' (e.g. 'emulate:100MB/s,1ms')
+    -> (mode, bytes per second, latency in seconds)."""
+    spec = spec.strip().lower()
+    if spec in ("cold", "warm"):
+        return spec, 0.0, 0.0
+    if not spec.startswith("emulate:"):
+        raise StoreError(f"unknown storage {spec!r}: use cold, warm or emulate:BANDWIDTH[,LATENCY] "
+                         "(e.g. emulate:100MB/s,1ms)")
+    bw_text, _, lat_text = spec[len("emulate:"):].partition(",")
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9+-]+)?)\s*([kmg]i?b|b)(?:/s)?\s*", bw_text)
+    lat = re.fullmatch(r"\s*([0-9.]+(?:e[0-9+-]+)?)\s*(ms|us|s)?\s*", lat_text or "0ms")
+    try:
+        bandwidth = float(m.group(1)) * _UNITS[m.group(2)]
+        latency = float(lat.group(1)) * {"ms": 1e-3, "us": 1e-6, "s": 1.0, None: 1e-3}[lat.group(2)]
+    except (AttributeError, ValueError):
+        raise StoreError(f"cannot read the emulated storage {spec!r}: write it like emulate:100MB/s,1ms") from None
+    if not (math.isfinite(bandwidth) and 1e3 <= bandwidth <= 1e12 and math.isfinite(latency) and latency <= 10):
+        raise StoreError(f"emulated storage {spec!r} is out of range (1 kB/s..1 TB/s, latency <= 10 s)")
+    return "emulate", bandwidth, latency
+
+
+def open_reader(path: str | Path, storage: str = "warm"):
+    """A reader for the store file: storage is 'cold', 'warm' or 'emulate:BANDWIDTH[,LATENCY]'."""
+    mode, bandwidth, latency = parse_storage(storage)
     if mode == "warm":
         return WarmReader(path)
     if mode == "cold":
         return ColdReader(path)
-    raise StoreError(f"unknown storage mode {mode!r}: use 'warm' or 'cold'")
+    return EmulatedReader(path, bandwidth, latency)

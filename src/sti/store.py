@@ -314,9 +314,10 @@ def _check_shapes(rec: Record, c: ModelConfig, tables: dict) -> None:
 
 class Store:
     """A store opened for reading. The manifest is validated here; records are verified
-    (CRC-32) each time they are read. `mode` picks the reader: "warm" or "cold"."""
+    (CRC-32) each time they are read. `mode` picks the reader: "warm", "cold" or
+    "emulate:BANDWIDTH[,LATENCY]" (see storage.py)."""
 
-    def __init__(self, path: str | Path, mode: str = "warm"):
+    def __init__(self, path: str | Path, mode: str = "warm", reader=None):
         self.path = Path(path)
         self.manifest = self._load_manifest()
         m = self.manifest
@@ -342,7 +343,8 @@ class Store:
         self._index_records()
         if compute_store_id(m) != self.store_id:
             raise StoreError(f"{self._where}: store_id does not match the records; the manifest was edited")
-        self.reader = open_reader(self.data_path, mode)
+        # `reader` replaces the storage reader (tests inject faults through it)
+        self.reader = reader if reader is not None else open_reader(self.data_path, mode)
 
     @property
     def _where(self) -> str:
