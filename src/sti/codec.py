@@ -195,10 +195,20 @@ def expected_length(codec: str, bits: int, n: int, param: int) -> int:
     return size + (-size % 8)
 
 
-def decode(blob, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
-    """Decode one blob into a float32 array of `shape` (into `out` if given)."""
+@dataclass(frozen=True)
+class Layout:
+    """Where the sections of a checked blob are (byte offsets into the blob)."""
+    codec: str
+    bits: int
+    n: int
+    param: int
+    sections: tuple[int, ...]   # linear: scale, zero, codes; gobo: centroids, index, values, codes
+
+
+def check(blob, shape: tuple[int, ...]) -> Layout:
+    """Validate a blob against the shape it should hold (every check of CODECS.md)."""
     codec, bits, rows, cols, param = read_header(blob)
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     if rows * cols != n or (len(shape) == 2 and (rows, cols) != tuple(shape)):
         raise CodecError(f"blob holds {rows}x{cols}, expected shape {tuple(shape)}")
     if codec == "linear" and (param % 8 or not 8 <= param <= 1 << 16):
@@ -207,24 +217,31 @@ def decode(blob, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.nd
         raise CodecError(f"gobo blob claims {param} outliers in {n} weights")
     if len(blob) != expected_length(codec, bits, n, param):
         raise CodecError(f"blob is {len(blob)} bytes, its header implies {expected_length(codec, bits, n, param)}")
-    raw = np.frombuffer(blob, dtype=np.uint8)
-    if out is None:
-        out = np.empty(shape, dtype=np.float32)
-    flat = out.reshape(-1)
     pos = HEADER.size
     if codec == "linear":
         ng = -(-n // param)
-        scale = raw[pos:pos + 4 * ng].view("<f4")
-        zero = raw[pos + 4 * ng:pos + 8 * ng].view("<f4")
-        _LINEAR[bits](raw[pos + 8 * ng:], scale, zero, param, flat)
+        return Layout(codec, bits, n, param, (pos, pos + 4 * ng, pos + 8 * ng))
+    k = 1 << bits
+    lay = Layout(codec, bits, n, param, (pos, pos + 4 * k, pos + 4 * k + 4 * param, pos + 4 * k + 8 * param))
+    index = np.frombuffer(blob, dtype="<u4", count=param, offset=lay.sections[1])
+    if param and int(index.max()) >= n:
+        raise CodecError("gobo blob has an outlier index outside the tensor")
+    return lay
+
+
+def decode(blob, shape: tuple[int, ...], out: np.ndarray | None = None, layout: Layout | None = None) -> np.ndarray:
+    """Decode one blob into a float32 array of `shape` (into `out` if given). `layout` is
+    the blob's `check` result when the caller has already checked these very bytes."""
+    lay = layout or check(blob, shape)
+    raw = np.frombuffer(blob, dtype=np.uint8)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    flat, sec, p = out.reshape(-1), lay.sections, lay.param
+    if lay.codec == "linear":
+        _LINEAR[lay.bits](raw[sec[2]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<f4"), p, flat)
     else:
-        k = 1 << bits
-        centroids = raw[pos:pos + 4 * k].view("<f4")
-        index = raw[pos + 4 * k:pos + 4 * k + 4 * param].view("<u4")
-        values = raw[pos + 4 * k + 4 * param:pos + 4 * k + 8 * param].view("<f4")
-        if param and int(index.max()) >= n:
-            raise CodecError("gobo blob has an outlier index outside the tensor")
-        _GOBO[bits](raw[pos + 4 * k + 8 * param:], centroids, index, values, flat)
+        _GOBO[lay.bits](raw[sec[3]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<u4"),
+                        raw[sec[2]:sec[3]].view("<f4"), flat)
     return out
 
 
