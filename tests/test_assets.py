@@ -1,7 +1,6 @@
 import io
 import subprocess
 import zipfile
-from dataclasses import replace
 
 import pytest
 

@@ -4,7 +4,6 @@ import json
 import shutil
 import zlib
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -110,6 +109,24 @@ def test_embedding_rows_on_demand(built):
         assert torch.equal(rows, weights.embeddings.word[[5, 0, 119, 5]])
         with pytest.raises(StoreError, match="outside"):
             s.table_rows("word", [120])
+
+
+def test_read_many_coalesces_and_verifies(built):
+    weights, path = built
+    with Store(path) as s:
+        recs = [s.rows[("word", b)] for b in (2, 0, 1, 3)] + [s.shard_record(0, 1, 32)]
+        assert [bytes(b) for b in s.read_many(recs)] == [bytes(s.read(r)) for r in recs]
+
+
+def test_bit_flip_inside_a_coalesced_read_is_detected(copy):
+    m = json.loads((copy / MANIFEST).read_text())
+    rec = next(r for r in m["records"] if r["name"] == "word.block.2")
+    data = bytearray((copy / DATA).read_bytes())
+    data[rec["offset"] + 5] ^= 0x01
+    (copy / DATA).write_bytes(bytes(data))
+    with Store(copy) as s:
+        with pytest.raises(StoreError, match=r"word.block.2.*CRC-32"):
+            s.table_rows("word", list(range(0, 120)))
 
 
 def test_cold_reader_reads_the_same(built):

@@ -26,7 +26,7 @@ from .config import ModelConfig
 from .errors import Cancelled, ConfigError, StiError, StoreError
 from .storage import PAGE, open_reader
 from .weights import (LAYER_PARTS, Embeddings, Head, LayerShared, LayerWeights, ModelWeights,
-                      ShardWeights, load_model_dir, shard_slice, split_dim)
+                      ShardWeights, load_model_dir)
 
 FORMAT, VERSION = "sti-store", 1
 MANIFEST, DATA, TOKENIZER = "manifest.json", "store.bin", "tokenizer.json"
@@ -62,10 +62,8 @@ def expected_parts(kind: str, c: ModelConfig, rows: int = 0) -> dict[str, tuple[
 
 
 def rows_per_block(hidden: int) -> int:
-    """Rows per embedding block: the fewest rows filling whole pages, at most 64."""
-    for r in range(1, 65):
-        if (r * hidden * 4) % PAGE == 0:
-            return r
+    """Rows per embedding block: as many float32 rows as fit in one 4096-byte page (at
+    least one), so a token costs one page read (for H = 384: 2 rows, 3072 bytes)."""
     return max(1, PAGE // (hidden * 4))
 
 
@@ -418,6 +416,32 @@ class Store:
                              "the store is corrupt; rebuild it with `sti build`")
         return buf
 
+    def read_many(self, recs: list[Record], max_run: int = 1 << 20) -> list[memoryview]:
+        """The bytes of several distinct records, each verified; records that lie back to back
+        in the file are fetched with one read (embedding blocks of neighbouring rows often do)."""
+        out: dict[int, memoryview] = {}
+        run: list[Record] = []
+
+        def flush() -> None:
+            start = run[0].offset
+            buf = self.reader.read(start, run[-1].offset + run[-1].length - start)
+            for r in run:
+                view = buf[r.offset - start:r.offset - start + r.length]
+                if zlib.crc32(view) != r.crc32:
+                    raise StoreError(f"{self.data_path}: record {r.name} (offset {r.offset}) fails its CRC-32 "
+                                     "check: the store is corrupt; rebuild it with `sti build`")
+                out[r.offset] = view
+            run.clear()
+
+        for r in sorted(recs, key=lambda r: r.offset):
+            if run and (r.offset - (run[-1].offset + run[-1].length) >= PAGE
+                        or r.offset + r.length - run[0].offset > max_run):
+                flush()
+            run.append(r)
+        if run:
+            flush()
+        return [out[r.offset] for r in recs]
+
     def shard_record(self, layer: int, shard: int, bits: int) -> Record:
         try:
             return self.shards[(layer, shard, bits)]
@@ -426,10 +450,13 @@ class Store:
                              f"(bits stored: {list(self.bits)})") from None
 
     # --- decoding ---
-    def decode_parts(self, rec: Record, buf) -> dict[str, torch.Tensor]:
-        """The record's tensors from its CRC-verified bytes `buf` (float32 parts are views)."""
+    def decode_parts(self, rec: Record, buf, names=None) -> dict[str, torch.Tensor]:
+        """The record's tensors (or those in `names`) from its CRC-verified bytes `buf`
+        (float32 parts are views into `buf`)."""
         out = {}
         for p in rec.parts:
+            if names is not None and p.name not in names:
+                continue
             view = buf[p.offset:p.offset + p.length]
             try:
                 if p.encoding == "f32":
@@ -469,7 +496,9 @@ class Store:
         ids = [int(i) for i in ids]
         if any(not 0 <= i < n for i in ids):
             raise StoreError(f"row ids outside the {table} table's {n} rows")
-        blocks = {b: self.load(self.rows[(table, b)])["rows"] for b in sorted({i // r for i in ids})}
+        wanted = sorted({i // r for i in ids})
+        recs = [self.rows[(table, b)] for b in wanted]
+        blocks = {b: self.decode_parts(rec, buf)["rows"] for b, rec, buf in zip(wanted, recs, self.read_many(recs))}
         return torch.stack([blocks[i // r][i % r] for i in ids]) if ids else torch.empty(0, self.config.hidden_size)
 
     def layer(self, layer: int, shards, bits) -> LayerWeights:

@@ -36,6 +36,7 @@ SHARD_PARTS = ROW_PARTS + COL_PARTS
 LAYER_PARTS = ("o_b", "ln1_w", "ln1_b", "f_b", "ln2_w", "ln2_b")
 # Which parts are attention (per head) and which are FFN (per neuron slice).
 ATTN_PARTS = ("q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w")
+FFN_PARTS = ("i_w", "i_b", "f_w")
 
 # Our part names -> Hugging Face BertModel names (below "encoder.layer.{i}.").
 HF_LAYER_NAMES = {

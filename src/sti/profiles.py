@@ -1,0 +1,255 @@
+"""Profiles: what this device can do (DeviceProfile) and which shards matter
+(ImportanceProfile). Both are measured once and saved as JSON; the planner reads them.
+
+This module holds the two schemas (frozen dataclasses, JSON in and out, validated on load
+because profile files are untrusted input) and the models the planner uses:
+  - IO time of a shard at b bits = read + decode (the runtime's IO thread does both);
+  - compute time of one layer with m shards at sequence length L, a least-squares fit
+    t = c0 + c1*L + c2*m*L + c3*m*L^2 (linear projections grow with m*L, attention
+    scores with m*L^2; LayerNorms and residuals with L);
+  - predicted accuracy of a plan = dev accuracy of its (n, m) submodel at full precision
+    - kl_to_acc * sum over streamed or preloaded shards of shard_kl * bits_error[bits].
+The measuring code is in profile_device.py and profile_importance.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import StiError
+
+PROFILE_VERSION = 1
+MAX_PROFILE_BYTES = 4 << 20
+
+
+class ProfileError(StiError):
+    """A profile file is missing, malformed, or made for another store."""
+
+
+def _num(v, where: str, lo: float = 0.0, hi: float = 1e12) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+        raise ProfileError(f"{where}: expected a finite number in {lo}..{hi}, got {v!r}")
+    return float(v)
+
+
+def _bits_map(d, where: str, lo: float = 0.0) -> dict[int, float]:
+    if not isinstance(d, dict) or not d or len(d) > 16:
+        raise ProfileError(f"{where}: expected an object keyed by bitwidth")
+    out = {}
+    for k, v in d.items():
+        try:
+            b = int(k)
+        except (TypeError, ValueError):
+            raise ProfileError(f"{where}: key {k!r} is not a bitwidth") from None
+        if not 1 <= b <= 32:
+            raise ProfileError(f"{where}: bitwidth {b} outside 1..32")
+        out[b] = _num(v, f"{where}[{b}]", lo)
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    store_id: str
+    storage: str                      # "cold", "warm" or "emulate:<MB/s>MB/s[,<ms>ms]"
+    threads: int
+    seq_len: int                      # the sequence length the compute figures were centred on
+    shard_bytes: dict[int, float]     # bytes of one shard record per bitwidth
+    shard_read_ms: dict[int, float]   # median read time of one shard record per bitwidth
+    shard_decode_ms: dict[int, float] # median decode time of one shard per bitwidth
+    layer_read_ms: float              # the per-layer record (LayerNorms, output biases)
+    compute_coef: tuple[float, float, float, float]   # see module docstring
+    compute_fit_error: float          # median relative error of the fit on the measurements
+    embed_ms: tuple[float, float]     # reading the embedding rows: fixed + per token (ms)
+    head_ms: float                    # embeddings LayerNorm + pooling + classifier (ms)
+    machine: dict = field(default_factory=dict)
+    created: str = ""
+    version: int = PROFILE_VERSION
+
+    def io_ms(self, bits: int) -> float:
+        """IO-lane time of one shard at `bits`: read it, then decode it."""
+        return self.shard_read_ms[bits] + self.shard_decode_ms[bits]
+
+    def compute_ms(self, m: int, seq_len: int | None = None) -> float:
+        """Compute time of one layer holding m shards."""
+        if m <= 0:
+            return 0.0
+        length = seq_len or self.seq_len
+        c0, c1, c2, c3 = self.compute_coef
+        return max(0.0, c0 + c1 * length + c2 * m * length + c3 * m * length * length)
+
+    def embed_read_ms(self, seq_len: int | None = None) -> float:
+        fixed, per_token = self.embed_ms
+        return fixed + per_token * (seq_len or self.seq_len)
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        return tuple(sorted(self.shard_read_ms))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("shard_bytes", "shard_read_ms", "shard_decode_ms"):
+            d[k] = {str(b): v for b, v in d[k].items()}
+        d["kind"] = "device"
+        return d
+
+    @staticmethod
+    def from_dict(d: dict, where: str = "device profile") -> "DeviceProfile":
+        _check_header(d, "device", where)
+        try:
+            coef = tuple(_num(x, f"{where}.compute_coef", -1e6, 1e6) for x in d["compute_coef"])
+            embed = tuple(_num(x, f"{where}.embed_ms") for x in d["embed_ms"])
+            if len(coef) != 4 or len(embed) != 2:
+                raise ProfileError(f"{where}: compute_coef needs 4 numbers and embed_ms 2")
+            p = DeviceProfile(
+                store_id=_str(d["store_id"], f"{where}.store_id"), storage=_str(d["storage"], f"{where}.storage"),
+                threads=int(_num(d["threads"], f"{where}.threads", 1, 1024)),
+                seq_len=int(_num(d["seq_len"], f"{where}.seq_len", 1, 1 << 16)),
+                shard_bytes=_bits_map(d["shard_bytes"], f"{where}.shard_bytes"),
+                shard_read_ms=_bits_map(d["shard_read_ms"], f"{where}.shard_read_ms"),
+                shard_decode_ms=_bits_map(d["shard_decode_ms"], f"{where}.shard_decode_ms"),
+                layer_read_ms=_num(d["layer_read_ms"], f"{where}.layer_read_ms"),
+                compute_coef=coef, compute_fit_error=_num(d["compute_fit_error"], f"{where}.compute_fit_error"),
+                embed_ms=embed, head_ms=_num(d["head_ms"], f"{where}.head_ms"),
+                machine=d.get("machine") if isinstance(d.get("machine"), dict) else {},
+                created=str(d.get("created", ""))[:64])
+        except KeyError as exc:
+            raise ProfileError(f"{where}: missing field {exc}") from None
+        except TypeError as exc:
+            raise ProfileError(f"{where}: malformed ({exc})") from None
+        if not (set(p.shard_bytes) == set(p.shard_read_ms) == set(p.shard_decode_ms)):
+            raise ProfileError(f"{where}: the per-bitwidth tables cover different bitwidths")
+        return p
+
+
+@dataclass(frozen=True)
+class ImportanceProfile:
+    store_id: str
+    method: str                        # "degrade" or "gradient"
+    split: str
+    seed: int
+    lowest_bits: int
+    full_accuracy: float               # dev accuracy, full model, every shard at 32 bits
+    submodel_accuracy: dict[str, float]  # "n,m" -> dev accuracy of that submodel at 32 bits
+    shard_kl: tuple[tuple[float, ...], ...]  # [layer][shard]: importance (mean KL of the logits)
+    shard_acc_drop: tuple[tuple[float, ...], ...] | None  # [layer][shard]: accuracy drop (degrade)
+    bits_error: dict[int, float]       # relative weight error at b bits, 1.0 at lowest_bits, 0 at 32
+    kl_to_acc: float                   # accuracy lost per unit of summed shard_kl (calibrated)
+    cost_s: float = 0.0
+    created: str = ""
+    version: int = PROFILE_VERSION
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.shard_kl)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_kl[0])
+
+    def submodel_acc(self, n: int, m: int) -> float:
+        return self.submodel_accuracy.get(f"{n},{m}", 0.0)
+
+    def shard_penalty(self, layer: int, shard: int, bits: int) -> float:
+        """Predicted accuracy lost by holding this shard at `bits` rather than 32."""
+        return self.kl_to_acc * self.shard_kl[layer][shard] * self.bits_error.get(bits, 0.0)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bits_error"] = {str(b): v for b, v in self.bits_error.items()}
+        d["kind"] = "importance"
+        return d
+
+    @staticmethod
+    def from_dict(d: dict, where: str = "importance profile") -> "ImportanceProfile":
+        _check_header(d, "importance", where)
+        try:
+            kl = _table(d["shard_kl"], f"{where}.shard_kl")
+            drop = _table(d["shard_acc_drop"], f"{where}.shard_acc_drop", lo=-1.0) if d.get("shard_acc_drop") is not None else None
+            if drop is not None and (len(drop) != len(kl) or len(drop[0]) != len(kl[0])):
+                raise ProfileError(f"{where}: shard_acc_drop and shard_kl differ in shape")
+            sub = d["submodel_accuracy"]
+            if not isinstance(sub, dict) or len(sub) > 100_000:
+                raise ProfileError(f"{where}.submodel_accuracy: expected an object")
+            return ImportanceProfile(
+                store_id=_str(d["store_id"], f"{where}.store_id"), method=_str(d["method"], f"{where}.method"),
+                split=_str(d["split"], f"{where}.split"), seed=int(_num(d["seed"], f"{where}.seed", 0, 2**32)),
+                lowest_bits=int(_num(d["lowest_bits"], f"{where}.lowest_bits", 1, 32)),
+                full_accuracy=_num(d["full_accuracy"], f"{where}.full_accuracy", 0, 1),
+                submodel_accuracy={_str(k, where): _num(v, f"{where}.submodel_accuracy", 0, 1) for k, v in sub.items()},
+                shard_kl=kl, shard_acc_drop=drop,
+                bits_error=_bits_map(d["bits_error"], f"{where}.bits_error"),
+                kl_to_acc=_num(d["kl_to_acc"], f"{where}.kl_to_acc", 0, 1e6),
+                cost_s=_num(d.get("cost_s", 0.0), f"{where}.cost_s"), created=str(d.get("created", ""))[:64])
+        except KeyError as exc:
+            raise ProfileError(f"{where}: missing field {exc}") from None
+        except TypeError as exc:
+            raise ProfileError(f"{where}: malformed ({exc})") from None
+
+
+def _str(v, where: str) -> str:
+    if not isinstance(v, str) or len(v) > 256:
+        raise ProfileError(f"{where}: expected a short string")
+    return v
+
+
+def _table(rows, where: str, lo: float = 0.0) -> tuple[tuple[float, ...], ...]:
+    if not isinstance(rows, list) or not rows or len(rows) > 4096:
+        raise ProfileError(f"{where}: expected a non-empty list of rows")
+    out = []
+    for r in rows:
+        if not isinstance(r, list) or not r or len(r) != len(rows[0]) or len(r) > 4096:
+            raise ProfileError(f"{where}: rows must be non-empty lists of equal length")
+        out.append(tuple(_num(x, where, lo) for x in r))
+    return tuple(out)
+
+
+def _check_header(d, kind: str, where: str) -> None:
+    if not isinstance(d, dict):
+        raise ProfileError(f"{where}: expected a JSON object")
+    if d.get("kind") != kind:
+        raise ProfileError(f"{where}: this is not a {kind} profile (kind={d.get('kind')!r})")
+    if d.get("version") != PROFILE_VERSION:
+        raise ProfileError(f"{where}: profile version {d.get('version')!r}, this sti reads {PROFILE_VERSION}; "
+                           "measure it again")
+
+
+def save_profile(profile: DeviceProfile | ImportanceProfile, path: str | Path) -> Path:
+    """Write atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(profile.to_dict(), f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def load_profile(path: str | Path, store_id: str | None = None):
+    """Read a device or importance profile; refuse one made for another store."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"no profile at {path}: measure one with `sti profile`")
+    if path.stat().st_size > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{path} is larger than {MAX_PROFILE_BYTES >> 20} MiB: not a profile")
+    try:
+        d = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"{path} is not valid JSON: {exc}") from None
+    kind = d.get("kind") if isinstance(d, dict) else None
+    cls = {"device": DeviceProfile, "importance": ImportanceProfile}.get(kind)
+    if cls is None:
+        raise ProfileError(f"{path}: not an sti profile (kind={kind!r})")
+    profile = cls.from_dict(d, str(path))
+    if store_id is not None and profile.store_id != store_id:
+        raise ProfileError(f"{path} was measured for store {profile.store_id[:12]}, not {store_id[:12]}: "
+                           "profile this store with `sti profile`")
+    return profile
