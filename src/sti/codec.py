@@ -90,12 +90,35 @@ def encode(w: np.ndarray, bits: int, codec: str, fitted: GoboFit | None = None) 
     return blob + b"\0" * (-len(blob) % 8)
 
 
-def _encode_linear(flat: np.ndarray, bits: int) -> bytes:
-    groups = _pad(flat, GROUP, edge=True).reshape(-1, GROUP).astype(np.float64)
-    lo, hi = groups.min(axis=1), groups.max(axis=1)
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _quantize(groups: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int):
     scale = (hi - lo) / ((1 << bits) - 1)
     safe = np.where(scale > 0, scale, 1.0)
     codes = np.clip(np.rint((groups - lo[:, None]) / safe[:, None]), 0, (1 << bits) - 1)
+    err = ((lo[:, None] + codes * scale[:, None] - groups) ** 2).sum(axis=1)
+    return codes, scale, err
+
+
+def _encode_linear(flat: np.ndarray, bits: int) -> bytes:
+    """Per group, the grid [lo, hi] is the group's range shrunk about its centre by the ratio
+    (of CLIP_RATIOS) with the least squared error: clipping a few extreme weights buys a finer
+    step for all the others, which matters most at 2-4 bits."""
+    groups = _pad(flat, GROUP, edge=True).reshape(-1, GROUP).astype(np.float64)
+    gmin, gmax = groups.min(axis=1), groups.max(axis=1)
+    mid, half = (gmin + gmax) / 2, (gmax - gmin) / 2
+    best = None
+    for ratio in CLIP_RATIOS:
+        lo, hi = mid - half * ratio, mid + half * ratio
+        codes, scale, err = _quantize(groups, lo, hi, bits)
+        if best is None:
+            best = [codes, scale, lo, err]
+            continue
+        better = err < best[3]
+        best[0][better], best[1][better], best[2][better], best[3][better] = \
+            codes[better], scale[better], lo[better], err[better]
+    codes, scale, lo, _ = best
     return (scale.astype("<f4").tobytes() + lo.astype("<f4").tobytes()
             + pack_codes(codes.ravel()[:flat.size].astype(np.uint8), bits))
 
