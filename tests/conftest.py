@@ -1,6 +1,11 @@
 import pytest
 import torch
 
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.processors import TemplateProcessing
+
 from sti.config import PRESETS
 from sti.weights import ModelWeights
 
@@ -50,3 +55,15 @@ def random_ids(config, batch=3, seq=9, seed=0):
         mask[b, seq - b:] = 0
         ids[b, seq - b:] = 0
     return ids, mask
+
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(116)]
+
+
+def word_tokenizer(directory):
+    tok = HFTokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    return directory

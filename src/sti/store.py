@@ -496,10 +496,13 @@ class Store:
         ids = [int(i) for i in ids]
         if any(not 0 <= i < n for i in ids):
             raise StoreError(f"row ids outside the {table} table's {n} rows")
+        if not ids:
+            return torch.empty(0, self.config.hidden_size)
         wanted = sorted({i // r for i in ids})
         recs = [self.rows[(table, b)] for b in wanted]
-        blocks = {b: self.decode_parts(rec, buf)["rows"] for b, rec, buf in zip(wanted, recs, self.read_many(recs))}
-        return torch.stack([blocks[i // r][i % r] for i in ids]) if ids else torch.empty(0, self.config.hidden_size)
+        rows = torch.cat([self.decode_parts(rec, buf)["rows"] for rec, buf in zip(recs, self.read_many(recs))])
+        start = dict(zip(wanted, np.cumsum([0] + [rec.parts[0].shape[0] for rec in recs[:-1]]).tolist()))
+        return rows[torch.tensor([start[i // r] + i % r for i in ids])]
 
     def layer(self, layer: int, shards, bits) -> LayerWeights:
         """A layer with `shards`, shard k at `bits[k]` (or one bitwidth for all)."""
