@@ -1,0 +1,195 @@
+"""Measuring the device profile: how fast this machine reads, decodes and computes.
+
+Everything is timed with the code the engine runs (the store's reader in the chosen storage
+mode, the codec's kernels, the runtime's head-by-head layer), and each figure is a median of
+repeated measurements, because the machines we run on are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+
+from .encoder import attention_keep, layer_by_shards
+from .errors import Cancelled, InputError
+from .profiles import DeviceProfile
+from .store import Store
+from .weights import ATTN_PARTS, FFN_PARTS
+
+
+Progress = Callable[[int, int], bool]
+COMPUTE_LENGTHS = (8, 16, 32, 64, 128)
+
+
+def median_ms(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def sample_shards(store: Store, count: int) -> list[tuple[int, int]]:
+    """(layer, shard) pairs spread over the model, the same for every bitwidth."""
+    c = store.config
+    pairs = [(i, j) for i in range(c.num_layers) for j in range(c.num_shards)]
+    step = max(1, len(pairs) // count)
+    return pairs[::step][:count]
+
+
+def measure_io(store: Store, count: int) -> tuple[dict, dict, dict]:
+    """Per bitwidth: record bytes, median read time, and median time to decode the shard's
+    head (the IO lane's share of decoding: the FFN_PARTS slice is decoded by the compute lane,
+    and `measure_compute` includes it)."""
+    sizes, reads, decodes = {}, {}, {}
+    pairs = sample_shards(store, count)
+    for b in store.bits:
+        recs = [store.shard_record(i, j, b) for i, j in pairs]
+        if store.reader.mode == "warm":
+            for r in recs:
+                store.read(r)  # warm means: already in the page cache
+        read_t, dec_t = [], []
+        for r in recs:
+            t0 = time.perf_counter()
+            buf = store.read(r)
+            t1 = time.perf_counter()
+            store.decode_parts(r, buf, ATTN_PARTS)
+            t2 = time.perf_counter()
+            read_t.append((t1 - t0) * 1e3)
+            dec_t.append((t2 - t1) * 1e3)
+        sizes[b] = float(np.median([r.length for r in recs]))
+        reads[b], decodes[b] = float(np.median(read_t)), float(np.median(dec_t))
+    return sizes, reads, decodes
+
+
+def compute_bits(store: Store) -> int:
+    """The bitwidth whose FFN_PARTS decoding is folded into the compute figures: the middle of
+    the packed bitwidths (decode time hardly depends on it; 32 bits needs none)."""
+    packed = [b for b in store.bits if b != 32]
+    return packed[len(packed) // 2] if packed else 32
+
+
+def measure_compute(store: Store, ms: list[int], lengths: tuple[int, ...], repeat: int,
+                    tick) -> list[tuple[int, int, float]]:
+    """(m, L, median ms) of one layer with m shards at sequence length L, as the compute
+    lane runs it: heads from already decoded tensors, FFN_PARTS slices decoded just in time."""
+    c, bits = store.config, compute_bits(store)
+    recs = [store.shard_record(0, j, bits) for j in range(c.num_shards)]
+    bufs = [store.read(r) for r in recs]
+    heads = [store.decode_parts(r, b, ATTN_PARTS) for r, b in zip(recs, bufs)]
+    ffns = [lambda r=r, b=b: store.decode_parts(r, b, FFN_PARTS) for r, b in zip(recs, bufs)]
+    shared = store.layer_shared(0)
+    out = []
+    with torch.inference_mode():
+        for length in lengths:
+            x = torch.randn(1, length, c.hidden_size)
+            keep = attention_keep(torch.ones(1, length))
+            for m in ms:
+                def run():
+                    layer_by_shards(x, keep, heads[:m], shared, c, ffns[:m])
+                run()  # warm-up
+                out.append((m, length, median_ms(run, repeat)))
+                tick()
+    return out
+
+
+def fit_compute(points: list[tuple[int, int, float]]) -> tuple[tuple[float, ...], float]:
+    """Least squares t = c0 + c1*L + c2*m*L + c3*m*L^2, weighted to fit relative error;
+    returns the coefficients and the median relative error of the fit."""
+    a = np.array([[1.0, L, m * L, m * L * L] for m, L, _ in points])
+    t = np.array([p[2] for p in points])
+    w = 1.0 / np.maximum(t, 1e-3)
+    coef, *_ = np.linalg.lstsq(a * w[:, None], t * w, rcond=None)
+    err = np.abs(a @ coef - t) / t
+    return tuple(float(x) for x in coef), float(np.median(err))
+
+
+def measure_embed(store: Store, repeat: int) -> tuple[float, float]:
+    """Reading the embedding rows of a request: fixed + per-token cost (ms)."""
+    c = store.config
+    rng = np.random.default_rng(0)
+    pts = []
+    for n in (4, 16, 64):
+        n = min(n, c.max_position)
+        times = []
+        for _ in range(repeat):
+            ids = rng.integers(0, c.vocab_size, n).tolist()
+            t = time.perf_counter()
+            store.table_rows("word", ids)
+            store.table_rows("position", range(n))
+            times.append((time.perf_counter() - t) * 1e3)
+        pts.append((n, float(np.median(times))))
+    slope, fixed = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
+    return max(0.0, float(fixed)), max(0.0, float(slope))
+
+
+def measure_head(store: Store, seq_len: int, repeat: int) -> float:
+    """Embedding LayerNorm + mean pooling + classifier at seq_len."""
+    c, head, misc = store.config, store.head(), store.embed_misc()
+    x = torch.randn(1, seq_len, c.hidden_size)
+    mask = torch.ones(1, seq_len)
+
+    def run():
+        y = F.layer_norm(x, (c.hidden_size,), misc["ln_w"], misc["ln_b"], c.layer_norm_eps)
+        F.linear((y * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), head.w, head.b)
+    with torch.inference_mode():
+        return median_ms(run, repeat)
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 64,
+                   threads: int | None = None, samples: int = 24, repeat: int = 7,
+                   progress: Progress | None = None, compute_from: DeviceProfile | None = None) -> DeviceProfile:
+    """Measure this machine for the store at `store_dir` with the given storage mode.
+    `compute_from`, a profile of the same store and threads, lends its compute figures
+    (they do not depend on storage), so profiling another storage only times the IO."""
+    if not isinstance(seq_len, int) or not 1 <= seq_len <= 4096:
+        raise InputError(f"seq_len must be an integer in 1..4096, got {seq_len!r}")
+    threads = threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    with Store(store_dir, storage) as store:
+        c = store.config
+        ms = sorted({1, max(1, c.num_shards // 4), c.num_shards // 2, 3 * c.num_shards // 4, c.num_shards})
+        lengths = tuple(sorted({*COMPUTE_LENGTHS, seq_len}))
+        total, done = 3 + len(ms) * len(lengths), 0
+
+        def tick(n: int = 1) -> None:
+            nonlocal done
+            done += n
+            if progress is not None and progress(done, total) is False:
+                raise Cancelled("device profiling cancelled; nothing was saved")
+
+        sizes, reads, decodes = measure_io(store, samples)
+        layer_recs = [store.layers[i] for i in sorted(store.layers)]
+        layer_ms = float(np.median([median_ms(lambda r=r: store.read(r), 3) for r in layer_recs]))
+        tick()
+        embed_ms = measure_embed(store, repeat)
+        tick()
+        if compute_from is not None and compute_from.store_id == store.store_id and compute_from.threads == threads:
+            coef, fit_err, head_ms = compute_from.compute_coef, compute_from.compute_fit_error, compute_from.head_ms
+            tick(total - done)
+        else:
+            points = measure_compute(store, ms, lengths, repeat, tick)
+            coef, fit_err = fit_compute(points)
+            head_ms = measure_head(store, seq_len, repeat)
+            tick()
+        return DeviceProfile(
+            store_id=store.store_id, storage=store.reader.mode, threads=threads, seq_len=seq_len,
+            shard_bytes=sizes, shard_read_ms=reads, shard_decode_ms=decodes, layer_read_ms=layer_ms,
+            compute_coef=coef, compute_fit_error=fit_err, embed_ms=embed_ms, head_ms=head_ms,
+            machine=machine(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
