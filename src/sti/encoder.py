@@ -122,17 +122,19 @@ def ffn_slice(x: torch.Tensor, p: dict) -> torch.Tensor:
 
 
 def layer_by_shards(x: torch.Tensor, keep: torch.Tensor, shards: list[dict], shared,
-                    config: ModelConfig) -> torch.Tensor:
+                    config: ModelConfig, ffns: list | None = None) -> torch.Tensor:
     """A layer computed one shard at a time (heads, then FFN slices), as the runtime does:
-    equal to `layer_forward` on the stacked shards up to float rounding."""
+    equal to `layer_forward` on the stacked shards up to float rounding. `ffns`, if given,
+    are zero-argument callables returning each shard's FFN tensors just in time (the
+    runtime decodes FFN slices at the moment of use)."""
     h = config.hidden_size
     attn = torch.zeros_like(x)
     for p in shards:
         attn += head_output(x, keep, p, config.head_dim)
     x = F.layer_norm(x + attn + shared.o_b, (h,), shared.ln1_w, shared.ln1_b, config.layer_norm_eps)
     out = torch.zeros_like(x)
-    for p in shards:
-        out += ffn_slice(x, p)
+    for p in (ffns or shards):
+        out += ffn_slice(x, p() if callable(p) else p)
     return F.layer_norm(x + out + shared.f_b, (h,), shared.ln2_w, shared.ln2_b, config.layer_norm_eps)
 
 
