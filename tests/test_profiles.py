@@ -43,6 +43,7 @@ def test_models_of_the_device_profile():
     assert p.io_ms(2) == pytest.approx(0.15)
     assert p.compute_ms(4, 10) == pytest.approx(0.1 + 0.1 + 0.04 + 0.004)
     assert p.compute_ms(0, 10) == 0.0
+    assert device(compute_coef=(0.1, 0.01, 0.001, 1e-5, 0.5)).compute_ms(4, 10) == pytest.approx(0.244 + 2.0)
     assert p.embed_read_ms(10) == pytest.approx(0.3)
     assert p.bits == (2, 32)
     i = importance()
@@ -96,8 +97,8 @@ def test_fuzzed_profiles_raise_only_profile_error(tmp_path_factory, which, key, 
 
 
 def test_compute_fit_recovers_a_known_model():
-    coef = (0.2, 0.01, 0.003, 2e-5)
-    pts = [(m, L, coef[0] + coef[1] * L + coef[2] * m * L + coef[3] * m * L * L)
+    coef = (0.2, 0.01, 0.003, 2e-5, 0.05)
+    pts = [(m, L, coef[0] + coef[1] * L + coef[2] * m * L + coef[3] * m * L * L + coef[4] * m)
            for m in (1, 3, 6, 12) for L in (8, 16, 32, 64, 128)]
     got, err = fit_compute(pts)
     assert err < 1e-6 and all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-9) for a, b in zip(got, coef))

@@ -104,9 +104,9 @@ def measure_compute(store: Store, ms: list[int], lengths: tuple[int, ...], repea
 
 
 def fit_compute(points: list[tuple[int, int, float]]) -> tuple[tuple[float, ...], float]:
-    """Least squares t = c0 + c1*L + c2*m*L + c3*m*L^2, weighted to fit relative error;
-    returns the coefficients and the median relative error of the fit."""
-    a = np.array([[1.0, L, m * L, m * L * L] for m, L, _ in points])
+    """Least squares t = c0 + c1*L + c2*m*L + c3*m*L^2 + c4*m, weighted to fit relative
+    error; returns the coefficients and the median relative error of the fit."""
+    a = np.array([[1.0, L, m * L, m * L * L, m] for m, L, _ in points])
     t = np.array([p[2] for p in points])
     w = 1.0 / np.maximum(t, 1e-3)
     coef, *_ = np.linalg.lstsq(a * w[:, None], t * w, rcond=None)

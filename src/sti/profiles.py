@@ -5,8 +5,9 @@ This module holds the two schemas (frozen dataclasses, JSON in and out, validate
 because profile files are untrusted input) and the models the planner uses:
   - IO time of a shard at b bits = read + decode (the runtime's IO thread does both);
   - compute time of one layer with m shards at sequence length L, a least-squares fit
-    t = c0 + c1*L + c2*m*L + c3*m*L^2 (linear projections grow with m*L, attention
-    scores with m*L^2; LayerNorms and residuals with L);
+    t = c0 + c1*L + c2*m*L + c3*m*L^2 [+ c4*m] (linear projections grow with m*L, attention
+    scores with m*L^2, LayerNorms and residuals with L; c4 is the fixed cost of each shard:
+    its kernel launches and the decoding of its FFN slice);
   - predicted accuracy of a plan = dev accuracy of its (n, m) submodel at full precision
     - kl_to_acc * sum over streamed or preloaded shards of shard_kl * bits_error[bits].
 The measuring code is in profile_device.py and profile_importance.py.
@@ -62,7 +63,7 @@ class DeviceProfile:
     shard_read_ms: dict[int, float]   # median read time of one shard record per bitwidth
     shard_decode_ms: dict[int, float] # median decode time of one shard per bitwidth
     layer_read_ms: float              # the per-layer record (LayerNorms, output biases)
-    compute_coef: tuple[float, float, float, float]   # see module docstring
+    compute_coef: tuple[float, ...]   # c0..c3 (and optionally c4): see module docstring
     compute_fit_error: float          # median relative error of the fit on the measurements
     embed_ms: tuple[float, float]     # reading the embedding rows: fixed + per token (ms)
     head_ms: float                    # embeddings LayerNorm + pooling + classifier (ms)
@@ -79,8 +80,9 @@ class DeviceProfile:
         if m <= 0:
             return 0.0
         length = seq_len or self.seq_len
-        c0, c1, c2, c3 = self.compute_coef
-        return max(0.0, c0 + c1 * length + c2 * m * length + c3 * m * length * length)
+        c0, c1, c2, c3, *c4 = self.compute_coef
+        per_shard = c4[0] * m if c4 else 0.0
+        return max(0.0, c0 + c1 * length + c2 * m * length + c3 * m * length * length + per_shard)
 
     def embed_read_ms(self, seq_len: int | None = None) -> float:
         fixed, per_token = self.embed_ms
@@ -103,8 +105,8 @@ class DeviceProfile:
         try:
             coef = tuple(_num(x, f"{where}.compute_coef", -1e6, 1e6) for x in d["compute_coef"])
             embed = tuple(_num(x, f"{where}.embed_ms") for x in d["embed_ms"])
-            if len(coef) != 4 or len(embed) != 2:
-                raise ProfileError(f"{where}: compute_coef needs 4 numbers and embed_ms 2")
+            if len(coef) not in (4, 5) or len(embed) != 2:
+                raise ProfileError(f"{where}: compute_coef needs 4 or 5 numbers and embed_ms 2")
             p = DeviceProfile(
                 store_id=_str(d["store_id"], f"{where}.store_id"), storage=_str(d["storage"], f"{where}.storage"),
                 threads=int(_num(d["threads"], f"{where}.threads", 1, 1024)),
