@@ -113,6 +113,146 @@ def _print_inspect(store_dir: Path) -> None:
                       f"(encoder layers {fp32_layers / 1e6:.2f} MB)")
 
 
+profile_app = typer.Typer(no_args_is_help=True, help="Measure the device and the shards' importance.")
+app.add_typer(profile_app, name="profile")
+
+STORAGE_HELP = "cold (O_DIRECT), warm (page cache) or emulate:BANDWIDTH[,LATENCY], e.g. emulate:100MB/s,1ms"
+
+
+@profile_app.command("device")
+def profile_device(store_dir: Path = typer.Argument(..., help="a store directory"),
+                   storage: str = typer.Option("cold", help=STORAGE_HELP),
+                   seq_len: int = typer.Option(64, help="sequence length the figures are centred on")) -> None:
+    """Time reads, decodes and layer compute on this machine; save the profile beside the store."""
+    from rich.progress import Progress as Bar
+    from .api import device_profile_path
+    from .profile_device import measure_device
+    from .profiles import save_profile
+    with Bar(console=console, transient=True) as bar:
+        task = bar.add_task("profiling the device", total=None)
+        p = measure_device(store_dir, storage=storage, seq_len=seq_len,
+                           progress=lambda d, t: bar.update(task, completed=d, total=t) or True)
+    path = save_profile(p, device_profile_path(store_dir, storage))
+    table = Table("bits", "shard KB", "read ms", "read MB/s", "decode ms", "decode MB/s (out)")
+    fp32 = p.shard_bytes.get(32, 0)
+    for b in p.bits:
+        table.add_row(str(b), f"{p.shard_bytes[b] / 1e3:.1f}", f"{p.shard_read_ms[b]:.3f}",
+                      f"{p.shard_bytes[b] / max(p.shard_read_ms[b], 1e-9) / 1e3:.0f}", f"{p.shard_decode_ms[b]:.3f}",
+                      f"{fp32 / max(p.shard_decode_ms[b], 1e-9) / 1e3:.0f}")
+    console.print(table)
+    console.print(f"layer compute (m shards, L tokens) = {' + '.join(f'{c:.4g}' for c in p.compute_coef)} "
+                  f"x [1, L, mL, mL^2, m] ms; fit error (median) {p.compute_fit_error:.1%}")
+    from .store import Store
+    with Store(store_dir) as store:
+        m = store.config.num_shards
+    console.print(f"full layer at L={p.seq_len}: {p.compute_ms(m):.2f} ms; embedding rows "
+                  f"{p.embed_ms[0]:.2f} + {p.embed_ms[1]:.3f}/token ms; head {p.head_ms:.3f} ms; {p.threads} threads")
+    console.print(f"saved {path}")
+
+
+@profile_app.command("importance")
+def profile_importance(store_dir: Path = typer.Argument(..., help="a store directory"),
+                       split: str = typer.Option("dev", help="data split to measure on (dev: never test)"),
+                       method: str = typer.Option("degrade", help="degrade (the paper's) or gradient (cheap)")) -> None:
+    """Measure how much each shard matters; save the N x M table beside the store."""
+    from .api import importance_profile_path
+    from .profile_importance import measure_importance
+    from .profiles import save_profile
+    p = measure_importance(store_dir, method=method, split=split)
+    path = save_profile(p, importance_profile_path(store_dir, method))
+    import numpy as np
+    kl = np.array(p.shard_kl)
+    console.print(f"{method} on {split}: {p.cost_s:.1f} s; full accuracy {p.full_accuracy:.4f}; shard KL min "
+                  f"{kl.min():.2e} median {np.median(kl):.2e} max {kl.max():.2e}")
+    console.print("bits error: " + ", ".join(f"{b}: {e:.3f}" for b, e in sorted(p.bits_error.items())))
+    console.print(f"saved {path}")
+
+
+def _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len):
+    from .api import plan
+    return plan(store_dir, latency_ms, memory_mb, planner=planner, storage=storage, seq_len=seq_len,
+                log=console.print)
+
+
+@app.command()
+def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
+         latency_ms: float = typer.Option(..., help="target latency T in ms"),
+         memory_mb: float = typer.Option(..., help="preload buffer budget M in MB"),
+         planner: str = typer.Option("joint", help="joint (ours) or paper (STI's two stages)"),
+         storage: str = typer.Option("cold", help=STORAGE_HELP),
+         seq_len: int = typer.Option(48, help="sequence length to plan for"),
+         json_out: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
+    """Plan which shards to run at which bitwidths, and what to preload."""
+    from .planner import explain
+    p = _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len)
+    print(p.to_json()) if json_out else console.print(explain(p), highlight=False)
+
+
+@app.command()
+def run(store_dir: Path = typer.Argument(..., help="a store directory"),
+        texts: list[str] = typer.Argument(..., help="texts to classify"),
+        latency_ms: float = typer.Option(..., help="target latency T in ms"),
+        memory_mb: float = typer.Option(..., help="preload buffer budget M in MB"),
+        planner: str = typer.Option("joint", help="joint (ours) or paper (STI's two stages)"),
+        storage: str = typer.Option("cold", help=STORAGE_HELP),
+        seq_len: int = typer.Option(48, help="sequence length to plan for"),
+        guard: bool = typer.Option(True, help="lower bits / skip shards when IO runs late"),
+        trace: Optional[Path] = typer.Option(None, help="write a Chrome trace (Perfetto) of the last request"),
+        timeline: Optional[Path] = typer.Option(None, help="draw the last request's IO/compute lanes as a PNG"),
+        json_out: bool = typer.Option(False, "--json", help="print results as JSON lines")) -> None:
+    """Classify texts within the latency target, streaming shards from the store."""
+    import json
+    from .api import open_engine
+    with open_engine(store_dir, latency_ms, memory_mb, storage=storage, planner=planner, seq_len=seq_len,
+                     guard=guard, log=console.print) as engine:
+        result = None
+        for text in texts:
+            result = engine.run(text)
+            r = result.report
+            if json_out:
+                print(json.dumps({"text": text, "label": result.label, "probs": result.probs,
+                                  "report": {k: v for k, v in r.to_dict().items() if k != "spans"}}))
+                continue
+            flag = "" if r.met_deadline else " [red]MISSED[/red]"
+            console.print(f"[bold]{result.label}[/bold] ({max(result.probs):.3f})  {r.latency_ms:.1f} ms of "
+                          f"{r.target_ms:.0f}{flag} (planned {r.planned_ms:.1f}, stall {r.stall_ms:.1f})  "
+                          f"model bytes peak {r.peak_model_bytes / 1e6:.2f} MB  {r.tokens} tokens"
+                          + (" (truncated)" if r.truncated else "") + f"  {text[:60]!r}", highlight=False)
+            if r.guard_changes:
+                console.print(f"  deadline guard changed {len(r.guard_changes)} shards: "
+                              + ", ".join(f"L{l}.S{s} {a}->{b if b else 'skip'}" for l, s, a, b in r.guard_changes[:8]))
+        if result is not None and trace:
+            from .trace import write_trace
+            console.print(f"trace: {write_trace(result.report, trace)}")
+        if result is not None and timeline:
+            from .trace import draw_timeline
+            console.print(f"timeline: {draw_timeline(result.report, timeline)}")
+
+
+@app.command()
+def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the model below)"),
+          model_dir: Path = typer.Argument(..., help="the model directory the store was built from"),
+          out: Path = typer.Option(Path("bench-results"), help="where to write results.json/.md and plots"),
+          quick: bool = typer.Option(False, help="the demo's short sweep instead of the full one"),
+          systems: Optional[str] = typer.Option(None, help="comma-separated subset of systems"),
+          storages: Optional[str] = typer.Option(None, help="comma-separated storages (cold, emulate:..., skew3.6)"),
+          requests: Optional[int] = typer.Option(None, help="latency sample size per point")) -> None:
+    """Measure sti against the baselines and peers: accuracy, latency, deadline hits, memory."""
+    from dataclasses import replace
+    from .bench import BenchConfig, markdown, run_bench, write_outputs
+    cfg = BenchConfig.quick() if quick else BenchConfig()
+    if systems:
+        cfg = replace(cfg, systems=tuple(s.strip() for s in systems.split(",")))
+    if storages:
+        cfg = replace(cfg, storages=tuple(s.strip() for s in storages.split(",")))
+    if requests:
+        cfg = replace(cfg, requests=requests)
+    results = run_bench(store_dir, model_dir, cfg, log=console.print)
+    paths = write_outputs(results, out)
+    console.print(markdown(results), highlight=False)
+    console.print("wrote " + ", ".join(map(str, paths)))
+
+
 @app.command()
 def demo(preset: str = typer.Option("quick", help="fine-tuning preset when no model is cached")) -> None:
     """The end-to-end demo on the built-in defaults (real model, real data)."""

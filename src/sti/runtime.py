@@ -1,0 +1,503 @@
+"""The runtime: execute a plan on real storage and answer by the deadline.
+
+Per request, two lanes run side by side (STI.md, key idea 6):
+  - the IO lane (one thread owned by the engine) reads the request's embedding rows, then
+    every streamed shard in plan order: read the record, verify its CRC, decode it;
+  - the compute lane (the caller's thread) embeds, then runs each layer shard by shard as
+    soon as the shard it needs is ready: first every shard's attention head, then, after the
+    layer's first LayerNorm, every shard's FFN_PARTS slice. A shard's tensors are dropped as soon
+    as they have been used, so the model bytes resident are the preload buffer plus the
+    shards in flight, never a whole fp32 layer.
+The preload buffer holds packed, CRC-verified shard records across requests; the compute
+lane decodes a preloaded shard just before using it.
+
+Deadline guard (beyond the paper): before each read, the IO lane predicts when the rest of
+the current layer will be in (at the pace IO has actually run in this request). When that is
+later than the layer's planned start plus the plan's spare time (T - planned latency), the
+answer would miss T: it lowers their bitwidth (least important first), then skips the least
+important ones (never a layer's first shard), and the report lists every change.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from .encoder import attention_keep, embed, ffn_slice, head_logits, head_output
+from .errors import InputError
+from .planner import Plan
+from .profiles import DeviceProfile
+from .store import Record, Store
+from .tokenizer import Tokenizer
+from .weights import ATTN_PARTS, FFN_PARTS, Embeddings
+
+GUARD_TOLERANCE_MS = 0.5   # how late the IO lane may run before the guard acts
+
+
+# --- the schedule: a plan as the engine walks it ---------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    """One shard of the plan, in IO order."""
+    pos: int               # index of its layer in the plan
+    layer: int
+    shard: int
+    bits: int
+    preloaded: bool
+    planned_end_ms: float  # when the plan expects it read and decoded (streamed steps)
+    rank: int              # 0 = the most important shard of its layer
+
+    @property
+    def shard_key(self) -> tuple[int, int]:
+        return (self.layer, self.shard)
+
+
+def schedule(plan: Plan, device: DeviceProfile) -> tuple[list[list[Step]], list[float]]:
+    """The plan's shards per layer, in IO order, with the time each should be ready, and
+    each layer's due time (its planned compute start)."""
+    preload = {(layer, shard) for layer, shard, _ in plan.preload}
+    clock = device.embed_read_ms(plan.seq_len)
+    layers, due = [], []
+    for pos, (layer, shards, bits) in enumerate(zip(plan.layers, plan.shards, plan.bits)):
+        steps = []
+        for rank, (shard, b) in enumerate(zip(shards, bits)):
+            held = (layer, shard) in preload
+            if not held:
+                clock += device.io_ms(b)
+            steps.append(Step(pos, layer, shard, b, held, clock, rank))
+        layers.append(steps)
+        due.append(plan.timeline[pos].compute_start)
+    return layers, due
+
+
+# --- the report ---------------------------------------------------------------------------
+@dataclass
+class LayerReport:
+    layer: int
+    shards: int = 0
+    shard_ids: list[int] = field(default_factory=list)  # the shards actually used (after the guard)
+    bits: list[int] = field(default_factory=list)
+    io_ms: float = 0.0        # IO lane: reading this layer's streamed shards
+    decode_ms: float = 0.0    # IO lane: decoding them (and compute lane: preloaded ones)
+    compute_ms: float = 0.0
+    stall_ms: float = 0.0     # compute lane waiting for the IO lane
+    start_ms: float = 0.0
+    end_ms: float = 0.0
+
+
+@dataclass
+class Report:
+    latency_ms: float = 0.0
+    planned_ms: float = 0.0
+    target_ms: float = 0.0
+    tokens: int = 0
+    truncated: bool = False
+    embed_ms: float = 0.0
+    head_ms: float = 0.0
+    layers: list[LayerReport] = field(default_factory=list)
+    guard_changes: list[tuple] = field(default_factory=list)  # (layer, shard, planned bits, bits or None)
+    peak_model_bytes: int = 0      # our accounting: preload + resident parts + shards in flight
+    preload_bytes: int = 0
+    rss_growth_bytes: int = 0      # process peak RSS during the request minus RSS before
+    spans: list[tuple] = field(default_factory=list)  # (lane, name, start_ms, end_ms) for traces
+
+    @property
+    def stall_ms(self) -> float:
+        return sum(r.stall_ms for r in self.layers)
+
+    @property
+    def met_deadline(self) -> bool:
+        return self.latency_ms <= self.target_ms
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(stall_ms=self.stall_ms, met_deadline=self.met_deadline)
+        return d
+
+
+@dataclass
+class Result:
+    label: str
+    probs: list[float]
+    logits: torch.Tensor
+    report: Report
+
+
+# --- memory accounting ----------------------------------------------------------------------
+class ModelBytes:
+    """Bytes of model weights alive in memory, with the peak (thread-safe)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.now = self.peak = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.now += n
+            self.peak = max(self.peak, self.now)
+
+    def sub(self, n: int) -> None:
+        with self._lock:
+            self.now -= n
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = self.now
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _PeakRSS:
+    """Process peak RSS over a span: Linux lets us reset the high-water mark (VmHWM)."""
+
+    def __init__(self):
+        self.proc = psutil.Process()
+        self.base = self.proc.memory_info().rss
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.ok = True
+        except OSError:
+            self.ok = False
+
+    def growth(self) -> int:
+        if self.ok:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return max(0, int(line.split()[1]) * 1024 - self.base)
+        return max(0, self.proc.memory_info().rss - self.base)
+
+
+# --- hand-off between the lanes ----------------------------------------------------------------
+class _Mailbox:
+    """What the IO lane has delivered for one request, keyed by (layer, shard) or 'embed'."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.items: dict = {}
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    def put(self, key, value) -> None:
+        with self.cond:
+            self.items[key] = value
+            self.cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self.cond:
+            self.error = exc
+            self.cond.notify_all()
+
+    def take(self, key):
+        with self.cond:
+            while key not in self.items:
+                if self.error is not None:
+                    raise self.error
+                self.cond.wait()
+            return self.items.pop(key)
+
+
+SKIPPED = object()
+
+
+class Window:
+    """Bounds the packed bytes the IO lane may have read ahead of the compute lane: a read
+    waits until enough earlier shards have been used (one record is always allowed)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+        self.cancelled = False
+
+    def acquire(self, n: int) -> None:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit and not self.cancelled:
+                self.cond.wait()
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+    def reset(self) -> None:
+        with self.cond:
+            self.used, self.cancelled = 0, False
+
+    def cancel(self) -> None:
+        with self.cond:
+            self.cancelled = True
+            self.cond.notify_all()
+
+
+# --- the engine -------------------------------------------------------------------------------
+class Engine:
+    """Runs requests against one store with one plan. The preload buffer is loaded once and
+    stays resident; requests are served one at a time (concurrent callers queue)."""
+
+    def __init__(self, store: str | Path | Store, plan: Plan, device: DeviceProfile,
+                 storage: str = "cold", guard: bool = True, threads: int | None = None,
+                 max_length: int = 128, pad_to: int | None = None):
+        self.store = store if isinstance(store, Store) else Store(store, storage)
+        if plan.store_id != self.store.store_id:
+            raise InputError(f"the plan was made for store {plan.store_id[:12]}, not {self.store.store_id[:12]}: "
+                             "make a new plan for this store")
+        self.plan, self.device, self.guard = plan, device, guard
+        self.pad_to = pad_to  # pad every request to this many tokens (the paper pads to 128)
+        self.config = self.store.config
+        self.threads = threads or device.threads
+        # never longer than the model has position embeddings for
+        self.tokenizer = Tokenizer(self.store.path, max_length=min(max_length, self.config.max_position))
+        self.steps, self.due = schedule(plan, device)
+        # the IO lane may run this late before the answer would miss T
+        self.spare_ms = max(0.0, plan.target_ms - plan.latency_ms)
+        self.bytes = ModelBytes()
+        self._load_resident()
+        biggest = max([self.store.shard_record(s.layer, s.shard, s.bits).length
+                       for steps in self.steps for s in steps if not s.preloaded] or [0])
+        self.window = Window(max(int(plan.inflight_bytes), 2 * biggest))
+        self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sti-io")
+
+    # resident parts: layer records, head, embedding misc, and the preload buffer
+    def _load_resident(self) -> None:
+        s = self.store
+        self.shared = {i: s.layer_shared(i) for i in self.plan.layers}
+        self.head = s.head()
+        self.misc = s.embed_misc()
+        self.bytes.add(_nbytes([t for sh in self.shared.values() for t in vars(sh).values()]))
+        self.bytes.add(_nbytes([self.head.w, self.head.b, *self.misc.values()]))
+        self.preload: dict[tuple[int, int], tuple[Record, memoryview]] = {}
+        for layer, shard, bits in self.plan.preload:
+            rec = s.shard_record(layer, shard, bits)
+            self.preload[(layer, shard)] = (rec, s.read(rec))
+            self.bytes.add(rec.length)
+        self.preload_bytes = sum(rec.length for rec, _ in self.preload.values())
+        self.resident_bytes = self.bytes.now
+        if self.preload_bytes > self.plan.memory_bytes:
+            raise InputError(f"the preload buffer needs {self.preload_bytes} bytes, more than the plan's "
+                             f"budget of {self.plan.memory_bytes}")
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
+        self.store.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- one request ---
+    def run(self, text: str) -> Result:
+        if not isinstance(text, str):
+            raise InputError(f"expected a text, got {type(text).__name__}")
+        batch = self.tokenizer.encode([text], pad_to=self._pad_width())
+        with self._lock, torch.inference_mode():
+            torch.set_num_threads(self.threads)
+            return self._run(batch)
+
+    def _pad_width(self) -> int | None:
+        return None if self.pad_to is None else min(self.pad_to, self.tokenizer.max_length)
+
+    def _run(self, batch) -> Result:
+        rss = _PeakRSS()
+        self.bytes.reset_peak()
+        report = Report(planned_ms=self.plan.latency_ms, target_ms=self.plan.target_ms,
+                        tokens=int(batch.attention_mask.sum()), truncated=batch.truncated[0],
+                        preload_bytes=self.preload_bytes,
+                        layers=[LayerReport(layer) for layer in self.plan.layers])
+        box, t0 = _Mailbox(), time.perf_counter()
+        self.window.reset()
+        io = self._io.submit(self._io_lane, batch.input_ids[0], box, t0, report)
+        try:
+            logits = self._compute_lane(batch, box, t0, report)
+        except BaseException:
+            box.cancelled = True
+            self.window.cancel()
+            io.exception()  # wait for the IO lane to stop before the next request
+            self.bytes.now = self.resident_bytes  # what the failed request held is garbage now
+            raise
+        io.result()
+        report.latency_ms = (time.perf_counter() - t0) * 1e3
+        report.peak_model_bytes = self.bytes.peak
+        report.rss_growth_bytes = rss.growth()
+        probs = torch.softmax(logits, -1)[0]
+        label = self.config.labels[int(probs.argmax())]
+        return Result(label, probs.tolist(), logits[0], report)
+
+    # --- the IO lane ---
+    def _io_lane(self, ids: torch.Tensor, box: _Mailbox, t0: float, report: Report) -> None:
+        now = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
+        try:
+            a = now()
+            words = self.store.table_rows("word", ids.tolist())
+            position = self.store.table_rows("position", range(len(ids)))
+            report.spans.append(("io", "embedding rows", a, now()))
+            box.put("embed", (words, position))
+            pace = _Pace()
+            for pos, steps in enumerate(self.steps):
+                streamed = [s for s in steps if not s.preloaded]
+                bits = {s.shard: s.bits for s in streamed}
+                for i, step in enumerate(streamed):
+                    if box.cancelled:
+                        return
+                    if self.guard:
+                        self._guard(streamed[i:], bits, now(), self.due[pos] + self.spare_ms, pace.slowdown(), report)
+                    if bits[step.shard] is None:
+                        box.put(step.shard_key, SKIPPED)
+                        continue
+                    box.put(step.shard_key, self._fetch(step, bits[step.shard], now, report.layers[pos], report, pace))
+        except BaseException as exc:  # the compute lane re-raises it
+            box.fail(exc)
+
+    def _fetch(self, step: Step, bits: int, now, lr: LayerReport, report: Report, pace: "_Pace"):
+        """Read and verify one shard and decode its head (the IO lane's part of decoding);
+        its FFN_PARTS slice stays packed until the compute lane needs it."""
+        rec = self.store.shard_record(step.layer, step.shard, bits)
+        self.window.acquire(rec.length)
+        a = now()
+        buf = self.store.read(rec)
+        b = now()
+        parts = self.store.decode_parts(rec, buf, ATTN_PARTS)
+        c = now()
+        self.bytes.add(rec.length + _blob_bytes(rec, ATTN_PARTS))
+        lr.io_ms += b - a
+        lr.decode_ms += c - b
+        pace.add(self.device.io_ms(bits), c - a)
+        report.spans.append(("io", f"read L{step.layer}.S{step.shard}@{bits}", a, b))
+        report.spans.append(("io", f"decode L{step.layer}.S{step.shard}", b, c))
+        return rec, buf, parts
+
+    def _guard(self, remaining: list[Step], bits: dict, now_ms: float, due_ms: float,
+               slow: float, report: Report) -> None:
+        """Lower bits, then skip shards, until the layer's remaining IO fits before it is due."""
+        lowest = min(self.store.bits)
+
+        def late() -> bool:
+            io = sum(self.device.io_ms(bits[s.shard]) for s in remaining if bits[s.shard] is not None)
+            return now_ms + slow * io > due_ms + GUARD_TOLERANCE_MS
+
+        least_first = sorted(remaining, key=lambda s: -s.rank)
+        for s in least_first:
+            if not late():
+                return
+            if bits[s.shard] is not None and bits[s.shard] > lowest:
+                report.guard_changes.append((s.layer, s.shard, bits[s.shard], lowest))
+                bits[s.shard] = lowest
+        for s in least_first:
+            if not late():
+                return
+            if s.rank > 0 and bits[s.shard] is not None:  # keep each layer's most important shard
+                report.guard_changes.append((s.layer, s.shard, bits[s.shard], None))
+                bits[s.shard] = None
+
+    # --- the compute lane ---
+    def _compute_lane(self, batch, box: _Mailbox, t0: float, report: Report) -> torch.Tensor:
+        now = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
+        ids, mask = batch.input_ids, batch.attention_mask
+        a = now()
+        words, position = box.take("embed")
+        emb = Embeddings(word=torch.empty(0), position=position, token_type=self.misc["token_type"],
+                         ln_w=self.misc["ln_w"], ln_b=self.misc["ln_b"])
+        x = embed(emb, ids, self.config.layer_norm_eps, word_rows=words[None])
+        report.embed_ms = now() - a
+        keep = attention_keep(mask)
+        for pos, steps in enumerate(self.steps):
+            x = self._layer(x, keep, pos, steps, box, now, report.layers[pos], report)
+        a = now()
+        logits = head_logits(self.head, x, mask)
+        report.head_ms = now() - a
+        return logits
+
+    def _ready(self, step: Step, box: _Mailbox, now, lr: LayerReport, report: Report):
+        """(record, bytes, head tensors) of the shard, waiting for the IO lane if need be;
+        None if the deadline guard skipped it. A preloaded shard's head is decoded here."""
+        if step.preloaded:
+            rec, buf = self.preload[step.shard_key]
+            a = now()
+            parts = self.store.decode_parts(rec, buf, ATTN_PARTS)
+            self.bytes.add(_blob_bytes(rec, ATTN_PARTS))
+            lr.decode_ms += now() - a
+            return rec, buf, parts
+        a = now()
+        got = box.take(step.shard_key)
+        waited = now() - a
+        lr.stall_ms += waited
+        if waited > 0.05:
+            report.spans.append(("compute", f"wait L{step.layer}.S{step.shard}", a, a + waited))
+        return None if got is SKIPPED else got
+
+    def _layer(self, x, keep, pos: int, steps: list[Step], box: _Mailbox, now, lr: LayerReport,
+               report: Report) -> torch.Tensor:
+        """One layer, shard by shard: every head, the first LayerNorm, then every FFN_PARTS slice
+        (decoded just before use). Each shard's tensors are dropped, and un-counted, as soon
+        as they have been used, so at most one decoded FFN_PARTS slice exists at a time."""
+        c, sh = self.config, self.shared[steps[0].layer]
+        lr.start_ms = now()
+        held, attn = [], torch.zeros_like(x)
+        for step in steps:
+            got = self._ready(step, box, now, lr, report)
+            if got is None:
+                continue
+            rec, buf, head = got
+            a = now()
+            attn += head_output(x, keep, head, c.head_dim)
+            del head
+            self.bytes.sub(_blob_bytes(rec, ATTN_PARTS))
+            held.append((step, rec, buf))
+            lr.compute_ms += now() - a
+            lr.shard_ids.append(step.shard)
+            lr.bits.append(rec.bits)
+        lr.shards = len(held)
+        a = now()
+        h = c.hidden_size
+        x = F.layer_norm(x + attn + sh.o_b, (h,), sh.ln1_w, sh.ln1_b, c.layer_norm_eps)
+        out = torch.zeros_like(x)
+        while held:
+            step, rec, buf = held.pop(0)
+            ffn_bytes = _blob_bytes(rec, FFN_PARTS)
+            self.bytes.add(ffn_bytes)
+            out += ffn_slice(x, self.store.decode_parts(rec, buf, FFN_PARTS))
+            self.bytes.sub(ffn_bytes + (0 if step.preloaded else rec.length))
+            if not step.preloaded:
+                self.window.release(rec.length)
+            del buf
+        x = F.layer_norm(x + out + sh.f_b, (h,), sh.ln2_w, sh.ln2_b, c.layer_norm_eps)
+        lr.compute_ms += now() - a
+        lr.end_ms = now()
+        report.spans.append(("compute", f"layer {steps[0].layer}", lr.start_ms, lr.end_ms))
+        return x
+
+
+SHARD_MATRICES = ("q_w", "k_w", "v_w", "o_w", "i_w", "f_w")
+
+
+def _blob_bytes(rec: Record, names) -> int:
+    """Bytes decoded out of the record's packed blobs among `names` (float32 parts are
+    views into the record's buffer, counted with the buffer)."""
+    return sum(4 * math.prod(p.shape) for p in rec.parts if p.name in names and p.encoding == "blob")
+
+
+class _Pace:
+    """How much slower than the profile the IO lane is running in this request."""
+
+    def __init__(self):
+        self.planned = self.actual = 0.0
+
+    def add(self, planned_ms: float, actual_ms: float) -> None:
+        self.planned += planned_ms
+        self.actual += actual_ms
+
+    def slowdown(self) -> float:
+        return max(1.0, self.actual / self.planned) if self.planned > 0 else 1.0
