@@ -1,33 +1,98 @@
-"""The main job: the end-to-end demo on the built-in defaults."""
+"""The main job: the end-to-end demo on the built-in defaults.
+
+fetch model and data -> fine-tune the elastic model (cached) -> build the store (cached) ->
+profile the device and the shards (cached) -> plan -> run -> a short benchmark table and plot.
+Everything lands in $STI_HOME; with all of it cached a rerun takes about two minutes.
+"""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from rich.console import Console
 
+DEMO_STORAGE = "emulate:100MB/s"   # SD/eMMC-class storage, reproducible on any machine
+DEMO_MEMORY_MB = 1.8               # ~2% of the fp32 model (90 MB)
+
+
+def demo_store(model_dir: Path, console: Console) -> Path:
+    """The store of `model_dir`, built once under $STI_HOME/stores."""
+    from .assets import sti_home
+    from .store import build_store
+    path = sti_home() / "stores" / f"{model_dir.name}-linear"
+    if (path / "manifest.json").exists():
+        return path
+    from rich.progress import Progress as Bar
+    with Bar(console=console, transient=True) as bar:
+        task = bar.add_task("building the store", total=None)
+        build_store(model_dir, path, progress=lambda d, t: bar.update(task, completed=d, total=t) or True)
+    return path
+
 
 def run_demo(preset: str = "quick", console: Console | None = None) -> None:
-    from . import data
-    from .assets import ensure_data, ensure_model
+    from . import api, data
+    from .assets import ensure_data, ensure_model, sti_home
+    from .bench import BenchConfig, markdown, run_bench, write_outputs
+    from .cli import print_grid
     from .finetune import default_model_dir, finetune, read_metrics
+    from .planner import explain
 
     console = console or Console()
+    log = console.print
     t0 = time.perf_counter()
     console.rule("1. assets: the real model and data (fetched once, checked by sha256)")
-    console.print(f"model: {ensure_model(console.print)}")
-    console.print(f"data:  {ensure_data(console.print)}")
+    log(f"model: {ensure_model(log)}")
+    log(f"data:  {ensure_data(log)}")
     for r in data.summary():
-        console.print(f"  {r['split']:>7}: {r['size']:5d} snippets, {r['positive_share']:.1%} positive")
+        log(f"  {r['split']:>7}: {r['size']:5d} snippets, {r['positive_share']:.1%} positive")
 
     console.rule("2. the elastic model (fine-tuned once, then cached)")
     model_dir = _cached_model(default_model_dir, preset)
     if model_dir is None:
-        model_dir = finetune(preset=preset, log=console.print)
-    from .cli import print_grid
-    console.print(f"model: {model_dir}")
+        model_dir = finetune(preset=preset, log=log)
+    log(f"model: {model_dir}")
     print_grid(read_metrics(model_dir))
+
+    console.rule("3. the shard store (built once)")
+    store = demo_store(model_dir, console)
+    from .cli import _print_inspect
+    _print_inspect(store)
+
+    console.rule(f"4. profiles: this device ({DEMO_STORAGE}) and shard importance (measured once)")
+    warm = api.device_profile(store, "warm", log=log)
+    device = api.device_profile(store, DEMO_STORAGE, log=log)
+    importance = api.importance_profile(store, log=log)
+    log(f"compute fit error {warm.compute_fit_error:.1%}; shard read at 4 bits {device.shard_read_ms.get(4, 0):.2f} ms; "
+        f"importance measured in {importance.cost_s:.0f} s; dev accuracy {importance.full_accuracy:.4f}")
+
+    console.rule("5. a plan and a few answers")
+    target = 2.0 * _full_ms(store)
+    log(f"T = 2 x the full model's resident compute = {target:.1f} ms, M = {DEMO_MEMORY_MB} MB, {DEMO_STORAGE}")
+    with api.open_engine(store, target, DEMO_MEMORY_MB, storage=DEMO_STORAGE, log=log) as engine:
+        log(explain(engine.plan), highlight=False)
+        for text in ["a gripping, beautifully acted film", "tedious, overlong and utterly forgettable"]:
+            r = engine.run(text)
+            log(f"  {r.label:8} {max(r.probs):.3f}  {r.report.latency_ms:.1f} ms (T {target:.1f})  {text!r}")
+
+    console.rule("6. benchmark (short version; the full sweep is `sti bench`)")
+    out = sti_home() / "demo-bench"
+    results = run_bench(store, model_dir, BenchConfig.quick(), log=log)
+    paths = write_outputs(results, out)
+    log(markdown(results), highlight=False)
+    log("wrote " + ", ".join(str(p) for p in paths))
     console.rule(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+def _full_ms(store: Path) -> float:
+    """The full fp32 model's resident latency on 40 test sentences (the T unit)."""
+    from .bench import full_compute_ms
+    from .data import load_split
+    from .store import Store
+    from .tokenizer import Tokenizer
+    with Store(store) as s:
+        weights = s.load_model(32)
+    return full_compute_ms(weights, Tokenizer(store), [e.text for e in load_split("test")[:40]], None)
 
 
 def _cached_model(default_model_dir, preset: str):

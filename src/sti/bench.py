@@ -1,0 +1,497 @@
+"""sti against the baselines and real peers, measured by one harness.
+
+For every storage mode and sequence-length mode, the harness first measures the full
+model's resident compute time (the `preload` system) and expresses every latency target T
+as a multiple of it. Then, per system and point:
+  - latency: the median and p95 over the first `requests` sentences of the test split, one
+    request at a time, as an app would send them; the deadline-hit rate for T;
+  - memory: peak resident model bytes (our accounting, where the system allows it) and the
+    process's peak RSS growth during the requests;
+  - accuracy: on the full test split and the out-of-domain sets, computed in batches with the
+    exact weights and submodel the system runs (for sti: the plan's submodel and bitwidths;
+    the engine is tested to give the same logits as this reference path), so that accuracy
+    does not depend on the size of the latency sample. When the deadline guard changes a
+    request's shards, its answer can differ: the rate of such requests is reported.
+
+Systems (`SYSTEMS`):
+  sti-joint, sti-paper  the engine with the joint / the paper's planner
+  stdpl-fp32, stdpl-4bit  layer-by-layer pipelined loading of the whole model, no preload
+  small-submodel        the smallest submodel of the grid, streamed at 32 bits, no planning
+  load-exec             read the fp32 model from storage, then run (per request)
+  hf-from-pretrained    transformers `from_pretrained` then run (per request, cold files)
+  hf-disk-offload       accelerate `disk_offload` (weights read from disk during forward)
+  preload               the whole fp32 model resident (fastest; memory = the model)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import api
+from .data import OOD_SETS, load_split
+from .encoder import Submodel, classify, depth_layers
+from .errors import InputError, StiError
+from .evaluate import accuracy
+from .planner import Plan, make_plan, profile_id, simulate
+from .profile_device import measure_device
+from .profiles import save_profile
+from .runtime import Engine, _PeakRSS
+from .store import Store
+from .tokenizer import Tokenizer
+
+SYSTEMS = ("sti-joint", "sti-paper", "stdpl-fp32", "stdpl-4bit", "small-submodel", "load-exec",
+           "hf-from-pretrained", "hf-disk-offload", "preload")
+PLANNED = ("sti-joint", "sti-paper")
+SEQ_MODES = {"own": None, "pad128": 128}
+SKEW = "skew3.6"   # emulated bandwidth: reading a fp32 layer takes 3.6x its compute (the paper's board)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    targets_x: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+    memories_mb: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    storages: tuple[str, ...] = ("cold", "emulate:100MB/s", SKEW)
+    seq_modes: tuple[str, ...] = ("own", "pad128")
+    systems: tuple[str, ...] = SYSTEMS
+    requests: int = 100          # latency sample per point (slow baselines use `slow_requests`)
+    slow_requests: int = 10
+    plan_len_own: int = 48       # plans for "own" lengths assume this many tokens (test p95: 47)
+    ood_limit: int | None = None  # sentences per out-of-domain set for accuracy (None: all)
+    seed: int = 0
+
+    @staticmethod
+    def quick() -> "BenchConfig":
+        """The demo's short version: one storage, one length mode, M = 2 MB, three targets."""
+        return BenchConfig(targets_x=(0.75, 1.0, 2.0), memories_mb=(2.0,), storages=("emulate:100MB/s",),
+                           seq_modes=("own",), systems=("sti-joint", "sti-paper", "stdpl-4bit", "load-exec",
+                                                        "preload"),
+                           requests=30, slow_requests=3, ood_limit=200)
+
+
+@dataclass
+class Row:
+    system: str
+    storage: str
+    seq_mode: str
+    target_x: float | None
+    target_ms: float | None
+    memory_mb: float | None
+    accuracy: dict = field(default_factory=dict)
+    latency_median_ms: float = math.nan
+    latency_p95_ms: float = math.nan
+    hit_rate: float | None = None
+    planned_ms: float | None = None
+    stall_median_ms: float | None = None
+    guard_rate: float | None = None
+    peak_model_bytes: int | None = None
+    rss_growth_bytes: int | None = None
+    requests: int = 0
+    note: str = ""
+
+
+# --- helpers -----------------------------------------------------------------------------
+def fixed_plan(device, importance, store_id: str, layers, m: int, bits, seq_len: int, fixed_bytes: int,
+               hidden: int, name: str) -> Plan:
+    """A baseline's schedule as a Plan (no planning, no preload: StdPL and the fixed small
+    submodel), with the same predictions a planned plan carries; it may stall."""
+    layers, bits = tuple(layers), tuple(tuple(row) for row in bits)
+    timeline = simulate(layers, m, bits, (), device, seq_len)
+    latency = timeline[-1].compute_end + device.head_ms
+    streamed = [sum(device.shard_bytes[b] for b in row) for row in bits]
+    pairs = [a + b for a, b in zip(streamed, streamed[1:])] or streamed
+    inflight = max(pairs) + device.shard_bytes[32]
+    working = 4.0 * seq_len * hidden * 8
+    acc = importance.submodel_acc(len(layers), m) - sum(
+        importance.shard_penalty(layer, j, b) for layer, row in zip(layers, bits) for j, b in enumerate(row))
+    return Plan(planner=name, store_id=store_id, device_id=profile_id(device), importance_id=profile_id(importance),
+                target_ms=latency, memory_bytes=fixed_bytes, seq_len=seq_len, model_layers=importance.num_layers,
+                model_shards=importance.num_shards, n=len(layers), m=m, layers=layers, bits=bits, preload=(),
+                fixed_bytes=fixed_bytes, embed_ms=device.embed_read_ms(seq_len), head_ms=device.head_ms,
+                latency_ms=latency, accuracy=acc, submodel_accuracy=importance.submodel_acc(len(layers), m),
+                full_accuracy=importance.full_accuracy, preload_bytes=0.0, inflight_bytes=float(inflight),
+                working_bytes=working, resident_bytes=fixed_bytes + inflight + working, timeline=timeline)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else math.nan
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache, so the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def skew_bandwidth(device, store: Store, seq_len: int) -> float:
+    """Bytes/s at which reading a full-precision layer takes 3.6x its compute."""
+    layer_bytes = device.shard_bytes[32] * store.config.num_shards
+    return layer_bytes / (3.6 * device.compute_ms(store.config.num_shards, seq_len) / 1e3)
+
+
+class Harness:
+    """Everything one benchmark run shares: store, data, tokenizer, profiles, results."""
+
+    def __init__(self, store_dir: Path, model_dir: Path, cfg: BenchConfig, log=print):
+        self.store_dir, self.model_dir, self.cfg, self.log = Path(store_dir), Path(model_dir), cfg, log
+        with Store(store_dir) as s:
+            self.config, self.store_id = s.config, s.store_id
+            self.fixed = api.resident_bytes(s)
+            self.weights32 = s.load_model(32)
+        self.tokenizer = Tokenizer(store_dir)
+        self.test = load_split("test")
+        self.sample = [e.text for e in self.test[:cfg.requests]]
+        rng = np.random.default_rng(cfg.seed)
+        self.ood = {}
+        for name in OOD_SETS:
+            ex = load_split(name)
+            if cfg.ood_limit and len(ex) > cfg.ood_limit:
+                ex = [ex[i] for i in sorted(rng.choice(len(ex), cfg.ood_limit, replace=False))]
+            self.ood[name] = ex
+        self.importance = api.importance_profile(store_dir, log=log)
+        self.rows: list[Row] = []
+        self._acc_cache: dict = {}
+
+    # --- accuracy of exact weights + submodel, cached per (layers, shards, bits) ---
+    def accuracy_of(self, layers, shards, bits) -> dict:
+        key = (tuple(layers), tuple(map(tuple, shards)), tuple(map(tuple, bits)))
+        if key not in self._acc_cache:
+            with Store(self.store_dir) as s:
+                w = self.weights32.clone()
+                for layer, ids, b in zip(layers, shards, bits):
+                    w.layers[layer] = s.layer(layer, list(ids), list(b))
+            sub = Submodel(tuple(layers), tuple(tuple(i) for i in shards))
+            sets = {"test": self.test, **self.ood}
+            self._acc_cache[key] = {k: accuracy(w, self.tokenizer, ex, sub) for k, ex in sets.items()}
+        return self._acc_cache[key]
+
+    def plan_accuracy(self, plan: Plan) -> dict:
+        return self.accuracy_of(plan.layers, plan.shards, plan.bits)
+
+    # --- device profiles: measured once per storage (compute reused) ---
+    def device(self, storage: str, seq_len: int):
+        if storage == SKEW:
+            base = self.device("warm", seq_len)
+            with Store(self.store_dir) as s:
+                bw = skew_bandwidth(base, s, seq_len)
+            storage = f"emulate:{bw / 1e6:.1f}MB/s"
+        path = api.device_profile_path(self.store_dir, storage)
+        if path.exists():
+            return api.device_profile(self.store_dir, storage, measure=False), storage
+        base = None if storage == "warm" else self.device("warm", seq_len)[0]
+        self.log(f"profiling {storage} ...")
+        p = measure_device(self.store_dir, storage=storage, compute_from=base)
+        save_profile(p, path)
+        return p, storage
+
+
+# --- measuring one system at one point -------------------------------------------------------
+def time_requests(fn, texts: list[str]) -> tuple[list[float], list]:
+    out, lat = [], []
+    for text in texts:
+        t = time.perf_counter()
+        out.append(fn(text))
+        lat.append((time.perf_counter() - t) * 1e3)
+    return lat, out
+
+
+def run_engine(h: Harness, plan: Plan, device, storage: str, pad_to, texts: list[str], guard=True) -> dict:
+    engine = Engine(Store(h.store_dir, storage), plan, device, storage=storage, guard=guard, pad_to=pad_to)
+    try:
+        engine.run(texts[0])  # warm-up: the first request pays for lazy initialisation
+        rss = _PeakRSS()
+        lat, results = time_requests(engine.run, texts)
+        reports = [r.report for r in results]
+        return {"lat": lat, "peak_model_bytes": max(r.peak_model_bytes for r in reports),
+                "rss_growth_bytes": rss.growth(), "stall": statistics.median(r.stall_ms for r in reports),
+                "guard_rate": sum(bool(r.guard_changes) for r in reports) / len(reports)}
+    finally:
+        engine.close()
+
+
+def run_reference(tokenizer: Tokenizer, load, texts: list[str], pad_to) -> dict:
+    """A baseline built from `load()` -> (weights, model bytes), called per request."""
+    def one(text):
+        weights, _ = load()
+        batch = tokenizer.encode([text], pad_to=pad_to)
+        return classify(weights, batch.input_ids, batch.attention_mask)
+    one(texts[0])
+    rss = _PeakRSS()
+    lat, _ = time_requests(one, texts)
+    return {"lat": lat, "peak_model_bytes": load()[1], "rss_growth_bytes": rss.growth()}
+
+
+def model_bytes(weights) -> int:
+    return sum(t.numel() * 4 for t in weights.tensors().values())
+
+
+def hf_runner(h: Harness, mode: str, pad_to):
+    """transformers BertModel (+ our mean-pool head) loaded as users do it."""
+    from transformers import BertModel
+    head = h.weights32.head
+
+    def forward(model, text):
+        batch = h.tokenizer.encode([text], pad_to=pad_to)
+        with torch.inference_mode():
+            hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            m = batch.attention_mask[..., None].float()
+            return torch.nn.functional.linear((hidden * m).sum(1) / m.sum(1), head.w, head.b)
+
+    if mode == "from_pretrained":
+        def one(text):
+            evict(h.model_dir / "model.safetensors")
+            model = BertModel.from_pretrained(h.model_dir, add_pooling_layer=False).eval()
+            return forward(model, text)
+        return one, None
+    from accelerate import disk_offload
+    tmp = tempfile.mkdtemp(prefix="sti-offload-")
+    model = BertModel.from_pretrained(h.model_dir, add_pooling_layer=False).eval()
+    disk_offload(model, offload_dir=tmp)
+
+    def one(text):
+        for f in Path(tmp).glob("*.dat"):
+            evict(f)
+        return forward(model, text)
+    return one, tmp
+
+
+def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, full_ms: float) -> list[Row]:
+    """Rows for one system under one storage and length mode, across the T x M grid."""
+    cfg = h.cfg
+    pad_to = SEQ_MODES[seq_mode]
+    plan_len = pad_to or cfg.plan_len_own
+    device, storage = h.device(storage_name, plan_len)
+    rows = []
+    texts = h.sample if system not in ("load-exec", "hf-from-pretrained", "hf-disk-offload") \
+        else h.sample[:cfg.slow_requests]
+
+    def row(**kw) -> Row:
+        return Row(system=system, storage=storage_name, seq_mode=seq_mode, **kw)
+
+    if system in PLANNED:
+        for x in cfg.targets_x:
+            for mem in cfg.memories_mb:
+                target = x * full_ms
+                try:
+                    plan = make_plan(device, h.importance, h.store_id, target, int(mem * 1e6), seq_len=plan_len,
+                                     planner=system.split("-")[1], fixed_bytes=h.fixed)
+                except StiError as exc:
+                    rows.append(row(target_x=x, target_ms=target, memory_mb=mem, note=f"infeasible: {exc}"[:300]))
+                    continue
+                m = run_engine(h, plan, device, storage, pad_to, texts)
+                rows.append(row(target_x=x, target_ms=target, memory_mb=mem, accuracy=h.plan_accuracy(plan),
+                                latency_median_ms=statistics.median(m["lat"]),
+                                latency_p95_ms=percentile(m["lat"], 95),
+                                hit_rate=sum(v <= target for v in m["lat"]) / len(m["lat"]),
+                                planned_ms=plan.latency_ms, stall_median_ms=m["stall"], guard_rate=m["guard_rate"],
+                                peak_model_bytes=m["peak_model_bytes"], rss_growth_bytes=m["rss_growth_bytes"],
+                                requests=len(texts)))
+        return rows
+    acc, m, note = None, None, ""
+    c = h.config
+    if system in ("stdpl-fp32", "stdpl-4bit", "small-submodel"):
+        n, mm, b = {"stdpl-fp32": (c.num_layers, c.num_shards, 32), "stdpl-4bit": (c.num_layers, c.num_shards, 4),
+                    "small-submodel": (min(int(k.split(",")[0]) for k in h.importance.submodel_accuracy),
+                                       min(int(k.split(",")[1]) for k in h.importance.submodel_accuracy), 32)}[system]
+        layers = depth_layers(c.num_layers, n)
+        plan = fixed_plan(device, h.importance, h.store_id, layers, mm, [[b] * mm for _ in layers],
+                          seq_len=plan_len, fixed_bytes=h.fixed, hidden=c.hidden_size, name=system)
+        m = run_engine(h, plan, device, storage, pad_to, texts, guard=False)
+        acc = h.plan_accuracy(plan)
+    elif system == "preload":
+        w = h.weights32
+        m = run_reference(h.tokenizer, lambda: (w, model_bytes(w)), texts, pad_to)
+        acc = h.accuracy_of(range(c.num_layers), [range(c.num_shards)] * c.num_layers,
+                            [[32] * c.num_shards] * c.num_layers)
+    elif system == "load-exec":
+        read_mode = storage if storage != "warm" else "warm"
+
+        def load():
+            with Store(h.store_dir, read_mode) as s:
+                w = s.load_model(32)
+            return w, model_bytes(w)
+        m = run_reference(h.tokenizer, load, texts, pad_to)
+        acc = h.accuracy_of(range(c.num_layers), [range(c.num_shards)] * c.num_layers,
+                            [[32] * c.num_shards] * c.num_layers)
+    elif system.startswith("hf-"):
+        if storage_name != "cold":
+            return [row(target_x=None, target_ms=None, memory_mb=None, note="reads files itself: cold storage only")]
+        one, tmp = hf_runner(h, "from_pretrained" if system == "hf-from-pretrained" else "disk_offload", pad_to)
+        one(texts[0])
+        rss = _PeakRSS()
+        lat, _ = time_requests(one, texts)
+        m = {"lat": lat, "peak_model_bytes": None, "rss_growth_bytes": rss.growth()}
+        acc = h.accuracy_of(range(c.num_layers), [range(c.num_shards)] * c.num_layers,
+                            [[32] * c.num_shards] * c.num_layers)
+        note = "same weights as preload (accuracy shared); model bytes not accounted"
+        if tmp:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        raise InputError(f"unknown system {system!r}: choose from {', '.join(SYSTEMS)}")
+    for x in cfg.targets_x:
+        target = x * full_ms
+        rows.append(row(target_x=x, target_ms=target, memory_mb=None, accuracy=acc,
+                        latency_median_ms=statistics.median(m["lat"]), latency_p95_ms=percentile(m["lat"], 95),
+                        hit_rate=sum(v <= target for v in m["lat"]) / len(m["lat"]),
+                        stall_median_ms=m.get("stall"), peak_model_bytes=m["peak_model_bytes"],
+                        rss_growth_bytes=m["rss_growth_bytes"], requests=len(texts), note=note))
+    return rows
+
+
+def full_compute_ms(weights, tokenizer: Tokenizer, texts: list[str], pad_to: int | None) -> float:
+    """The T unit: median latency of the whole fp32 model resident in memory."""
+    return statistics.median(run_reference(tokenizer, lambda: (weights, 0), texts, pad_to)["lat"])
+
+
+def run_bench(store_dir, model_dir, cfg: BenchConfig | None = None, log=print, progress=None) -> dict:
+    """Run the benchmark; returns {"config", "conditions", "rows"}."""
+    cfg = cfg or BenchConfig()
+    unknown = [s for s in cfg.systems if s not in SYSTEMS]
+    if unknown:
+        raise InputError(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS)}")
+    h = Harness(store_dir, model_dir, cfg, log)
+    units = {}
+    steps = [(st, sm, sys) for st in cfg.storages for sm in cfg.seq_modes for sys in cfg.systems]
+    for i, (storage, seq_mode, system) in enumerate(steps):
+        if seq_mode not in units:
+            units[seq_mode] = full_compute_ms(h.weights32, h.tokenizer, h.sample, SEQ_MODES[seq_mode])
+            log(f"full model, resident, {seq_mode} lengths: {units[seq_mode]:.2f} ms (the T unit)")
+        t0 = time.perf_counter()
+        h.rows.extend(measure_point(h, system, storage, seq_mode, units[seq_mode]))
+        log(f"[{i + 1}/{len(steps)}] {system} / {storage} / {seq_mode}: {time.perf_counter() - t0:.0f} s")
+        if progress is not None and progress(i + 1, len(steps)) is False:
+            break
+    return {"config": asdict(cfg), "conditions": conditions(h, units), "rows": [asdict(r) for r in h.rows]}
+
+
+def conditions(h: Harness, units: dict) -> dict:
+    from .profile_device import machine
+    return {"machine": machine(), "threads": torch.get_num_threads(), "store_id": h.store_id,
+            "store": str(h.store_dir), "model": str(h.model_dir), "full_compute_ms": units,
+            "fp32_model_bytes": model_bytes(h.weights32), "test_size": len(h.test),
+            "ood_sizes": {k: len(v) for k, v in h.ood.items()}, "latency_sample": len(h.sample),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def save_results(results: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".results.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    os.replace(tmp, path)
+    return path
+
+
+# --- reporting ----------------------------------------------------------------------------------
+def _fmt(v, spec: str, none: str = "-") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return none
+    return format(v, spec)
+
+
+def markdown(results: dict) -> str:
+    """results.md: the conditions, then one table per storage and length mode."""
+    c = results["conditions"]
+    lines = ["# sti benchmark", "",
+             f"Machine: {c['machine'].get('processor')} ({c['machine'].get('cpus')} CPUs), torch threads "
+             f"{c['threads']}, {c['date']}. Model: {c['model']}; fp32 model {c['fp32_model_bytes'] / 1e6:.1f} MB. "
+             f"Accuracy on the full test split ({c['test_size']}) and out-of-domain sets {c['ood_sizes']}; latency over "
+             f"the first {c['latency_sample']} test sentences (slow baselines fewer), one request at a time. "
+             f"T unit (full fp32 model resident): " + ", ".join(f"{k} {v:.2f} ms" for k, v in c['full_compute_ms'].items()),
+             ""]
+    rows = results["rows"]
+    for storage in dict.fromkeys(r["storage"] for r in rows):
+        for mode in dict.fromkeys(r["seq_mode"] for r in rows):
+            sel = [r for r in rows if r["storage"] == storage and r["seq_mode"] == mode]
+            if not sel:
+                continue
+            lines += [f"## storage {storage}, {mode} lengths", "",
+                      "| system | T (x) | T ms | M MB | test acc | OOD acc (tw/am/nyt) | median ms | p95 ms | planned ms "
+                      "| hit rate | guard | peak model MB | RSS growth MB | note |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for r in sel:
+                a = r["accuracy"] or {}
+                ood = "/".join(_fmt(a.get(k), ".3f") for k in OOD_SETS)
+                lines.append(
+                    f"| {r['system']} | {_fmt(r['target_x'], 'g')} | {_fmt(r['target_ms'], '.1f')} | "
+                    f"{_fmt(r['memory_mb'], 'g')} | {_fmt(a.get('test'), '.4f')} | {ood} | "
+                    f"{_fmt(r['latency_median_ms'], '.1f')} | {_fmt(r['latency_p95_ms'], '.1f')} | "
+                    f"{_fmt(r['planned_ms'], '.1f')} | {_fmt(r['hit_rate'], '.0%')} | {_fmt(r['guard_rate'], '.0%')} | "
+                    f"{_fmt(r['peak_model_bytes'] and r['peak_model_bytes'] / 1e6, '.2f')} | "
+                    f"{_fmt(r['rss_growth_bytes'] and r['rss_growth_bytes'] / 1e6, '.1f')} | {r['note'][:80]} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, out_dir: Path) -> list[Path]:
+    """Accuracy versus median latency per system (one panel per storage and M), and memory."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in results["rows"] if r["accuracy"]]
+    storages = list(dict.fromkeys(r["storage"] for r in rows))
+    mems = sorted({r["memory_mb"] for r in rows if r["memory_mb"] is not None}) or [None]
+    fig, axes = plt.subplots(len(storages), len(mems), figsize=(4.2 * len(mems), 3.4 * len(storages)),
+                             squeeze=False)
+    mode = results["config"]["seq_modes"][0]
+    for i, st in enumerate(storages):
+        for j, mem in enumerate(mems):
+            ax = axes[i][j]
+            for system in dict.fromkeys(r["system"] for r in rows):
+                sel = [r for r in rows if r["storage"] == st and r["system"] == system and r["seq_mode"] == mode
+                       and (r["memory_mb"] in (mem, None))]
+                if system not in PLANNED:
+                    sel = sel[:1]
+                pts = sorted((r["latency_median_ms"], r["accuracy"]["test"]) for r in sel
+                             if not math.isnan(r["latency_median_ms"]))
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=system, linewidth=1)
+            ax.set_xscale("log")
+            ax.set_title(f"{st}, M = {mem} MB" if mem is not None else st, fontsize=9)
+            ax.set_xlabel("median latency (ms, log)")
+            ax.set_ylabel("test accuracy")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"accuracy versus latency ({mode} lengths)", fontsize=10)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "accuracy_latency.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    mem_rows = {}
+    for r in results["rows"]:
+        if r["peak_model_bytes"] and (r["system"] not in mem_rows or r["memory_mb"] == 2.0):
+            mem_rows[r["system"]] = r["peak_model_bytes"] / 1e6
+    if mem_rows:
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.barh(list(mem_rows), list(mem_rows.values()), color="#4c72b0")
+        ax.set_xscale("log")
+        ax.set_xlabel("peak resident model MB (log; sti at M = 2 MB where measured)")
+        fig.tight_layout()
+        paths.append(out_dir / "memory.png")
+        fig.savefig(paths[1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_outputs(results: dict, out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = [save_results(results, out_dir)]
+    md = out_dir / "results.md"
+    md.write_text(markdown(results))
+    return paths + [md] + plot(results, out_dir)
