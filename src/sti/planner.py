@@ -271,7 +271,10 @@ class Plan:
         pos = {layer: k for k, layer in enumerate(layers)}
         preload = []
         for i, e in enumerate(raw):
-            layer, shard, b = _int_list(e, f"{w}.preload[{i}]", 0, 1 << 16)
+            entry = _int_list(e, f"{w}.preload[{i}]", 0, 1 << 16)
+            if len(entry) != 3:
+                raise PlanError(f"{w}.preload[{i}]: expected [layer, shard, bits], got {_short(e)}")
+            layer, shard, b = entry
             if layer not in pos or shard >= m or bits[pos[layer]][shard] != b:
                 raise PlanError(f"{w}.preload[{i}]: ({layer}, {shard}, {b}) is not a shard of the plan "
                                 f"at its planned bitwidth")
@@ -477,9 +480,12 @@ class _Problem:
         self.hidden = _arg_float(hidden, "hidden")
         if self.hidden <= 0:
             raise PlanError(f"hidden must be > 0, got {hidden!r}")
-        self.device_id = profile_id(device)
-        self.importance_id = profile_id(importance)
-        self._layer0, self._rest, self._priced = {}, {}, None
+        try:
+            self.device_id = profile_id(device)
+            self.importance_id = profile_id(importance)
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"a profile cannot be written as JSON ({exc}): it was not loaded from a file") from None
+        self._layer0, self._rest, self._priced, self._configs = {}, {}, None, {}
 
     def comp(self, m: int) -> float:
         return self._comp[m]
@@ -674,13 +680,15 @@ def _paper_search(P: _Problem, ub=None):
     elig = [c for c in _paper_eligible(P) if c[3] <= P.T and c[4] <= P.B]
     pb, _ = _paper_bits(P)
     levels = _paper_levels(P)
+    bases = np.array([c[3] for c in elig])
+    needs = np.array([c[4] for c in elig])
     best = None
     for i, (n, m, acc, base, need) in enumerate(elig):
         if best is not None:
             bound = acc if ub is None else min(acc, ub.get((n, m), acc))
             if bound <= best[0]:
                 continue
-        if any(b2 <= base and n2 <= need for _, _, _, b2, n2 in elig[:i]):
+        if np.any((bases[:i] <= base) & (needs[:i] <= need)):
             continue            # never the first pick at any budget
         value, cur = _paper_stage2(P, n, m, pb, levels)
         if best is None or value > best[0]:
@@ -981,16 +989,15 @@ class _Layer0:
         by = np.array([P.nbytes[b] for b in P.bits])
         er = np.array([P.err[b] for b in P.bits])
         # configurations (p, b1, q, b2); the second tier is cheaper and less precise
-        p, i1, q, i2 = (x.ravel() for x in np.meshgrid(np.arange(1, m + 1), np.arange(len(bits)), np.arange(m),
-                                                       np.arange(len(bits)), indexing="ij"))
-        keep = (p + q <= m) & (((q == 0) & (i2 == i1)) | ((q > 0) & (er[i2] > er[i1]) & (by[i2] < by[i1])))
-        io_i = P.bits.index(P.b_io)
-        self.cfg_p = np.concatenate([[0], p[keep]])
-        self.cfg_q = np.concatenate([[0], q[keep]])
-        self.cfg_b1 = bits[np.concatenate([[io_i], i1[keep]])]
-        self.cfg_b2 = bits[np.concatenate([[io_i], i2[keep]])]
+        if m not in P._configs:
+            p, i1, q, i2 = (x.ravel() for x in np.meshgrid(np.arange(1, m + 1), np.arange(len(bits)), np.arange(m),
+                                                           np.arange(len(bits)), indexing="ij"))
+            keep = (p + q <= m) & (((q == 0) & (i2 == i1)) | ((q > 0) & (er[i2] > er[i1]) & (by[i2] < by[i1])))
+            io_i = P.bits.index(P.b_io)
+            P._configs[m] = tuple(np.concatenate([[first], x[keep]]) for first, x in ((0, p), (io_i, i1), (0, q), (io_i, i2)))
+        self.cfg_p, i1, self.cfg_q, i2 = P._configs[m]
+        self.cfg_b1, self.cfg_b2 = bits[i1], bits[i2]
         self.ncfg = len(self.cfg_p)
-        i1, i2 = np.concatenate([[io_i], i1[keep]]), np.concatenate([[io_i], i2[keep]])
         self.r = self.cfg_p + self.cfg_q
         self.bytes = self.cfg_p * by[i1] + self.cfg_q * by[i2]
         self.held_value = -kappa * (er[i1] * csum[self.cfg_p] + er[i2] * (csum[self.r] - csum[self.cfg_p]))
