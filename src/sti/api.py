@@ -87,8 +87,12 @@ def resident_bytes(store: Store) -> int:
 
 def check_targets(latency_ms: float, memory_mb: float) -> None:
     for name, v, lo in (("latency", latency_ms, 0.0), ("memory", memory_mb, 0.0)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise InputError(f"the {name} target must be a finite number, got {v!r}")
+        try:
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise InputError(f"the {name} target must be a finite number, got {str(v)[:40]}")
     if latency_ms <= 0 or latency_ms > 3.6e6:
         raise InputError(f"--latency-ms must be in (0, 3600000], got {latency_ms}")
     if memory_mb < 0 or memory_mb > 1e6:

@@ -264,7 +264,7 @@ def main() -> None:
     try:
         app()  # click's standalone mode handles usage errors (exit 2) itself
     except StiError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

@@ -14,6 +14,11 @@ from pathlib import Path
 from .errors import ConfigError
 
 
+# Upper bounds on a config (a store manifest is untrusted): far above any BERT-family model.
+MAX_SIZE = {"hidden_size": 1 << 16, "num_layers": 1024, "num_heads": 1024, "intermediate_size": 1 << 18,
+            "vocab_size": 1 << 22, "max_position": 1 << 16, "type_vocab_size": 1024, "num_labels": 1 << 16}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     hidden_size: int = 384
@@ -31,8 +36,11 @@ class ModelConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "vocab_size", "max_position", "type_vocab_size", "num_labels"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_SIZE[name]:
+                raise ConfigError(f"model config: {name} must be an integer in 1..{MAX_SIZE[name]}, got {value!r}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 < eps < 1):
+            raise ConfigError(f"model config: layer_norm_eps must be a number in (0, 1), got {eps!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model config: hidden_size {self.hidden_size} is not divisible by "

@@ -244,9 +244,10 @@ def load_profile(path: str | Path, store_id: str | None = None):
         raise ProfileError(f"{path} is larger than {MAX_PROFILE_BYTES >> 20} MiB: not a profile")
     try:
         d = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"{path} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd numbers, deep nesting
+        raise ProfileError(f"{path} is not valid JSON: {str(exc)[:200]}") from None
     kind = d.get("kind") if isinstance(d, dict) else None
+    kind = kind if isinstance(kind, str) else None
     cls = {"device": DeviceProfile, "importance": ImportanceProfile}.get(kind)
     if cls is None:
         raise ProfileError(f"{path}: not an sti profile (kind={kind!r})")

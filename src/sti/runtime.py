@@ -39,7 +39,8 @@ from .store import Record, Store
 from .tokenizer import Tokenizer
 from .weights import ATTN_PARTS, FFN_PARTS, Embeddings
 
-GUARD_TOLERANCE_MS = 0.5   # how late the IO lane may run before the guard acts
+GUARD_TOLERANCE_MS = 0.2   # how late the IO lane may run before the guard acts
+GUARD_SHARE = 2 / 3        # share of the plan's spare time (T - planned latency) IO may use
 
 
 # --- the schedule: a plan as the engine walks it ---------------------------------------------
@@ -252,6 +253,11 @@ class Engine:
         if plan.store_id != self.store.store_id:
             raise InputError(f"the plan was made for store {plan.store_id[:12]}, not {self.store.store_id[:12]}: "
                              "make a new plan for this store")
+        missing = {b for row in plan.bits for b in row} | {b for _, _, b in plan.preload}
+        missing -= set(self.store.bits) & set(device.bits)
+        if missing:
+            raise InputError(f"the plan uses bitwidths {sorted(missing)} that the store or the device profile "
+                             f"lacks (store: {list(self.store.bits)}): make a new plan for this store")
         self.plan, self.device, self.guard = plan, device, guard
         self.pad_to = pad_to  # pad every request to this many tokens (the paper pads to 128)
         self.config = self.store.config
@@ -259,8 +265,10 @@ class Engine:
         # never longer than the model has position embeddings for
         self.tokenizer = Tokenizer(self.store.path, max_length=min(max_length, self.config.max_position))
         self.steps, self.due = schedule(plan, device)
-        # the IO lane may run this late before the answer would miss T
-        self.spare_ms = max(0.0, plan.target_ms - plan.latency_ms)
+        # the IO lane may run this late before the answer would miss T; a third of the spare
+        # time is kept back for jitter and for work the profile does not see
+        self.spare_ms = GUARD_SHARE * max(0.0, plan.target_ms - plan.latency_ms)
+        self.closed = False
         self.bytes = ModelBytes()
         self._load_resident()
         biggest = max([self.store.shard_record(s.layer, s.shard, s.bits).length
@@ -289,6 +297,7 @@ class Engine:
                              f"budget of {self.plan.memory_bytes}")
 
     def close(self) -> None:
+        self.closed = True
         self._io.shutdown(wait=True)
         self.store.close()
 
@@ -302,6 +311,8 @@ class Engine:
     def run(self, text: str) -> Result:
         if not isinstance(text, str):
             raise InputError(f"expected a text, got {type(text).__name__}")
+        if self.closed:
+            raise InputError("this engine is closed: open a new one")
         batch = self.tokenizer.encode([text], pad_to=self._pad_width())
         with self._lock, torch.inference_mode():
             torch.set_num_threads(self.threads)
@@ -346,6 +357,7 @@ class Engine:
             report.spans.append(("io", "embedding rows", a, now()))
             box.put("embed", (words, position))
             pace = _Pace()
+            pace.add(self.device.embed_read_ms(len(ids)), now() - a)
             for pos, steps in enumerate(self.steps):
                 streamed = [s for s in steps if not s.preloaded]
                 bits = {s.shard: s.bits for s in streamed}

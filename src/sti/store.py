@@ -9,6 +9,7 @@ the record is read.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -357,8 +358,8 @@ class Store:
             raise StoreError(f"{f} is larger than {MAX_MANIFEST >> 20} MiB: refusing to parse it")
         try:
             m = json.loads(f.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{f} is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd numbers, deep nesting
+            raise StoreError(f"{f} is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise StoreError(f"{f} is not an sti store manifest (format != {FORMAT!r})")
         if m.get("version") != VERSION:
@@ -397,20 +398,31 @@ class Store:
         self._check_complete(tables)
 
     def _check_complete(self, tables) -> None:
+        # every record is distinct and within the model's ranges (checked above), so the store
+        # is complete iff the counts match; only then is it cheap to name what is missing
         c = self.config
-        missing = [f"layer.{i}.shard.{j}.bits.{b}" for i in range(c.num_layers) for j in range(c.num_shards)
-                   for b in self.bits if (i, j, b) not in self.shards]
-        missing += [f"layer.{i}" for i in range(c.num_layers) if i not in self.layers]
-        missing += [k for k in ("embed_misc", "head") if k not in self.singles]
-        for name, (n, r) in tables.items():
-            missing += [f"{name}.block.{b}" for b in range(-(-n // r)) if (name, b) not in self.rows]
-        if missing:
-            raise StoreError(f"{self._where}: {len(missing)} records missing (first: {missing[0]}); rebuild the store")
+        blocks = {name: -(-n // r) for name, (n, r) in tables.items()}
+        expected = c.num_layers * (1 + c.num_shards * len(self.bits)) + 2 + sum(blocks.values())
+        have = len(self.shards) + len(self.layers) + len(self.singles) + len(self.rows)
+        if have == expected and len(self.singles) == 2:
+            return
+        missing = (name for name in itertools.chain(
+            (f"layer.{i}.shard.{j}.bits.{b}" for i in range(c.num_layers) for j in range(c.num_shards)
+             for b in self.bits if (i, j, b) not in self.shards),
+            (f"layer.{i}" for i in range(c.num_layers) if i not in self.layers),
+            (k for k in ("embed_misc", "head") if k not in self.singles),
+            (f"{name}.block.{b}" for name, nb in blocks.items() for b in range(nb) if (name, b) not in self.rows)))
+        raise StoreError(f"{self._where}: {expected - have} records missing (first: {next(missing, '?')}); "
+                         "rebuild the store")
 
     # --- raw records ---
     def read(self, rec: Record) -> memoryview:
         """The record's bytes, verified against its CRC-32."""
-        buf = self.reader.read(rec.offset, rec.length)
+        try:
+            buf = self.reader.read(rec.offset, rec.length)
+        except (OSError, StoreError) as exc:
+            raise StoreError(f"{self.data_path}: cannot read record {rec.name} (offset {rec.offset}): "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
         if zlib.crc32(buf) != rec.crc32:
             raise StoreError(f"{self.data_path}: record {rec.name} (offset {rec.offset}) fails its CRC-32 check: "
                              "the store is corrupt; rebuild it with `sti build`")
@@ -424,7 +436,11 @@ class Store:
 
         def flush() -> None:
             start = run[0].offset
-            buf = self.reader.read(start, run[-1].offset + run[-1].length - start)
+            try:
+                buf = self.reader.read(start, run[-1].offset + run[-1].length - start)
+            except (OSError, StoreError) as exc:
+                raise StoreError(f"{self.data_path}: cannot read records {run[0].name}..{run[-1].name}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
             for r in run:
                 view = buf[r.offset - start:r.offset - start + r.length]
                 if zlib.crc32(view) != r.crc32:

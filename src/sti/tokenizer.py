@@ -48,6 +48,11 @@ class Tokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InputError(f"text {i} is {type(t).__name__}, not a string")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"text {i} is not valid UTF-8 text (it holds undecodable bytes): "
+                                 "pass UTF-8 encoded text") from None
             if not t.strip():
                 raise InputError(f"text {i} is empty or whitespace only: give some words to classify")
         encs = self._tok.encode_batch(texts)

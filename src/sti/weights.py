@@ -311,7 +311,11 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(f".{final.name}.old.{os.getpid()}")
         os.rename(final, old)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except BaseException:  # interrupted between the renames: put the old one back
+            os.rename(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
