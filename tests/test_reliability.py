@@ -34,7 +34,7 @@ from sti.api import check_targets, device_profile_path, importance_profile_path
 from sti.config import PRESETS
 from sti.errors import Cancelled, InputError, StiError, StoreError
 from sti.planner import Plan, PlanError, make_plan
-from sti.profiles import DeviceProfile, ImportanceProfile, ProfileError, load_profile, save_profile
+from sti.profiles import ProfileError, load_profile, save_profile
 from sti.runtime import Engine
 from sti.storage import WarmReader
 from sti.store import DATA, MANIFEST, Store, build_store, compute_store_id
@@ -69,21 +69,8 @@ def store_copy(base, tmp_path):
 
 
 def hand_profiles(store: Store, read_ms: float = 0.01, compute_ms: float = 0.05):
-    c = store.config
-    sizes = {b: float(store.shard_record(0, 0, b).length) for b in store.bits}
-    device = DeviceProfile(store_id=store.store_id, storage="warm", threads=1, seq_len=16, shard_bytes=sizes,
-                           shard_read_ms={b: read_ms * sizes[b] / sizes[32] for b in store.bits},
-                           shard_decode_ms={b: 0.001 for b in store.bits}, layer_read_ms=0.001,
-                           compute_coef=(compute_ms, 0.0, 0.0, 0.0), compute_fit_error=0.0,
-                           embed_ms=(0.01, 0.0), head_ms=0.01)
-    grid = {f"{n},{m}": 0.5 + 0.1 * n + 0.02 * m for n in range(1, c.num_layers + 1)
-            for m in range(1, c.num_shards + 1)}
-    importance = ImportanceProfile(store_id=store.store_id, method="degrade", split="dev", seed=0, lowest_bits=2,
-                                   full_accuracy=0.9, submodel_accuracy=grid,
-                                   shard_kl=tuple(tuple(0.1 / (1 + j) for j in range(c.num_shards))
-                                                  for _ in range(c.num_layers)),
-                                   shard_acc_drop=None, bits_error={2: 1.0, 4: 0.3, 32: 0.0}, kl_to_acc=0.5)
-    return device, importance
+    from tests.test_runtime import profiles
+    return profiles(store, read_ms=read_ms, compute_ms=compute_ms)
 
 
 def make_engine(path, target_ms=0.5, memory_bytes=12000, read_ms=0.05, reader=None, guard=False) -> Engine:
