@@ -146,6 +146,8 @@ class Harness:
 
     def __init__(self, store_dir: Path, model_dir: Path, cfg: BenchConfig, log=print):
         self.store_dir, self.model_dir, self.cfg, self.log = Path(store_dir), Path(model_dir), cfg, log
+        # every system computes with the engine's thread count (one core left to the IO lane)
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         with Store(store_dir) as s:
             self.config, self.store_id = s.config, s.store_id
             self.fixed = api.resident_bytes(s)
