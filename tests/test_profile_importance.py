@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import sti.profile_importance as pi
 from sti.config import PRESETS
 from sti.data import Example
-from sti.encoder import encode, head_logits
+from sti.encoder import Submodel, encode, head_logits
 from sti.errors import Cancelled, InputError
+from sti.evaluate import accuracy
 from sti.profiles import ImportanceProfile, load_profile, save_profile
 from sti.store import MATRICES, Store, build_store
 from sti.tokenizer import Tokenizer
@@ -170,6 +171,11 @@ def test_both_methods_rank_a_planted_shard_first(planted_path, fake_split):
 
 def test_accuracy_by_bits_and_measurement(store_path, fake_split):
     m = pi.measure(store_path, batch_size=4)
+    with Store(store_path) as s:
+        full = s.load_model(32)
+        for n, k in [(2, 1), (2, 4), (3, 2)]:
+            want = accuracy(full, Tokenizer(store_path), fake_examples(), Submodel.of(full.config, n, k))
+            assert m.profile.submodel_acc(n, k) == pytest.approx(want)
     acc = pi.accuracy_by_bits(store_path, batch_size=4)
     assert acc == pytest.approx(m.accuracy_by_bits) and acc[32] == m.profile.full_accuracy
     assert m.kl_by_bits[32] == 0.0 and m.kl_by_bits[2] > 0

@@ -186,7 +186,11 @@ class _Session:
                     self.sub_acc[f"{n},{m}"] = self.full_acc
                     continue
                 sub = Submodel.of(c, n, m)
-                self.sub_acc[f"{n},{m}"] = self._score(lambda b: _logits(w, b, sub))[1]
+                # the layers cut to their first m shards once, not once per batch
+                ws = ModelWeights(config=c, embeddings=w.embeddings, head=w.head,
+                                  layers=[w.submodel_layer(i, range(m)) if i in sub.layers else w.layers[i]
+                                          for i in range(c.num_layers)])
+                self.sub_acc[f"{n},{m}"] = self._score(lambda b: _logits(ws, b, sub))[1]
             self.kl_by_bits, self.acc_by_bits = {32: 0.0}, {32: self.full_acc}
             for bits in sorted(self.store.bits):
                 if bits != 32:
@@ -244,9 +248,9 @@ class _Session:
         for _, batch in self.data.batches:
             rows = max(1, GRAD_TOKENS // batch.input_ids.shape[1])
             for start in range(0, batch.input_ids.shape[0], rows):
-                part = Batch(batch.input_ids[start:start + rows], batch.attention_mask[start:start + rows],
-                             batch.truncated[start:start + rows])
-                est += self._fisher(part, deltas)
+                chunk = Batch(batch.input_ids[start:start + rows], batch.attention_mask[start:start + rows],
+                              batch.truncated[start:start + rows])
+                est += self._fisher(chunk, deltas)
             self.tick()
         est = 0.5 * est / self.data.size
         total, target = float(est.sum()), self.kl_by_bits[self.lowest]
