@@ -73,8 +73,12 @@ def test_shard_views_reassemble_the_layer(tiny_weights, tiny_config):
 def test_config_validation_and_hf_round_trip(tmp_path):
     with pytest.raises(ConfigError, match="divisible"):
         ModelConfig(hidden_size=30, num_heads=4)
-    with pytest.raises(ConfigError, match="positive"):
+    with pytest.raises(ConfigError, match=r"num_layers must be an integer in 1\.\.1024"):
         ModelConfig(num_layers=0)
+    with pytest.raises(ConfigError, match="num_layers"):
+        ModelConfig(num_layers=10**9)
+    with pytest.raises(ConfigError, match="layer_norm_eps"):
+        ModelConfig(layer_norm_eps=-1.0)
     c = PRESETS["bert-base"]
     (tmp_path / "config.json").write_text(json.dumps(c.to_hf()))
     assert ModelConfig.from_hf(tmp_path) == c
