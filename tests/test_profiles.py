@@ -2,15 +2,17 @@
 
 import json
 import math
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sti.errors import Cancelled
-from sti.profile_device import fit_compute, measure_device
+from sti.profile_device import Background, compute_load, fit_compute, io_load, measure_device, measure_io
 from sti.profiles import DeviceProfile, ImportanceProfile, ProfileError, load_profile, save_profile
-from sti.store import build_store
+from sti.store import Store, build_store
 from tests.conftest import word_tokenizer
 
 
@@ -115,3 +117,25 @@ def test_measure_device_on_a_tiny_store(tiny_weights, tmp_path):
     assert warm.compute_coef == p.compute_coef and warm.shard_read_ms[32] < p.shard_read_ms[32]
     with pytest.raises(Cancelled):
         measure_device(path, storage="warm", samples=2, repeat=1, progress=lambda d, t: False)
+    assert p.io_under_load and not measure_device(path, "warm", 16, samples=2, repeat=1, under_load=False).io_under_load
+    assert DeviceProfile.from_dict(json.loads(json.dumps(p.to_dict()))).io_under_load
+
+
+def test_background_load_runs_beside_a_measurement_and_stops(tiny_weights, tmp_path):
+    path = build_store(tiny_weights, tmp_path / "s", bits=(2, 32), tokenizer_from=word_tokenizer(tmp_path / "t"))
+    calls, seen = [], []
+    with Store(path) as store:
+        load = Background(lambda: calls.append(threading.current_thread().name) or time.sleep(1e-4))
+        sizes, _, _ = measure_io(store, 4, load)
+        assert set(sizes) == {2, 32} and calls and set(calls) == {"sti-profile-load"}
+        assert not load._thread.is_alive()
+        count = len(calls)
+        time.sleep(0.01)
+        assert len(calls) == count  # stopped with the measurement
+        for make in (lambda: compute_load(store, 8), lambda: io_load(store)):
+            with make() as bg:  # the real loads run the real work without error
+                time.sleep(0.05)
+                seen.append(bg._thread.is_alive())
+    assert seen == [True, True]
+    with pytest.raises(ZeroDivisionError), Background(lambda: 1 / 0):
+        time.sleep(0.01)  # a failing load is not swallowed

@@ -21,6 +21,9 @@ from .storage import parse_storage
 from .store import Store
 
 DEFAULT_SEQ_LEN = 48  # plans assume this many tokens: the test split's 95th percentile is 47
+# The share of T a plan keeps back: the profiles are medians on a shared, noisy machine, and
+# the deadline guard spends this when a request runs late (see runtime.py).
+DEFAULT_HEADROOM = 0.1
 
 
 def profiles_dir(store_dir: str | Path) -> Path:
@@ -53,10 +56,7 @@ def device_profile(store_dir, storage: str = "cold", measure: bool = True, log=p
         return load_profile(path, store_id)
     from .profile_device import measure_device
     log(f"measuring the device profile ({storage}) once; saved to {path}")
-    base = None
-    if storage != "warm" and device_profile_path(store_dir, "warm").exists():
-        base = load_profile(device_profile_path(store_dir, "warm"), store_id)
-    profile = measure_device(store_dir, storage=storage, compute_from=base)
+    profile = measure_device(store_dir, storage=storage)
     save_profile(profile, path)
     return profile
 
@@ -100,20 +100,23 @@ def check_targets(latency_ms: float, memory_mb: float) -> None:
 
 
 def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint", storage: str = "cold",
-         seq_len: int = DEFAULT_SEQ_LEN, method: str = "degrade", log=print) -> Plan:
-    """A plan for this store under a latency target (ms) and a preload budget (MB)."""
+         seq_len: int = DEFAULT_SEQ_LEN, method: str = "degrade", log=print,
+         headroom: float = DEFAULT_HEADROOM) -> Plan:
+    """A plan for this store under a latency target (ms) and a preload budget (MB), predicted
+    to finish by (1 - headroom) * T."""
     check_targets(latency_ms, memory_mb)
     device = device_profile(store_dir, storage, log=log)
     importance = importance_profile(store_dir, method, log=log)
     with Store(store_dir) as store:
         return make_plan(device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6),
-                         seq_len=seq_len, planner=planner, fixed_bytes=resident_bytes(store))
+                         seq_len=seq_len, planner=planner, fixed_bytes=resident_bytes(store), headroom=headroom)
 
 
 def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "cold", planner: str = "joint",
-                seq_len: int = DEFAULT_SEQ_LEN, guard: bool = True, method: str = "degrade", log=print):
+                seq_len: int = DEFAULT_SEQ_LEN, guard: bool = True, method: str = "degrade", log=print,
+                headroom: float = DEFAULT_HEADROOM):
     """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer."""
     from .runtime import Engine
-    p = plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log)
+    p = plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom)
     device = device_profile(store_dir, storage, log=log)
     return Engine(Store(store_dir, storage), p, device, storage=storage, guard=guard)

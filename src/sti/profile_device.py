@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,10 +48,68 @@ def sample_shards(store: Store, count: int) -> list[tuple[int, int]]:
     return pairs[::step][:count]
 
 
-def measure_io(store: Store, count: int) -> tuple[dict, dict, dict]:
+class Background:
+    """Runs `work()` over and over in a thread for the span of a `with` block. Each lane is
+    timed beside the other lane's work: in the engine they share the cores and the Python
+    interpreter, and a read, a decode or a layer timed on an idle machine under-states what
+    it costs there (measured: a layer 15-25% slower beside a busy IO lane)."""
+
+    def __init__(self, work: Callable[[], object]):
+        self._work, self._stop = work, threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sti-profile-load", daemon=True)
+        self._error: BaseException | None = None
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    self._work()
+        except BaseException as exc:  # re-raised by __exit__: a load that died measured nothing
+            self._error = exc
+
+    def __enter__(self) -> "Background":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None and exc[0] is None:
+            raise self._error
+
+
+def compute_load(store: Store, seq_len: int) -> Background:
+    """The compute lane's work: every layer in turn, shard by shard."""
+    layers = _layer_inputs(store, range(store.config.num_layers))
+    x = torch.randn(1, seq_len, store.config.hidden_size)
+    keep = attention_keep(torch.ones(1, seq_len))
+    turn = iter(range(1 << 62))
+
+    def one() -> None:
+        heads, shared, ffns = layers[next(turn) % len(layers)]
+        layer_by_shards(x, keep, heads, shared, store.config, ffns)
+    return Background(one)
+
+
+def io_load(store: Store) -> Background:
+    """The IO lane's work: read shards in turn, verify and decode their heads."""
+    c, bits = store.config, compute_bits(store)
+    recs = [store.shard_record(i, j, bits) for i in range(c.num_layers) for j in range(c.num_shards)]
+    turn = iter(range(1 << 62))
+
+    def one() -> None:
+        rec = recs[next(turn) % len(recs)]
+        store.decode_parts(rec, store.read(rec), ATTN_PARTS)
+    return Background(one)
+
+
+def measure_io(store: Store, count: int, load: Background | None = None) -> tuple[dict, dict, dict]:
     """Per bitwidth: record bytes, median read time, and median time to decode the shard's
     head (the IO lane's share of decoding: the FFN_PARTS slice is decoded by the compute lane,
-    and `measure_compute` includes it)."""
+    and `measure_compute` includes it). With `load`, the timing runs beside it."""
+    if load is not None:
+        with load:
+            return measure_io(store, count)
     sizes, reads, decodes = {}, {}, {}
     pairs = sample_shards(store, count)
     for b in store.bits:
@@ -79,23 +138,44 @@ def compute_bits(store: Store) -> int:
     return packed[len(packed) // 2] if packed else 32
 
 
+# Layers the compute measurements cycle through: a tight loop over one layer's weights runs
+# from a warm cache and under-states the engine, which meets every layer's weights once.
+COMPUTE_LAYERS = 4
+
+
+def _layer_inputs(store: Store, layer_ids) -> list[tuple]:
+    """(heads, shared, FFN decoders) of the given layers at `compute_bits`, ready for
+    `layer_by_shards` (heads already decoded, FFN_PARTS slices decoded when called)."""
+    bits, out = compute_bits(store), []
+    for i in list(layer_ids)[:COMPUTE_LAYERS]:
+        recs = [store.shard_record(i, j, bits) for j in range(store.config.num_shards)]
+        bufs = [store.read(r) for r in recs]
+        heads = [store.decode_parts(r, b, ATTN_PARTS) for r, b in zip(recs, bufs)]
+        ffns = [lambda r=r, b=b: store.decode_parts(r, b, FFN_PARTS) for r, b in zip(recs, bufs)]
+        out.append((heads, store.layer_shared(i), ffns))
+    return out
+
+
 def measure_compute(store: Store, ms: list[int], lengths: tuple[int, ...], repeat: int,
-                    tick) -> list[tuple[int, int, float]]:
+                    tick, load: Background | None = None) -> list[tuple[int, int, float]]:
     """(m, L, median ms) of one layer with m shards at sequence length L, as the compute
-    lane runs it: heads from already decoded tensors, FFN_PARTS slices decoded just in time."""
-    c, bits = store.config, compute_bits(store)
-    recs = [store.shard_record(0, j, bits) for j in range(c.num_shards)]
-    bufs = [store.read(r) for r in recs]
-    heads = [store.decode_parts(r, b, ATTN_PARTS) for r, b in zip(recs, bufs)]
-    ffns = [lambda r=r, b=b: store.decode_parts(r, b, FFN_PARTS) for r, b in zip(recs, bufs)]
-    shared = store.layer_shared(0)
+    lane runs it (heads from decoded tensors, FFN_PARTS slices decoded just in time), cycling
+    through layers so the caches are as cold as in the engine. With `load`, beside it."""
+    if load is not None:
+        with load:
+            return measure_compute(store, ms, lengths, repeat, tick)
+    c = store.config
+    layers = _layer_inputs(store, range(c.num_layers))
     out = []
     with torch.inference_mode():
         for length in lengths:
             x = torch.randn(1, length, c.hidden_size)
             keep = attention_keep(torch.ones(1, length))
             for m in ms:
+                turn = iter(range(1 << 62))
+
                 def run():
+                    heads, shared, ffns = layers[next(turn) % len(layers)]
                     layer_by_shards(x, keep, heads[:m], shared, c, ffns[:m])
                 run()  # warm-up
                 out.append((m, length, median_ms(run, repeat)))
@@ -154,10 +234,12 @@ def machine() -> dict:
 
 def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 64,
                    threads: int | None = None, samples: int = 24, repeat: int = 7,
-                   progress: Progress | None = None, compute_from: DeviceProfile | None = None) -> DeviceProfile:
+                   progress: Progress | None = None, compute_from: DeviceProfile | None = None,
+                   under_load: bool = True) -> DeviceProfile:
     """Measure this machine for the store at `store_dir` with the given storage mode.
     `compute_from`, a profile of the same store and threads, lends its compute figures
-    (they do not depend on storage), so profiling another storage only times the IO."""
+    (they do not depend on storage), so profiling another storage only times the IO.
+    `under_load` times each lane beside the other's work, as the engine runs them."""
     if not isinstance(seq_len, int) or not 1 <= seq_len <= 4096:
         raise InputError(f"seq_len must be an integer in 1..4096, got {seq_len!r}")
     threads = threads or max(1, (os.cpu_count() or 2) - 1)
@@ -174,7 +256,7 @@ def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 
             if progress is not None and progress(done, total) is False:
                 raise Cancelled("device profiling cancelled; nothing was saved")
 
-        sizes, reads, decodes = measure_io(store, samples)
+        sizes, reads, decodes = measure_io(store, samples, compute_load(store, seq_len) if under_load else None)
         layer_recs = [store.layers[i] for i in sorted(store.layers)]
         layer_ms = float(np.median([median_ms(lambda r=r: store.read(r), 3) for r in layer_recs]))
         tick()
@@ -184,7 +266,7 @@ def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 
             coef, fit_err, head_ms = compute_from.compute_coef, compute_from.compute_fit_error, compute_from.head_ms
             tick(total - done)
         else:
-            points = measure_compute(store, ms, lengths, repeat, tick)
+            points = measure_compute(store, ms, lengths, repeat, tick, io_load(store) if under_load else None)
             coef, fit_err = fit_compute(points)
             head_ms = measure_head(store, seq_len, repeat)
             tick()
@@ -192,4 +274,4 @@ def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 
             store_id=store.store_id, storage=store.reader.mode, threads=threads, seq_len=seq_len,
             shard_bytes=sizes, shard_read_ms=reads, shard_decode_ms=decodes, layer_read_ms=layer_ms,
             compute_coef=coef, compute_fit_error=fit_err, embed_ms=embed_ms, head_ms=head_ms,
-            machine=machine(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            io_under_load=under_load, machine=machine(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

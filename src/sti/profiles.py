@@ -67,6 +67,7 @@ class DeviceProfile:
     compute_fit_error: float          # median relative error of the fit on the measurements
     embed_ms: tuple[float, float]     # reading the embedding rows: fixed + per token (ms)
     head_ms: float                    # embeddings LayerNorm + pooling + classifier (ms)
+    io_under_load: bool = False       # IO timed beside a running compute lane (as in the engine)
     machine: dict = field(default_factory=dict)
     created: str = ""
     version: int = PROFILE_VERSION
@@ -117,6 +118,7 @@ class DeviceProfile:
                 layer_read_ms=_num(d["layer_read_ms"], f"{where}.layer_read_ms"),
                 compute_coef=coef, compute_fit_error=_num(d["compute_fit_error"], f"{where}.compute_fit_error"),
                 embed_ms=embed, head_ms=_num(d["head_ms"], f"{where}.head_ms"),
+                io_under_load=d.get("io_under_load", False) is True,
                 machine=d.get("machine") if isinstance(d.get("machine"), dict) else {},
                 created=str(d.get("created", ""))[:64])
         except KeyError as exc:
