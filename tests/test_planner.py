@@ -124,6 +124,23 @@ def test_hand_infeasible_reports_smallest_budgets():
         hand(50, 10**9, "joint")
 
 
+def test_headroom_plans_for_a_share_of_T_and_keeps_T_as_the_target():
+    # with 20% headroom, T = 125 plans like T = 100 (see test_hand_paper) and says T = 125
+    p = hand(125, 250, "paper", headroom=0.2)
+    assert p.latency_ms <= 100.0 + 1e-9 and p.target_ms == 125.0
+    assert p.accuracy == hand(100, 250, "paper").accuracy
+    assert p.spare_ms >= 25.0 - 1e-9
+    assert Plan.from_json(p.to_json()) == p
+    # infeasible: the smallest T is scaled up by the headroom (80 ms for the joint planner)
+    with pytest.raises(PlanError) as e:
+        hand(90, 0, "joint", headroom=0.2)
+    assert e.value.min_target_ms == pytest.approx(100.0)
+    assert hand(100, 0, "joint", headroom=0.2).latency_ms <= 80.0 + 1e-9
+    for bad in (-0.1, 1.0, float("nan"), "x"):
+        with pytest.raises(PlanError, match="headroom"):
+            hand(200, 250, "joint", headroom=bad)
+
+
 def test_fixed_bytes_change_the_paper_pick():
     # with 100 fixed bytes, M = 250 leaves 150 for the preload: (3,2) and (2,2) need 200,
     # so the paper planner falls back to (3,1), whose first layer needs 100.

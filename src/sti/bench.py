@@ -66,6 +66,7 @@ class BenchConfig:
     requests: int = 100          # latency sample per point (slow baselines use `slow_requests`)
     slow_requests: int = 10
     plan_len_own: int = 48       # plans for "own" lengths assume this many tokens (test p95: 47)
+    headroom: float = api.DEFAULT_HEADROOM  # share of T the sti plans keep back (both planners)
     ood_limit: int | None = None  # sentences per out-of-domain set for accuracy (None: all)
     seed: int = 0
 
@@ -91,6 +92,7 @@ class Row:
     latency_p95_ms: float = math.nan
     hit_rate: float | None = None
     planned_ms: float | None = None
+    predicted_ratio: float | None = None   # median over requests of measured / predicted at its length
     stall_median_ms: float | None = None
     guard_rate: float | None = None
     peak_model_bytes: int | None = None
@@ -192,9 +194,9 @@ class Harness:
         path = api.device_profile_path(self.store_dir, storage)
         if path.exists():
             return api.device_profile(self.store_dir, storage, measure=False), storage
-        base = None if storage == "warm" else self.device("warm", seq_len)[0]
         self.log(f"profiling {storage} ...")
-        p = measure_device(self.store_dir, storage=storage, compute_from=base)
+        # compute is measured per storage too: it runs beside that storage's IO lane
+        p = measure_device(self.store_dir, storage=storage)
         save_profile(p, path)
         return p, storage
 
@@ -217,6 +219,7 @@ def run_engine(h: Harness, plan: Plan, device, storage: str, pad_to, texts: list
         lat, results = time_requests(engine.run, texts)
         reports = [r.report for r in results]
         return {"lat": lat, "peak_model_bytes": max(r.peak_model_bytes for r in reports),
+                "ratio": statistics.median(r.latency_ms / r.predicted_ms for r in reports),
                 "rss_growth_bytes": rss.growth(), "stall": statistics.median(r.stall_ms for r in reports),
                 "guard_rate": sum(bool(r.guard_changes) for r in reports) / len(reports)}
     finally:
@@ -288,7 +291,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
                 target = x * full_ms
                 try:
                     plan = make_plan(device, h.importance, h.store_id, target, int(mem * 1e6), seq_len=plan_len,
-                                     planner=system.split("-")[1], fixed_bytes=h.fixed)
+                                     planner=system.split("-")[1], fixed_bytes=h.fixed, headroom=cfg.headroom)
                 except StiError as exc:
                     rows.append(row(target_x=x, target_ms=target, memory_mb=mem, note=f"infeasible: {exc}"[:300]))
                     continue
@@ -297,7 +300,8 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
                                 latency_median_ms=statistics.median(m["lat"]),
                                 latency_p95_ms=percentile(m["lat"], 95),
                                 hit_rate=sum(v <= target for v in m["lat"]) / len(m["lat"]),
-                                planned_ms=plan.latency_ms, stall_median_ms=m["stall"], guard_rate=m["guard_rate"],
+                                planned_ms=plan.latency_ms, predicted_ratio=m["ratio"],
+                                stall_median_ms=m["stall"], guard_rate=m["guard_rate"],
                                 peak_model_bytes=m["peak_model_bytes"], rss_growth_bytes=m["rss_growth_bytes"],
                                 requests=len(texts)))
         return rows
@@ -423,8 +427,8 @@ def markdown(results: dict) -> str:
                 continue
             lines += [f"## storage {storage}, {mode} lengths", "",
                       "| system | T (x) | T ms | M MB | test acc | OOD acc (tw/am/nyt) | median ms | p95 ms | planned ms "
-                      "| hit rate | guard | peak model MB | RSS growth MB | note |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| measured / predicted | hit rate | guard | peak model MB | RSS growth MB | note |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in sel:
                 a = r["accuracy"] or {}
                 ood = "/".join(_fmt(a.get(k), ".3f") for k in OOD_SETS)
@@ -432,7 +436,8 @@ def markdown(results: dict) -> str:
                     f"| {r['system']} | {_fmt(r['target_x'], 'g')} | {_fmt(r['target_ms'], '.1f')} | "
                     f"{_fmt(r['memory_mb'], 'g')} | {_fmt(a.get('test'), '.4f')} | {ood} | "
                     f"{_fmt(r['latency_median_ms'], '.1f')} | {_fmt(r['latency_p95_ms'], '.1f')} | "
-                    f"{_fmt(r['planned_ms'], '.1f')} | {_fmt(r['hit_rate'], '.0%')} | {_fmt(r['guard_rate'], '.0%')} | "
+                    f"{_fmt(r['planned_ms'], '.1f')} | {_fmt(r.get('predicted_ratio'), '.2f')} | "
+                    f"{_fmt(r['hit_rate'], '.0%')} | {_fmt(r['guard_rate'], '.0%')} | "
                     f"{_fmt(r['peak_model_bytes'] and r['peak_model_bytes'] / 1e6, '.2f')} | "
                     f"{_fmt(r['rss_growth_bytes'] and r['rss_growth_bytes'] / 1e6, '.1f')} | {r['note'][:80]} |")
             lines.append("")

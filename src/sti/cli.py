@@ -168,10 +168,13 @@ def profile_importance(store_dir: Path = typer.Argument(..., help="a store direc
     console.print(f"saved {path}")
 
 
-def _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len):
+HEADROOM_HELP = "share of T the plan keeps back for jitter (the deadline guard spends it)"
+
+
+def _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, headroom):
     from .api import plan
     return plan(store_dir, latency_ms, memory_mb, planner=planner, storage=storage, seq_len=seq_len,
-                log=console.print)
+                log=console.print, headroom=headroom)
 
 
 @app.command()
@@ -181,10 +184,11 @@ def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
          planner: str = typer.Option("joint", help="joint (ours) or paper (STI's two stages)"),
          storage: str = typer.Option("cold", help=STORAGE_HELP),
          seq_len: int = typer.Option(48, help="sequence length to plan for"),
+         headroom: float = typer.Option(0.1, help=HEADROOM_HELP),
          json_out: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
     """Plan which shards to run at which bitwidths, and what to preload."""
     from .planner import explain
-    p = _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len)
+    p = _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, headroom)
     print(p.to_json()) if json_out else console.print(explain(p), highlight=False)
 
 
@@ -196,6 +200,7 @@ def run(store_dir: Path = typer.Argument(..., help="a store directory"),
         planner: str = typer.Option("joint", help="joint (ours) or paper (STI's two stages)"),
         storage: str = typer.Option("cold", help=STORAGE_HELP),
         seq_len: int = typer.Option(48, help="sequence length to plan for"),
+        headroom: float = typer.Option(0.1, help=HEADROOM_HELP),
         guard: bool = typer.Option(True, help="lower bits / skip shards when IO runs late"),
         trace: Optional[Path] = typer.Option(None, help="write a Chrome trace (Perfetto) of the last request"),
         timeline: Optional[Path] = typer.Option(None, help="draw the last request's IO/compute lanes as a PNG"),
@@ -204,7 +209,7 @@ def run(store_dir: Path = typer.Argument(..., help="a store directory"),
     import json
     from .api import open_engine
     with open_engine(store_dir, latency_ms, memory_mb, storage=storage, planner=planner, seq_len=seq_len,
-                     guard=guard, log=console.print) as engine:
+                     guard=guard, log=console.print, headroom=headroom) as engine:
         result = None
         for text in texts:
             result = engine.run(text)

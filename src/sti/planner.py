@@ -50,7 +50,7 @@ import hashlib
 import heapq
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numba
 import numpy as np
@@ -113,12 +113,13 @@ class LayerTiming:
 
 
 def simulate(layers, m: int, bits, preload, device: DeviceProfile,
-             seq_len: int | None = None) -> tuple[LayerTiming, ...]:
+             seq_len: int | None = None, embed_ms: float | None = None) -> tuple[LayerTiming, ...]:
     """The two-lane timeline of a plan. `bits[k][j]` is the bitwidth of shard j of the k-th
-    executed layer; `preload` holds (layer, shard[, bits]) entries."""
+    executed layer; `preload` holds (layer, shard[, bits]) entries. `embed_ms` overrides the
+    embedding read time (a padded request reads only its distinct tokens' rows)."""
     held = {(entry[0], entry[1]) for entry in preload}
     comp = device.compute_ms(m, seq_len)
-    io_clock = device.embed_read_ms(seq_len)
+    io_clock = device.embed_read_ms(seq_len) if embed_ms is None else embed_ms
     due = io_clock                      # layer 0 also needs the embeddings
     out = []
     for k, layer in enumerate(layers):
@@ -1351,12 +1352,20 @@ def _joint_limits(P: _Problem):
 
 def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: str, target_ms: float,
               memory_bytes: float, seq_len: int | None = None, planner: str = "joint", fixed_bytes: int = 0,
-              hidden: float | None = None) -> Plan:
+              hidden: float | None = None, headroom: float = 0.0) -> Plan:
     """Plan a request of `seq_len` tokens to finish within `target_ms` with a preload buffer
     of at most `memory_bytes` (fixed_bytes included). `hidden` (the model's hidden size) is
-    only used for the working-set estimate; by default it is inferred from the fp32 shard size."""
+    only used for the working-set estimate; by default it is inferred from the fp32 shard size.
+    `headroom` (a fraction of T) is kept back: the plan's predicted latency is at most
+    (1 - headroom) * T, and the runtime's deadline guard may spend the rest when IO runs late."""
     if planner not in PLANNERS:
         raise PlanError(f"unknown planner {planner!r}: choose one of {', '.join(PLANNERS)}")
+    headroom = _arg_float(headroom, "headroom")
+    if not 0.0 <= headroom < 1.0:
+        raise PlanError(f"headroom must be a fraction in [0, 1), got {headroom!r}")
+    if headroom > 0.0:
+        return _with_headroom(device, importance, store_id, _arg_float(target_ms, "target_ms"), memory_bytes,
+                              seq_len, planner, fixed_bytes, hidden, headroom)
     P = _Problem(device, importance, store_id, target_ms, memory_bytes, seq_len, fixed_bytes, hidden)
     if planner == "paper":
         best = _paper_search(P) if P.B >= 0 else None
@@ -1372,6 +1381,21 @@ def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: st
         _infeasible(P, planner)
     _, n, m, rows, held = best
     return _assemble(P, planner, n, m, rows, held)
+
+
+def _with_headroom(device, importance, store_id, target_ms, memory_bytes, seq_len, planner, fixed_bytes,
+                   hidden, headroom: float) -> Plan:
+    """A plan for (1 - headroom) * T, carrying T as its target."""
+    try:
+        plan = make_plan(device, importance, store_id, target_ms * (1 - headroom), memory_bytes, seq_len,
+                         planner, fixed_bytes, hidden)
+    except PlanError as exc:
+        if exc.min_target_ms is None:
+            raise
+        least = math.ceil(exc.min_target_ms / (1 - headroom) * 1000) / 1000
+        raise PlanError(f"{exc}; with {headroom:.0%} of T kept as headroom, the smallest feasible T is "
+                        f"{least:.3f} ms", min_target_ms=least, min_memory_bytes=exc.min_memory_bytes) from None
+    return replace(plan, target_ms=float(target_ms))
 
 
 def _infeasible(P: _Problem, planner: str):
