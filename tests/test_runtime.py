@@ -1,5 +1,6 @@
 """The engine against the reference encoder, its memory accounting, guard, faults and load."""
 
+import dataclasses
 import json
 import threading
 
@@ -10,9 +11,10 @@ from sti.encoder import Submodel, encode, head_logits
 from sti.errors import InputError, StiError, StoreError
 from sti.planner import make_plan
 from sti.profiles import DeviceProfile, ImportanceProfile
-from sti.runtime import Engine
+from sti.runtime import Engine, _blob_bytes
 from sti.storage import WarmReader
 from sti.store import Store, build_store
+from sti.weights import ATTN_PARTS
 from tests.conftest import word_tokenizer
 
 TEXTS = ["w1 w2 w3", "w5 w9 w33 w7 w100 w2", "w11", "w4 w4 w4 w4 w90 w3 w8 w8 w1 w2 w3 w4"]
@@ -92,6 +94,23 @@ def test_any_plan_equals_reference_on_its_submodel(tiny_store, planner, target, 
     engine.close()
 
 
+def test_report_predicts_each_request_at_its_own_length(tiny_store):
+    weights, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store)
+    device = dataclasses.replace(device, embed_ms=(0.01, 0.01), compute_coef=(0.05, 0.002, 0.0, 0.0))
+    plan = make_plan(device, importance, store.store_id, 5.0, 10**6, seq_len=16)
+    with Engine(store, plan, device, storage="warm") as engine:
+        ids = engine.tokenizer.encode(["good good film"]).input_ids[0].tolist()
+        r = engine.run("good good film").report
+        # a request as wide as the plan, every token distinct, is predicted as planned
+        assert engine._predicted_ms(plan.seq_len, plan.seq_len) == pytest.approx(plan.latency_ms, rel=1e-9)
+        expected = engine._predicted_ms(len(ids), len(set(ids)))
+    assert r.planned_ms == plan.latency_ms
+    assert len(set(ids)) < len(ids) < plan.seq_len
+    assert r.predicted_ms == pytest.approx(expected, rel=1e-9) and r.predicted_ms < plan.latency_ms
+
+
 def test_plans_differ_across_targets(tiny_store):
     """The test above covers more than one kind of plan."""
     _, path = tiny_store
@@ -148,6 +167,7 @@ def test_deadline_guard_lowers_bits_then_skips_when_io_is_late(tiny_store):
     store_path = path / "store.bin"
     engine, plan = engine_for(path, 1.0, 0, reader=SlowReader(store_path, 0.004), read_ms=0.05, compute_ms=0.2)
     got = engine.run(TEXTS[1])
+    assert engine.bytes.now == engine.resident_bytes and engine.window.used == 0  # all freed
     changes = got.report.guard_changes
     assert changes, "IO ran far behind the profile: the guard must act"
     assert all(new is None or new == 2 for _, _, _, new in changes)
@@ -160,6 +180,34 @@ def test_deadline_guard_lowers_bits_then_skips_when_io_is_late(tiny_store):
     ref = reference_logits(engine.store, got.report, TEXTS[1], engine.tokenizer)
     assert (got.logits - ref).abs().max() < 1e-5
     engine.close()
+
+
+def test_deadline_guard_drops_shards_when_compute_runs_late(tiny_store):
+    # every shard preloaded (no IO to blame) and a profile that claims compute is nearly
+    # free: the compute lane runs late from the first layer and must leave shards out
+    _, path = tiny_store
+    engine, plan = engine_for(path, 0.3, 10**8, read_ms=10.0, compute_ms=0.001)
+    assert len(plan.preload) == plan.n * plan.m and plan.m > 1
+    with engine:
+        got = engine.run(TEXTS[1])
+        assert engine.bytes.now == engine.resident_bytes  # dropped shards hold nothing after
+        ref = reference_logits(engine.store, got.report, TEXTS[1], engine.tokenizer)
+        # a dropped shard the IO lane had already delivered gives back its bytes and window
+        rec = engine.store.shard_record(0, 1, 2)
+        engine.window.acquire(rec.length)
+        engine.bytes.add(rec.length + _blob_bytes(rec, ATTN_PARTS))
+        engine._discard((rec, engine.store.read(rec), None))
+        assert engine.bytes.now == engine.resident_bytes and engine.window.used == 0
+    changes = got.report.guard_changes
+    assert changes and all(new is None for *_, new in changes)
+    ranks = {(s.layer, s.shard): s.rank for steps in engine.steps for s in steps}
+    assert all(ranks[(layer, shard)] > 0 for layer, shard, _, _ in changes)  # never the most important
+    used = {(r.layer, s) for r in got.report.layers for s in r.shard_ids}
+    assert not used & {(layer, shard) for layer, shard, _, _ in changes}
+    assert (got.logits - ref).abs().max() < 1e-5
+    off, _ = engine_for(path, 0.3, 10**8, read_ms=10.0, compute_ms=0.001, guard=False)
+    with off:
+        assert not off.run(TEXTS[1]).report.guard_changes
 
 
 class FailingReader(WarmReader):

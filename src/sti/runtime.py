@@ -11,11 +11,15 @@ Per request, two lanes run side by side (STI.md, key idea 6):
 The preload buffer holds packed, CRC-verified shard records across requests; the compute
 lane decodes a preloaded shard just before using it.
 
-Deadline guard (beyond the paper): before each read, the IO lane predicts when the rest of
-the current layer will be in (at the pace IO has actually run in this request). When that is
-later than the layer's planned start plus the plan's spare time (T - planned latency), the
-answer would miss T: it lowers their bitwidth (least important first), then skips the least
-important ones (never a layer's first shard), and the report lists every change.
+Deadline guard (beyond the paper), on both lanes, against the layer's planned start plus a
+share of the plan's spare time (T - planned latency; plans keep headroom for it):
+  - before each read, the IO lane predicts when the rest of the current layer will be in (at
+    the pace IO has actually run in this request); if that is too late it lowers their
+    bitwidth (least important first), then skips the least important ones;
+  - before each layer, the compute lane checks its own clock (a busy CPU, a slow start); if
+    it is late it leaves out enough of the layer's least important shards to win the time
+    back over the layers still to run.
+Neither ever drops a layer's most important shard, and the report lists every change.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 
 from .encoder import attention_keep, embed, ffn_slice, head_logits, head_output
 from .errors import InputError
-from .planner import Plan
+from .planner import Plan, simulate
 from .profiles import DeviceProfile
 from .store import Record, Store
 from .tokenizer import Tokenizer
@@ -96,7 +100,8 @@ class LayerReport:
 @dataclass
 class Report:
     latency_ms: float = 0.0
-    planned_ms: float = 0.0
+    planned_ms: float = 0.0        # the plan's prediction at its sequence length (plan.seq_len)
+    predicted_ms: float = 0.0      # the same plan's prediction at this request's length
     target_ms: float = 0.0
     tokens: int = 0
     truncated: bool = False
@@ -188,6 +193,7 @@ class _Mailbox:
         self.items: dict = {}
         self.error: BaseException | None = None
         self.cancelled = False
+        self.dropped: set = set()  # (layer, shard) the compute lane no longer wants
 
     def put(self, key, value) -> None:
         with self.cond:
@@ -275,6 +281,7 @@ class Engine:
                        for steps in self.steps for s in steps if not s.preloaded] or [0])
         self.window = Window(max(int(plan.inflight_bytes), 2 * biggest))
         self._lock = threading.Lock()
+        self._predictions: dict[int, float] = {}
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sti-io")
 
     # resident parts: layer records, head, embedding misc, and the preload buffer
@@ -324,7 +331,9 @@ class Engine:
     def _run(self, batch) -> Result:
         rss = _PeakRSS()
         self.bytes.reset_peak()
-        report = Report(planned_ms=self.plan.latency_ms, target_ms=self.plan.target_ms,
+        width, distinct = int(batch.input_ids.shape[1]), len(set(batch.input_ids[0].tolist()))
+        report = Report(planned_ms=self.plan.latency_ms, predicted_ms=self._predicted_ms(width, distinct),
+                        target_ms=self.plan.target_ms,
                         tokens=int(batch.attention_mask.sum()), truncated=batch.truncated[0],
                         preload_bytes=self.preload_bytes,
                         layers=[LayerReport(layer) for layer in self.plan.layers])
@@ -347,6 +356,20 @@ class Engine:
         label = self.config.labels[int(probs.argmax())]
         return Result(label, probs.tolist(), logits[0], report)
 
+    def _predicted_ms(self, width: int, distinct: int) -> float:
+        """The plan's latency for a request `width` tokens wide (padding included) holding
+        `distinct` different tokens (the embedding rows it reads)."""
+        key = (width, distinct)
+        if key not in self._predictions:
+            p, d = self.plan, self.device
+            fixed, per_token = d.embed_ms
+            # profiled as n random words (n pages) + positions 0..n-1 (n/2 pages): per page,
+            # per_token / 1.5; a request reads a page per distinct word and width/2 of positions
+            embed = fixed + per_token * (distinct + width / 2) / 1.5
+            timeline = simulate(p.layers, p.m, p.bits, p.preload, d, width, embed_ms=embed)
+            self._predictions[key] = timeline[-1].compute_end + d.head_ms
+        return self._predictions[key]
+
     # --- the IO lane ---
     def _io_lane(self, ids: torch.Tensor, box: _Mailbox, t0: float, report: Report) -> None:
         now = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
@@ -366,7 +389,7 @@ class Engine:
                         return
                     if self.guard:
                         self._guard(streamed[i:], bits, now(), self.due[pos] + self.spare_ms, pace.slowdown(), report)
-                    if bits[step.shard] is None:
+                    if bits[step.shard] is None or step.shard_key in box.dropped:
                         box.put(step.shard_key, SKIPPED)
                         continue
                     box.put(step.shard_key, self._fetch(step, bits[step.shard], now, report.layers[pos], report, pace))
@@ -457,8 +480,12 @@ class Engine:
         as they have been used, so at most one decoded FFN_PARTS slice exists at a time."""
         c, sh = self.config, self.shared[steps[0].layer]
         lr.start_ms = now()
+        dropped = self._compute_guard(pos, steps, lr.start_ms, x.shape[1], report) if self.guard else set()
+        box.dropped |= {s.shard_key for s in steps if s.shard in dropped}
         held, attn = [], torch.zeros_like(x)
         for step in steps:
+            if step.shard in dropped:
+                continue
             got = self._ready(step, box, now, lr, report)
             if got is None:
                 continue
@@ -487,9 +514,35 @@ class Engine:
             del buf
         x = F.layer_norm(x + out + sh.f_b, (h,), sh.ln2_w, sh.ln2_b, c.layer_norm_eps)
         lr.compute_ms += now() - a
+        for step in steps:
+            if step.shard in dropped and not step.preloaded:
+                self._discard(box.take(step.shard_key))
         lr.end_ms = now()
         report.spans.append(("compute", f"layer {steps[0].layer}", lr.start_ms, lr.end_ms))
         return x
+
+
+    def _compute_guard(self, pos: int, steps: list[Step], now_ms: float, width: int, report: Report) -> set[int]:
+        """Shards of this layer to leave out because the compute lane itself runs late (a
+        busy CPU): enough of the least important ones that, dropped in this and each later
+        layer alike, they win back the lateness. Never a layer's most important shard."""
+        late = now_ms - (self.due[pos] + self.spare_ms) - GUARD_TOLERANCE_MS
+        if late <= 0 or len(steps) < 2:
+            return set()
+        m, layers_left = len(steps), len(self.steps) - pos
+        per_shard = self.device.compute_ms(m, width) - self.device.compute_ms(m - 1, width)
+        count = min(m - 1, math.ceil(late / max(1e-3, per_shard * layers_left)))
+        out = sorted(steps, key=lambda s: -s.rank)[:count]
+        report.guard_changes.extend((s.layer, s.shard, s.bits, None) for s in out)
+        return {s.shard for s in out}
+
+    def _discard(self, got) -> None:
+        """Free a shard the IO lane delivered after the compute lane dropped it."""
+        if got is SKIPPED:
+            return
+        rec, buf, head = got
+        self.bytes.sub(_blob_bytes(rec, ATTN_PARTS) + rec.length)
+        self.window.release(rec.length)
 
 
 SHARD_MATRICES = ("q_w", "k_w", "v_w", "o_w", "i_w", "f_w")
