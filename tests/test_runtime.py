@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -147,6 +148,32 @@ def test_peak_model_bytes_counts_shards_in_flight(tiny_store):
     # after the request only the resident parts remain counted
     assert engine.bytes.now == engine.resident_bytes
     engine.close()
+
+
+def test_decoder_holds_at_most_a_few_heads_ahead_of_compute(tiny_store, monkeypatch):
+    # packed shards and a slow compute lane: the decoder would run far ahead if unbounded
+    import sti.runtime as rt
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store)
+    device = dataclasses.replace(device, shard_read_ms={2: 0.001, 4: 50.0, 32: 50.0})
+    plan = make_plan(device, importance, store.store_id, 2.0, 0, seq_len=16)
+    assert {b for row in plan.bits for b in row} == {2} and not plan.preload
+    real, held = rt.head_output, []
+
+    def slow_head(*args):
+        time.sleep(0.002)
+        held.append(engine.heads.used)
+        return real(*args)
+    monkeypatch.setattr(rt, "head_output", slow_head)
+    with Engine(store, plan, device, storage="warm", guard=False) as engine:
+        got = engine.run(TEXTS[3])
+        head = _blob_bytes(store.shard_record(0, 0, 2), ATTN_PARTS)
+        assert engine.heads.limit == rt.HEADS_AHEAD * head
+        assert max(held) <= rt.HEADS_AHEAD * head and max(held) > head  # bounded, and did run ahead
+        ref = reference_logits(store, got.report, TEXTS[3], engine.tokenizer)
+    assert (got.logits - ref).abs().max() < 1e-5
+    assert any(lane == "decode" for lane, *_ in got.report.spans)
 
 
 class SlowReader(WarmReader):

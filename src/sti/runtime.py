@@ -25,6 +25,7 @@ Neither ever drops a layer's most important shard, and the report lists every ch
 from __future__ import annotations
 
 import math
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,7 @@ from .weights import ATTN_PARTS, FFN_PARTS, Embeddings
 
 GUARD_TOLERANCE_MS = 0.2   # how late the IO lane may run before the guard acts
 GUARD_SHARE = 2 / 3        # share of the plan's spare time (T - planned latency) IO may use
+HEADS_AHEAD = 4            # decoded heads the decoder may hold ahead of the compute lane
 
 
 # --- the schedule: a plan as the engine walks it ---------------------------------------------
@@ -280,9 +282,14 @@ class Engine:
         biggest = max([self.store.shard_record(s.layer, s.shard, s.bits).length
                        for steps in self.steps for s in steps if not s.preloaded] or [0])
         self.window = Window(max(int(plan.inflight_bytes), 2 * biggest))
+        head = max([_blob_bytes(self.store.shard_record(s.layer, s.shard, s.bits), ATTN_PARTS)
+                    for steps in self.steps for s in steps if not s.preloaded] or [0])
+        self.heads = Window(HEADS_AHEAD * head)
         self._lock = threading.Lock()
+        self._report_lock = threading.Lock()
         self._predictions: dict[int, float] = {}
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sti-io")
+        # two IO-side threads: the reader and the decoder (see _read_lane, _decode_lane)
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sti-io")
 
     # resident parts: layer records, head, embedding misc, and the preload buffer
     def _load_resident(self) -> None:
@@ -339,16 +346,22 @@ class Engine:
                         layers=[LayerReport(layer) for layer in self.plan.layers])
         box, t0 = _Mailbox(), time.perf_counter()
         self.window.reset()
-        io = self._io.submit(self._io_lane, batch.input_ids[0], box, t0, report)
+        self.heads.reset()
+        read = queue.SimpleQueue()
+        lanes = [self._io.submit(self._read_lane, batch.input_ids[0], box, read, t0, report),
+                 self._io.submit(self._decode_lane, box, read, t0, report)]
         try:
             logits = self._compute_lane(batch, box, t0, report)
         except BaseException:
             box.cancelled = True
             self.window.cancel()
-            io.exception()  # wait for the IO lane to stop before the next request
+            self.heads.cancel()
+            for lane in lanes:
+                lane.exception()  # wait for the IO side to stop before the next request
             self.bytes.now = self.resident_bytes  # what the failed request held is garbage now
             raise
-        io.result()
+        for lane in lanes:
+            lane.result()
         report.latency_ms = (time.perf_counter() - t0) * 1e3
         report.peak_model_bytes = self.bytes.peak
         report.rss_growth_bytes = rss.growth()
@@ -370,8 +383,14 @@ class Engine:
             self._predictions[key] = timeline[-1].compute_end + d.head_ms
         return self._predictions[key]
 
-    # --- the IO lane ---
-    def _io_lane(self, ids: torch.Tensor, box: _Mailbox, t0: float, report: Report) -> None:
+    # --- the IO lane: a reader and a decoder ---
+    # The reader reads and verifies records in plan order, as far ahead as `window` allows
+    # (packed bytes); the decoder turns each record's head into tensors, at most HEADS_AHEAD
+    # heads ahead of the compute lane (`heads`). Decoding in the reader would hold a whole
+    # layer or two of fp32 heads in memory whenever IO runs ahead; decoding in the compute
+    # lane would put it on the critical path.
+    def _read_lane(self, ids: torch.Tensor, box: _Mailbox, out: queue.SimpleQueue, t0: float,
+                   report: Report) -> None:
         now = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
         try:
             a = now()
@@ -390,29 +409,51 @@ class Engine:
                     if self.guard:
                         self._guard(streamed[i:], bits, now(), self.due[pos] + self.spare_ms, pace.slowdown(), report)
                     if bits[step.shard] is None or step.shard_key in box.dropped:
-                        box.put(step.shard_key, SKIPPED)
+                        out.put((step, SKIPPED))
                         continue
-                    box.put(step.shard_key, self._fetch(step, bits[step.shard], now, report.layers[pos], report, pace))
+                    out.put((step, self._read(step, bits[step.shard], now, report.layers[pos], report, pace)))
         except BaseException as exc:  # the compute lane re-raises it
             box.fail(exc)
+        finally:
+            out.put(None)  # the decoder stops here
 
-    def _fetch(self, step: Step, bits: int, now, lr: LayerReport, report: Report, pace: "_Pace"):
-        """Read and verify one shard and decode its head (the IO lane's part of decoding);
-        its FFN_PARTS slice stays packed until the compute lane needs it."""
+    def _read(self, step: Step, bits: int, now, lr: LayerReport, report: Report, pace: "_Pace"):
+        """Read and verify one shard record (the window bounds the packed bytes in flight)."""
         rec = self.store.shard_record(step.layer, step.shard, bits)
         self.window.acquire(rec.length)
         a = now()
         buf = self.store.read(rec)
         b = now()
-        parts = self.store.decode_parts(rec, buf, ATTN_PARTS)
-        c = now()
-        self.bytes.add(rec.length + _blob_bytes(rec, ATTN_PARTS))
+        self.bytes.add(rec.length)
         lr.io_ms += b - a
-        lr.decode_ms += c - b
-        pace.add(self.device.io_ms(bits), c - a)
+        pace.add(self.device.shard_read_ms[bits], b - a)
         report.spans.append(("io", f"read L{step.layer}.S{step.shard}@{bits}", a, b))
-        report.spans.append(("io", f"decode L{step.layer}.S{step.shard}", b, c))
-        return rec, buf, parts
+        return rec, buf
+
+    def _decode_lane(self, box: _Mailbox, inbox: queue.SimpleQueue, t0: float, report: Report) -> None:
+        now = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
+        try:
+            while (item := inbox.get()) is not None:
+                step, got = item
+                if got is SKIPPED or box.cancelled:
+                    box.put(step.shard_key, SKIPPED)
+                    continue
+                rec, buf = got
+                head_bytes = _blob_bytes(rec, ATTN_PARTS)
+                self.heads.acquire(head_bytes)
+                a = now()
+                parts = self.store.decode_parts(rec, buf, ATTN_PARTS)
+                b = now()
+                self.bytes.add(head_bytes)
+                self._add_decode(report.layers[step.pos], b - a)
+                report.spans.append(("decode", f"decode L{step.layer}.S{step.shard}", a, b))
+                box.put(step.shard_key, (rec, buf, parts))
+        except BaseException as exc:
+            box.fail(exc)
+
+    def _add_decode(self, lr: LayerReport, ms: float) -> None:
+        with self._report_lock:  # the decoder and the compute lane (preloaded shards) both add
+            lr.decode_ms += ms
 
     def _guard(self, remaining: list[Step], bits: dict, now_ms: float, due_ms: float,
                slow: float, report: Report) -> None:
@@ -463,7 +504,7 @@ class Engine:
             a = now()
             parts = self.store.decode_parts(rec, buf, ATTN_PARTS)
             self.bytes.add(_blob_bytes(rec, ATTN_PARTS))
-            lr.decode_ms += now() - a
+            self._add_decode(lr, now() - a)
             return rec, buf, parts
         a = now()
         got = box.take(step.shard_key)
@@ -494,6 +535,8 @@ class Engine:
             attn += head_output(x, keep, head, c.head_dim)
             del head
             self.bytes.sub(_blob_bytes(rec, ATTN_PARTS))
+            if not step.preloaded:
+                self.heads.release(_blob_bytes(rec, ATTN_PARTS))
             held.append((step, rec, buf))
             lr.compute_ms += now() - a
             lr.shard_ids.append(step.shard)
@@ -542,6 +585,7 @@ class Engine:
             return
         rec, buf, head = got
         self.bytes.sub(_blob_bytes(rec, ATTN_PARTS) + rec.length)
+        self.heads.release(_blob_bytes(rec, ATTN_PARTS))
         self.window.release(rec.length)
 
 

@@ -1,7 +1,8 @@
 """Traces of one request: a Chrome trace (open it in Perfetto) and a timeline picture.
 
 Both are drawn from the spans the engine records in its report: (lane, name, start_ms, end_ms)
-with lane "io" (embedding rows, shard reads, decodes) or "compute" (layers, waits).
+with lane "io" (embedding rows, shard reads), "decode" (shard heads) or "compute" (layers,
+waits).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-LANES = {"io": 1, "compute": 2}
+LANES = {"io": 1, "decode": 2, "compute": 3}
+ROWS = {"compute": 0, "decode": 1, "io": 2}  # rows of the timeline picture, bottom up
 COLOURS = {"read": "#4c72b0", "decode": "#8172b2", "embedding": "#64b5cd",
            "layer": "#55a868", "wait": "#c44e52"}
 
@@ -57,21 +59,21 @@ def _colour(name: str) -> str:
 
 
 def draw_timeline(report, path: str | Path, title: str = "") -> Path:
-    """Draw the IO and compute lanes of one request as a PNG (atomically)."""
+    """Draw the IO (read), decode and compute lanes of one request as a PNG (atomically)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig, ax = plt.subplots(figsize=(11, 2.8))
+    fig, ax = plt.subplots(figsize=(11, 3.2))
     for lane, name, start, end in report.spans:
-        y = {"io": 1, "compute": 0}.get(lane, 2)
+        y = ROWS.get(lane, len(ROWS))
         ax.broken_barh([(start, max(end - start, 0.01))], (y - 0.35, 0.7), color=_colour(name),
                        edgecolor="white", linewidth=0.3)
     ax.axvline(report.target_ms, color="black", linestyle="--", linewidth=1)
-    ax.text(report.target_ms, 1.55, f" T = {report.target_ms:.1f} ms", fontsize=8, va="center")
-    ax.set_yticks([0, 1], ["compute", "IO"])
-    ax.set_ylim(-0.6, 1.8)
+    ax.text(report.target_ms, len(ROWS) - 0.45, f" T = {report.target_ms:.1f} ms", fontsize=8, va="center")
+    ax.set_yticks(list(ROWS.values()), ["compute", "decode", "IO (read)"])
+    ax.set_ylim(-0.6, len(ROWS) - 0.2)
     ax.set_xlabel("ms since the request arrived")
     ax.set_title(title or f"one request: {report.latency_ms:.1f} ms (planned {report.planned_ms:.1f} ms), "
                  f"stall {report.stall_ms:.1f} ms, {report.tokens} tokens", fontsize=9)
