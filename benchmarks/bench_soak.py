@@ -42,7 +42,7 @@ import numpy as np
 import psutil
 import torch
 
-from sti.api import device_profile, importance_profile, resident_bytes
+from sti.api import DEFAULT_HEADROOM, device_profile, importance_profile, resident_bytes
 from sti.config import PRESETS
 from sti.planner import Plan, make_plan
 from sti.profile_device import measure_device
@@ -240,7 +240,7 @@ def main() -> int:
             importance = importance_profile(store_path, "degrade", measure=False)
             with Store(store_path) as s:
                 plan = make_plan(device, importance, s.store_id, args.latency_ms, int(args.memory_mb * 1e6),
-                                 seq_len=48, fixed_bytes=resident_bytes(s))
+                                 seq_len=48, fixed_bytes=resident_bytes(s), headroom=DEFAULT_HEADROOM)
             soak_engine = lambda: Engine(Store(store_path, args.storage), plan, device, storage=args.storage)  # noqa: E731
             results["setup"] = {"store": str(store_path), "storage": args.storage, "target_ms": args.latency_ms,
                                 "memory_mb": args.memory_mb, "guard": True}

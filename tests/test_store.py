@@ -268,7 +268,7 @@ def test_fuzzed_manifest_gives_only_store_errors(built, tmp_path_factory, muts, 
         try:
             for key in p[:-1]:
                 target = target[key]
-            target[p[-1]] = value
+            target[p[-1]] = json.loads(json.dumps(value))  # a copy: hypothesis may reuse one {}
         except (KeyError, IndexError, TypeError):
             continue
     if reseal:  # also get past the store_id check, to reach the deeper validation
