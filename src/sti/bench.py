@@ -362,12 +362,17 @@ def full_compute_ms(weights, tokenizer: Tokenizer, texts: list[str], pad_to: int
     return statistics.median(run_reference(tokenizer, lambda: (weights, 0), texts, pad_to)["lat"])
 
 
-def run_bench(store_dir, model_dir, cfg: BenchConfig | None = None, log=print, progress=None) -> dict:
-    """Run the benchmark; returns {"config", "conditions", "rows"}."""
+def run_bench(store_dir, model_dir, cfg: BenchConfig | None = None, log=print, progress=None,
+              checkpoint=None) -> dict:
+    """Run the benchmark; returns {"config", "conditions", "rows"}. `checkpoint(results)`, if
+    given, receives the results so far (marked partial) after every step."""
     cfg = cfg or BenchConfig()
     unknown = [s for s in cfg.systems if s not in SYSTEMS]
     if unknown:
         raise InputError(f"unknown systems {unknown}: choose from {', '.join(SYSTEMS)}")
+    unknown = [m for m in cfg.seq_modes if m not in SEQ_MODES]
+    if unknown:
+        raise InputError(f"unknown length modes {unknown}: choose from {', '.join(SEQ_MODES)}")
     h = Harness(store_dir, model_dir, cfg, log)
     units = {}
     steps = [(st, sm, sys) for st in cfg.storages for sm in cfg.seq_modes for sys in cfg.systems]
@@ -378,6 +383,9 @@ def run_bench(store_dir, model_dir, cfg: BenchConfig | None = None, log=print, p
         t0 = time.perf_counter()
         h.rows.extend(measure_point(h, system, storage, seq_mode, units[seq_mode]))
         log(f"[{i + 1}/{len(steps)}] {system} / {storage} / {seq_mode}: {time.perf_counter() - t0:.0f} s")
+        if checkpoint is not None:
+            checkpoint({"config": asdict(cfg), "conditions": conditions(h, units), "partial": True,
+                        "rows": [asdict(r) for r in h.rows]})
         if progress is not None and progress(i + 1, len(steps)) is False:
             break
     return {"config": asdict(cfg), "conditions": conditions(h, units), "rows": [asdict(r) for r in h.rows]}

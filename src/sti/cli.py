@@ -6,6 +6,7 @@ exits with 130 and no traceback.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import StiError
+from .errors import InputError, StiError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sti: run BERT-family models within a latency target by streaming weight shards.")
@@ -241,21 +242,41 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
           quick: bool = typer.Option(False, help="the demo's short sweep instead of the full one"),
           systems: Optional[str] = typer.Option(None, help="comma-separated subset of systems"),
           storages: Optional[str] = typer.Option(None, help="comma-separated storages (cold, emulate:..., skew3.6)"),
+          seq_modes: Optional[str] = typer.Option(None, help="comma-separated length modes (own, pad128)"),
+          targets_x: Optional[str] = typer.Option(None, help="comma-separated T as multiples of the full model's time"),
+          memories_mb: Optional[str] = typer.Option(None, help="comma-separated preload budgets M in MB"),
           requests: Optional[int] = typer.Option(None, help="latency sample size per point")) -> None:
     """Measure sti against the baselines and peers: accuracy, latency, deadline hits, memory."""
     from dataclasses import replace
-    from .bench import BenchConfig, markdown, run_bench, write_outputs
+    from .bench import BenchConfig, markdown, run_bench, save_results, write_outputs
     cfg = BenchConfig.quick() if quick else BenchConfig()
     if systems:
         cfg = replace(cfg, systems=tuple(s.strip() for s in systems.split(",")))
     if storages:
         cfg = replace(cfg, storages=tuple(s.strip() for s in storages.split(",")))
+    if seq_modes:
+        cfg = replace(cfg, seq_modes=tuple(s.strip() for s in seq_modes.split(",")))
+    if targets_x:
+        cfg = replace(cfg, targets_x=_numbers(targets_x, "--targets-x"))
+    if memories_mb:
+        cfg = replace(cfg, memories_mb=_numbers(memories_mb, "--memories-mb"))
     if requests:
         cfg = replace(cfg, requests=requests)
-    results = run_bench(store_dir, model_dir, cfg, log=console.print)
+    # results.json is rewritten after every step, so an interrupted sweep keeps what it measured
+    results = run_bench(store_dir, model_dir, cfg, log=console.print, checkpoint=lambda r: save_results(r, out))
     paths = write_outputs(results, out)
     console.print(markdown(results), highlight=False)
     console.print("wrote " + ", ".join(map(str, paths)))
+
+
+def _numbers(text: str, option: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"{option}: expected positive numbers, got {text!r}")
+    return values
 
 
 @app.command()
