@@ -141,6 +141,18 @@ def test_headroom_plans_for_a_share_of_T_and_keeps_T_as_the_target():
             hand(200, 250, "joint", headroom=bad)
 
 
+def test_embed_tokens_plans_the_embedding_read_for_fewer_rows_than_seq_len():
+    dev = device(embed=(1.0, 0.5), seq_len=8)
+    full = make_plan(dev, HAND_IMP, STORE, 1000, 250, seq_len=8, planner="joint")
+    fewer = make_plan(dev, HAND_IMP, STORE, 1000, 250, seq_len=8, planner="joint", embed_tokens=2)
+    assert full.embed_ms == 5.0 and fewer.embed_ms == 2.0
+    assert fewer.latency_ms <= full.latency_ms - 3.0 + 1e-9
+    assert Plan.from_json(fewer.to_json()) == fewer
+    for bad in (0, 9, 2.5, True):
+        with pytest.raises(PlanError, match="embed_tokens"):
+            make_plan(dev, HAND_IMP, STORE, 1000, 250, seq_len=8, embed_tokens=bad)
+
+
 def test_fixed_bytes_change_the_paper_pick():
     # with 100 fixed bytes, M = 250 leaves 150 for the preload: (3,2) and (2,2) need 200,
     # so the paper planner falls back to (3,1), whose first layer needs 100.

@@ -291,7 +291,8 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
                 target = x * full_ms
                 try:
                     plan = make_plan(device, h.importance, h.store_id, target, int(mem * 1e6), seq_len=plan_len,
-                                     planner=system.split("-")[1], fixed_bytes=h.fixed, headroom=cfg.headroom)
+                                     planner=system.split("-")[1], fixed_bytes=h.fixed, headroom=cfg.headroom,
+                                     embed_tokens=min(plan_len, cfg.plan_len_own))
                 except StiError as exc:
                     rows.append(row(target_x=x, target_ms=target, memory_mb=mem, note=f"infeasible: {exc}"[:300]))
                     continue

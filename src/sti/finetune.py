@@ -8,8 +8,9 @@ Three steps (DynaBERT-style, see STI.md key idea 3):
      learn from the teacher by distillation (soft logits + hidden states of the kept
      layers) plus the task loss. Running all 16 submodels on every batch would cost about
      7.5 full passes per step, too slow for two cores, so each step uses the "sandwich
-     rule" of slimmable networks: the largest, the smallest and `samples` random
-     submodels of the grid.
+     rule" of slimmable networks: the largest, the smallest, the shallowest at full
+     width (the depth-only corner, which random sampling visits too rarely to keep
+     within 4 points of the full model) and `samples` random submodels of the rest.
 
 The teacher is cached on its own, so an interrupted run restarts at step 3. Outputs are
 written atomically (a temporary directory renamed into place).
@@ -51,7 +52,7 @@ class FinetuneConfig:
     teacher_lr: float = 5e-5
     elastic_epochs: float = 2.0
     elastic_lr: float = 3e-5
-    samples: int = 2              # random submodels per step, besides largest and smallest
+    samples: int = 1              # random submodels per step, besides the ANCHORS
     hidden_weight: float = 1.0
     task_weight: float = 1.0
     dropout: float = 0.1
@@ -63,7 +64,7 @@ class FinetuneConfig:
         if name == "full":
             return FinetuneConfig()
         if name == "quick":
-            return FinetuneConfig(preset="quick", teacher_epochs=1.0, elastic_epochs=0.5,
+            return FinetuneConfig(preset="quick", teacher_epochs=0.6, elastic_epochs=0.4,
                                   samples=1, max_length=48)
         from .errors import InputError
         raise InputError(f"unknown preset {name!r}: choose 'full' or 'quick'")
@@ -71,6 +72,10 @@ class FinetuneConfig:
 
 def default_model_dir(preset: str = "full") -> Path:
     return sti_home() / "models" / f"minilm-l6-rt-elastic-{preset}"
+
+
+# Trained on every step: the full model, the smallest, and the shallowest at full width.
+ANCHORS = ((max(DEPTHS), max(WIDTHS)), (min(DEPTHS), min(WIDTHS)), (min(DEPTHS), max(WIDTHS)))
 
 
 def grid() -> list[tuple[int, int]]:
@@ -143,7 +148,7 @@ def train_elastic(student: ModelWeights, teacher: ModelWeights, tokenizer, train
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.elastic_lr, weight_decay=0.01)
     total = math.ceil(cfg.elastic_epochs * len(train) / cfg.batch_size)
-    cells = grid()
+    cells = [cell for cell in grid() if cell not in ANCHORS]
     with _progress() as bar:
         task = bar.add_task("elastic", total=total, loss=float("nan"))
         for step, (batch, labels) in enumerate(_steps(train, tokenizer, cfg, cfg.elastic_epochs, rng)):
@@ -151,7 +156,7 @@ def train_elastic(student: ModelWeights, teacher: ModelWeights, tokenizer, train
             with torch.no_grad():
                 t_hidden = encode(teacher, batch.input_ids, batch.attention_mask, all_hidden=True)
                 t_logits = head_logits(teacher.head, t_hidden[-1], batch.attention_mask)
-            chosen = [(max(DEPTHS), max(WIDTHS)), (min(DEPTHS), min(WIDTHS))] + rng.sample(cells, cfg.samples)
+            chosen = list(ANCHORS) + rng.sample(cells, cfg.samples)
             opt.zero_grad(set_to_none=True)
             total_loss = 0.0
             for n, m in chosen:

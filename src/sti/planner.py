@@ -391,7 +391,8 @@ def _short(v) -> str:
 class _Problem:
     """The inputs of one planning request, checked, with the tables the planners use."""
 
-    def __init__(self, device, importance, store_id, target_ms, memory_bytes, seq_len, fixed_bytes, hidden):
+    def __init__(self, device, importance, store_id, target_ms, memory_bytes, seq_len, fixed_bytes, hidden,
+                 embed_tokens=None):
         if not isinstance(device, DeviceProfile) or not isinstance(importance, ImportanceProfile):
             raise PlanError("make_plan needs a DeviceProfile and an ImportanceProfile")
         if not isinstance(store_id, str) or not store_id:
@@ -441,7 +442,10 @@ class _Problem:
         self.err = {b: _arg_float(importance.bits_error[b], f"importance bits_error[{b}]") for b in self.bits}
         if min(self.io.values()) < 0 or min(self.nbytes.values()) < 0 or min(self.err.values()) < 0:
             raise PlanError("profiles: IO times, shard bytes and bit errors must be >= 0")
-        self.E = _arg_float(device.embed_read_ms(seq_len), "device embed_read_ms")
+        if embed_tokens is not None and (isinstance(embed_tokens, bool) or not isinstance(embed_tokens, int)
+                                         or not 1 <= embed_tokens <= seq_len):
+            raise PlanError(f"embed_tokens must be an integer in 1..seq_len ({seq_len}), got {embed_tokens!r}")
+        self.E = _arg_float(device.embed_read_ms(embed_tokens or seq_len), "device embed_read_ms")
         self.head = _arg_float(device.head_ms, "device head_ms")
         if self.E < 0 or self.head < 0:
             raise PlanError("device profile: embedding read and head times must be >= 0")
@@ -548,7 +552,7 @@ def _assemble(P: _Problem, planner: str, n: int, m: int, bits, held: dict) -> Pl
     layers = P.layers(n)
     bits = tuple(tuple(int(b) for b in row) for row in bits)
     preload = tuple(sorted((layer, j, int(b)) for (layer, j), b in held.items()))
-    timeline = simulate(layers, m, bits, preload, P.device, P.L)
+    timeline = simulate(layers, m, bits, preload, P.device, P.L, embed_ms=P.E)
     latency = timeline[-1].compute_end + P.head
     preload_bytes = float(sum(P.nbytes[b] for _, _, b in preload))
     streamed = [sum(P.nbytes[b] for j, b in enumerate(row) if (layer, j) not in held)
@@ -1352,12 +1356,14 @@ def _joint_limits(P: _Problem):
 
 def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: str, target_ms: float,
               memory_bytes: float, seq_len: int | None = None, planner: str = "joint", fixed_bytes: int = 0,
-              hidden: float | None = None, headroom: float = 0.0) -> Plan:
+              hidden: float | None = None, headroom: float = 0.0, embed_tokens: int | None = None) -> Plan:
     """Plan a request of `seq_len` tokens to finish within `target_ms` with a preload buffer
     of at most `memory_bytes` (fixed_bytes included). `hidden` (the model's hidden size) is
     only used for the working-set estimate; by default it is inferred from the fp32 shard size.
     `headroom` (a fraction of T) is kept back: the plan's predicted latency is at most
-    (1 - headroom) * T, and the runtime's deadline guard may spend the rest when IO runs late."""
+    (1 - headroom) * T, and the runtime's deadline guard may spend the rest when IO runs late.
+    `embed_tokens` (default seq_len) is how many distinct tokens' embedding rows to plan to
+    read: a request padded to seq_len reads only its own tokens' rows."""
     if planner not in PLANNERS:
         raise PlanError(f"unknown planner {planner!r}: choose one of {', '.join(PLANNERS)}")
     headroom = _arg_float(headroom, "headroom")
@@ -1365,8 +1371,8 @@ def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: st
         raise PlanError(f"headroom must be a fraction in [0, 1), got {headroom!r}")
     if headroom > 0.0:
         return _with_headroom(device, importance, store_id, _arg_float(target_ms, "target_ms"), memory_bytes,
-                              seq_len, planner, fixed_bytes, hidden, headroom)
-    P = _Problem(device, importance, store_id, target_ms, memory_bytes, seq_len, fixed_bytes, hidden)
+                              seq_len, planner, fixed_bytes, hidden, headroom, embed_tokens)
+    P = _Problem(device, importance, store_id, target_ms, memory_bytes, seq_len, fixed_bytes, hidden, embed_tokens)
     if planner == "paper":
         best = _paper_search(P) if P.B >= 0 else None
     else:
@@ -1384,11 +1390,11 @@ def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: st
 
 
 def _with_headroom(device, importance, store_id, target_ms, memory_bytes, seq_len, planner, fixed_bytes,
-                   hidden, headroom: float) -> Plan:
+                   hidden, headroom: float, embed_tokens) -> Plan:
     """A plan for (1 - headroom) * T, carrying T as its target."""
     try:
         plan = make_plan(device, importance, store_id, target_ms * (1 - headroom), memory_bytes, seq_len,
-                         planner, fixed_bytes, hidden)
+                         planner, fixed_bytes, hidden, embed_tokens=embed_tokens)
     except PlanError as exc:
         if exc.min_target_ms is None:
             raise

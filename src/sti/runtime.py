@@ -70,7 +70,7 @@ def schedule(plan: Plan, device: DeviceProfile) -> tuple[list[list[Step]], list[
     """The plan's shards per layer, in IO order, with the time each should be ready, and
     each layer's due time (its planned compute start)."""
     preload = {(layer, shard) for layer, shard, _ in plan.preload}
-    clock = device.embed_read_ms(plan.seq_len)
+    clock = plan.embed_ms
     layers, due = [], []
     for pos, (layer, shards, bits) in enumerate(zip(plan.layers, plan.shards, plan.bits)):
         steps = []
