@@ -27,7 +27,7 @@ Accuracy is not applicable: the weights are random.
     .venv/bin/python benchmarks/bench_scale.py                 # bert-base and bert-large
     .venv/bin/python benchmarks/bench_scale.py --presets bert-base --storage cold --targets-x 1,2
 
-Writes benchmarks/results/scale.json (--smoke: scale-smoke.json) after each preset, so an
+Writes benchmarks/results/scale.json (--smoke: scale-smoke.json) after every point, so an
 interrupted run keeps what it has.
 The first run per preset builds the store (BERT-large: a 1.3 GB fp32 model, a store of about
 2.4 GB) and measures the device profile.
@@ -186,7 +186,10 @@ def measure_point(store_dir: Path, storage: str, device, plan_for, texts: list[s
         return row | {"note": f"infeasible: {exc}", "min_target_ms": exc.min_target_ms,
                       "min_target_x": exc.min_target_ms and exc.min_target_ms / unit_ms,
                       "min_memory_mb": exc.min_memory_bytes and exc.min_memory_bytes / 1e6}
-    m = run_engine(store_dir, plan, device, storage, texts)
+    try:
+        m = run_engine(store_dir, plan, device, storage, texts)
+    except StiError as exc:  # a point that fails is a row that says why, not a lost preset
+        return row | {"n": plan.n, "m": plan.m, "note": f"failed: {exc}"}
     return row | {"n": plan.n, "m": plan.m, "bits": [list(b) for b in plan.bits], "preload_shards": len(plan.preload),
                   "preload_bytes": m["preload_bytes"], "planned_ms": plan.latency_ms,
                   "latency_median_ms": statistics.median(m["lat"]), "latency_p95_ms": percentile(m["lat"], 95),
@@ -235,8 +238,9 @@ def run_preset(preset: str, args, model_dir: Path, vocab: int, texts: list[str],
         t0 = time.perf_counter()
         row = measure_point(store_dir, args.storage, device, plan_for, texts, x, unit, pct, fp32)
         out["rows"].append(row)
+        write_json(results, args.out)  # after every point: an interrupted run keeps what it has
         what = (f"n x m {row['n']} x {row['m']}, median {row['latency_median_ms']:.1f} ms, "
-                f"hit {row['hit_rate']:.0%}") if "n" in row else "infeasible"
+                f"hit {row['hit_rate']:.0%}") if "hit_rate" in row else row["note"][:80]
         log(f"[{i}/{len(points)}] {preset} T {x:g}x M {pct:g}%: {what} ({time.perf_counter() - t0:.0f} s)")
     return out
 

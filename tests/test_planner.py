@@ -135,6 +135,10 @@ def test_headroom_plans_for_a_share_of_T_and_keeps_T_as_the_target():
     with pytest.raises(PlanError) as e:
         hand(90, 0, "joint", headroom=0.2)
     assert e.value.min_target_ms == pytest.approx(100.0)
+    assert str(e.value).startswith("no joint plan meets T = 90 ms (20% of it kept as headroom)")
+    assert "smallest feasible T for this M is 100.000 ms" in str(e.value) and "80.000" not in str(e.value)
+    with pytest.raises(PlanError, match="target_ms"):
+        hand(2e9, 250, "joint", headroom=0.6)  # checked before the headroom scales it into range
     assert hand(100, 0, "joint", headroom=0.2).latency_ms <= 80.0 + 1e-9
     for bad in (-0.1, 1.0, float("nan"), "x"):
         with pytest.raises(PlanError, match="headroom"):

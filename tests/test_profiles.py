@@ -139,3 +139,16 @@ def test_background_load_runs_beside_a_measurement_and_stops(tiny_weights, tmp_p
     assert seen == [True, True]
     with pytest.raises(ZeroDivisionError), Background(lambda: 1 / 0):
         time.sleep(0.01)  # a failing load is not swallowed
+
+
+@pytest.mark.parametrize("r", [1, 2, 5])
+def test_embedding_read_model_for_padded_requests(r):
+    d = device(embed_ms=(0.5, 0.1))
+    for n in (1, 7, 48, 128):  # unpadded: every token distinct, as profiled
+        assert d.embed_rows_ms(n, n, r) == pytest.approx(d.embed_read_ms(n))
+        assert d.embed_tokens(n, n, r) == n
+    for width, distinct in ((128, 20), (128, 48), (64, 3)):
+        e = d.embed_tokens(width, distinct, r)
+        assert distinct <= e <= width  # fewer rows than the padded width, never fewer than read
+        assert d.embed_read_ms(e) >= d.embed_rows_ms(width, distinct, r) - 1e-9
+        assert d.embed_read_ms(e - 1) < d.embed_rows_ms(width, distinct, r)

@@ -237,6 +237,24 @@ def test_deadline_guard_drops_shards_when_compute_runs_late(tiny_store):
         assert not off.run(TEXTS[1]).report.guard_changes
 
 
+def test_compute_guard_on_streamed_shards_frees_them_and_stays_exact(tiny_store):
+    # nothing preloaded and a profile claiming near-free compute: the compute lane runs late
+    # and drops streamed shards, some before the reader reaches them, some after
+    _, path = tiny_store
+    engine, plan = engine_for(path, 0.3, 0, read_ms=0.001, compute_ms=0.001)
+    assert not plan.preload and plan.m > 1
+    with engine:
+        for text in TEXTS:
+            got = engine.run(text)
+            assert engine.bytes.now == engine.resident_bytes
+            assert engine.window.used == 0 and engine.heads.used == 0
+            dropped = {(layer, shard) for layer, shard, _, new in got.report.guard_changes if new is None}
+            used = {(r.layer, s) for r in got.report.layers for s in r.shard_ids}
+            assert dropped and not dropped & used
+            ref = reference_logits(engine.store, got.report, text, engine.tokenizer)
+            assert (got.logits - ref).abs().max() < 1e-5
+
+
 class FailingReader(WarmReader):
     def __init__(self, path, fail_on):
         super().__init__(path)
@@ -257,7 +275,9 @@ def test_io_error_fails_one_request_and_the_next_succeeds(tiny_store):
     reader.fail_on = reader.calls + 5
     with pytest.raises(StiError, match="injected"):
         engine.run(TEXTS[0])
+    assert engine.bytes.now == engine.resident_bytes
     assert (engine.run(TEXTS[0]).logits - good).abs().max() == 0
+    assert engine.window.used == 0 and engine.heads.used == 0
     engine.close()
 
 

@@ -152,6 +152,7 @@ class Harness:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         with Store(store_dir) as s:
             self.config, self.store_id = s.config, s.store_id
+            self.rows_per_block = s.tables["position"][1]
             self.fixed = api.resident_bytes(s)
             self.weights32 = s.load_model(32)
         self.tokenizer = Tokenizer(store_dir)
@@ -292,7 +293,8 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
                 try:
                     plan = make_plan(device, h.importance, h.store_id, target, int(mem * 1e6), seq_len=plan_len,
                                      planner=system.split("-")[1], fixed_bytes=h.fixed, headroom=cfg.headroom,
-                                     embed_tokens=min(plan_len, cfg.plan_len_own))
+                                     embed_tokens=device.embed_tokens(plan_len, min(plan_len, cfg.plan_len_own),
+                                                                       h.rows_per_block))
                 except StiError as exc:
                     rows.append(row(target_x=x, target_ms=target, memory_mb=mem, note=f"infeasible: {exc}"[:300]))
                     continue
@@ -405,9 +407,13 @@ def save_results(results: dict, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".results.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=1, default=float)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 

@@ -1391,16 +1391,24 @@ def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: st
 
 def _with_headroom(device, importance, store_id, target_ms, memory_bytes, seq_len, planner, fixed_bytes,
                    hidden, headroom: float, embed_tokens) -> Plan:
-    """A plan for (1 - headroom) * T, carrying T as its target."""
+    """A plan for (1 - headroom) * T, carrying T as its target; an impossible request is
+    reported in the caller's terms (T, and the smallest T once the headroom is added back)."""
+    if not 0 < target_ms <= MAX_MS:
+        raise PlanError(f"target_ms must be > 0 and at most {MAX_MS:g}, got {target_ms!r}")
     try:
         plan = make_plan(device, importance, store_id, target_ms * (1 - headroom), memory_bytes, seq_len,
                          planner, fixed_bytes, hidden, embed_tokens=embed_tokens)
     except PlanError as exc:
-        if exc.min_target_ms is None:
+        if exc.min_target_ms is None and exc.min_memory_bytes is None:
             raise
-        least = math.ceil(exc.min_target_ms / (1 - headroom) * 1000) / 1000
-        raise PlanError(f"{exc}; with {headroom:.0%} of T kept as headroom, the smallest feasible T is "
-                        f"{least:.3f} ms", min_target_ms=least, min_memory_bytes=exc.min_memory_bytes) from None
+        least = None if exc.min_target_ms is None else math.ceil(exc.min_target_ms / (1 - headroom) * 1000) / 1000
+        parts = [f"no {planner} plan meets T = {target_ms:g} ms ({headroom:.0%} of it kept as headroom) "
+                 f"with M = {int(memory_bytes)} bytes"]
+        parts.append(f"the smallest feasible T for this M is {least:.3f} ms" if least is not None
+                     else "no T is feasible with this M")
+        if exc.min_memory_bytes is not None:
+            parts.append(f"the smallest feasible M for this T is {exc.min_memory_bytes} bytes")
+        raise PlanError("; ".join(parts), min_target_ms=least, min_memory_bytes=exc.min_memory_bytes) from None
     return replace(plan, target_ms=float(target_ms))
 
 

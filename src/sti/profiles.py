@@ -89,6 +89,20 @@ class DeviceProfile:
         fixed, per_token = self.embed_ms
         return fixed + per_token * (seq_len or self.seq_len)
 
+    def embed_rows_ms(self, width: int, distinct: int, rows_per_block: int) -> float:
+        """Reading the rows of `distinct` words and of positions 0..width-1 when a store page
+        holds `rows_per_block` rows. The profile timed n random words and n positions, about
+        n (1 + 1/r) pages, so a page costs per_token / (1 + 1/r); positions are contiguous
+        (width / r pages), a padded request's words are its distinct tokens."""
+        fixed, per_token = self.embed_ms
+        r = max(1, rows_per_block)
+        return fixed + per_token * (distinct + width / r) / (1 + 1 / r)
+
+    def embed_tokens(self, width: int, distinct: int, rows_per_block: int) -> int:
+        """The token count whose `embed_read_ms` covers `embed_rows_ms(width, distinct, r)`."""
+        r = max(1, rows_per_block)
+        return min(width, math.ceil((distinct + width / r) / (1 + 1 / r) - 1e-9))
+
     @property
     def bits(self) -> tuple[int, ...]:
         return tuple(sorted(self.shard_read_ms))

@@ -196,6 +196,7 @@ class _Mailbox:
         self.error: BaseException | None = None
         self.cancelled = False
         self.dropped: set = set()  # (layer, shard) the compute lane no longer wants
+        self.skipped: set = set()  # (layer, shard) the IO lane's guard skipped
 
     def put(self, key, value) -> None:
         with self.cond:
@@ -287,7 +288,8 @@ class Engine:
         self.heads = Window(HEADS_AHEAD * head)
         self._lock = threading.Lock()
         self._report_lock = threading.Lock()
-        self._predictions: dict[int, float] = {}
+        self._predictions: dict[tuple[int, int], float] = {}
+        self.rows_per_block = self.store.tables["position"][1]
         # two IO-side threads: the reader and the decoder (see _read_lane, _decode_lane)
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sti-io")
 
@@ -375,10 +377,7 @@ class Engine:
         key = (width, distinct)
         if key not in self._predictions:
             p, d = self.plan, self.device
-            fixed, per_token = d.embed_ms
-            # profiled as n random words (n pages) + positions 0..n-1 (n/2 pages): per page,
-            # per_token / 1.5; a request reads a page per distinct word and width/2 of positions
-            embed = fixed + per_token * (distinct + width / 2) / 1.5
+            embed = d.embed_rows_ms(width, distinct, self.rows_per_block)
             timeline = simulate(p.layers, p.m, p.bits, p.preload, d, width, embed_ms=embed)
             self._predictions[key] = timeline[-1].compute_end + d.head_ms
         return self._predictions[key]
@@ -399,15 +398,20 @@ class Engine:
             report.spans.append(("io", "embedding rows", a, now()))
             box.put("embed", (words, position))
             pace = _Pace()
-            pace.add(self.device.embed_read_ms(len(ids)), now() - a)
+            distinct = len(set(ids.tolist()))
+            pace.add(self.device.embed_rows_ms(len(ids), distinct, self.rows_per_block), now() - a)
             for pos, steps in enumerate(self.steps):
                 streamed = [s for s in steps if not s.preloaded]
                 bits = {s.shard: s.bits for s in streamed}
                 for i, step in enumerate(streamed):
                     if box.cancelled:
                         return
+                    for s in streamed[i:]:  # what the compute lane dropped needs no IO
+                        if s.shard_key in box.dropped:
+                            bits[s.shard] = None
                     if self.guard:
                         self._guard(streamed[i:], bits, now(), self.due[pos] + self.spare_ms, pace.slowdown(), report)
+                        box.skipped |= {s.shard_key for s in streamed[i:] if bits[s.shard] is None}
                     if bits[step.shard] is None or step.shard_key in box.dropped:
                         out.put((step, SKIPPED))
                         continue
@@ -521,7 +525,7 @@ class Engine:
         as they have been used, so at most one decoded FFN_PARTS slice exists at a time."""
         c, sh = self.config, self.shared[steps[0].layer]
         lr.start_ms = now()
-        dropped = self._compute_guard(pos, steps, lr.start_ms, x.shape[1], report) if self.guard else set()
+        dropped = self._compute_guard(pos, steps, lr.start_ms, x.shape[1], box, report) if self.guard else set()
         box.dropped |= {s.shard_key for s in steps if s.shard in dropped}
         held, attn = [], torch.zeros_like(x)
         for step in steps:
@@ -565,17 +569,20 @@ class Engine:
         return x
 
 
-    def _compute_guard(self, pos: int, steps: list[Step], now_ms: float, width: int, report: Report) -> set[int]:
+    def _compute_guard(self, pos: int, steps: list[Step], now_ms: float, width: int, box: _Mailbox,
+                       report: Report) -> set[int]:
         """Shards of this layer to leave out because the compute lane itself runs late (a
         busy CPU): enough of the least important ones that, dropped in this and each later
-        layer alike, they win back the lateness. Never a layer's most important shard."""
+        layer alike, they win back the lateness. Never a layer's most important shard, and
+        never one the IO lane's guard already skipped (dropping it would save nothing)."""
         late = now_ms - (self.due[pos] + self.spare_ms) - GUARD_TOLERANCE_MS
         if late <= 0 or len(steps) < 2:
             return set()
         m, layers_left = len(steps), len(self.steps) - pos
         per_shard = self.device.compute_ms(m, width) - self.device.compute_ms(m - 1, width)
-        count = min(m - 1, math.ceil(late / max(1e-3, per_shard * layers_left)))
-        out = sorted(steps, key=lambda s: -s.rank)[:count]
+        count = math.ceil(late / max(1e-3, per_shard * layers_left))
+        candidates = [s for s in steps if s.rank > 0 and s.shard_key not in box.skipped]
+        out = sorted(candidates, key=lambda s: -s.rank)[:count]
         report.guard_changes.extend((s.layer, s.shard, s.bits, None) for s in out)
         return {s.shard for s in out}
 
