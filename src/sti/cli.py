@@ -245,7 +245,9 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
           seq_modes: Optional[str] = typer.Option(None, help="comma-separated length modes (own, pad128)"),
           targets_x: Optional[str] = typer.Option(None, help="comma-separated T as multiples of the full model's time"),
           memories_mb: Optional[str] = typer.Option(None, help="comma-separated preload budgets M in MB"),
-          requests: Optional[int] = typer.Option(None, help="latency sample size per point")) -> None:
+          requests: Optional[int] = typer.Option(None, help="latency sample size per point"),
+          ood_limit: Optional[int] = typer.Option(None, help="sentences per out-of-domain set for accuracy "
+                                                  "(default: the full sweep's 300)")) -> None:
     """Measure sti against the baselines and peers: accuracy, latency, deadline hits, memory."""
     from dataclasses import replace
     from .bench import BenchConfig, markdown, run_bench, save_results, write_outputs
@@ -262,6 +264,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
         cfg = replace(cfg, memories_mb=_numbers(memories_mb, "--memories-mb"))
     if requests:
         cfg = replace(cfg, requests=requests)
+    if ood_limit:
+        cfg = replace(cfg, ood_limit=ood_limit)
     # results.json is rewritten after every step, so an interrupted sweep keeps what it measured
     results = run_bench(store_dir, model_dir, cfg, log=console.print, checkpoint=lambda r: save_results(r, out))
     paths = write_outputs(results, out)
