@@ -176,6 +176,34 @@ def test_decoder_holds_at_most_a_few_heads_ahead_of_compute(tiny_store, monkeypa
     assert any(lane == "decode" for lane, *_ in got.report.spans)
 
 
+def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch):
+    # the compute guard drops shards that come before others the compute lane still needs,
+    # while the decoder, one head ahead, already holds a dropped shard's head: the compute
+    # lane must let go of dropped shards in IO order (a regression: it once hung here)
+    import sti.runtime as rt
+    from tests.test_reliability import run_with_timeout
+    _, path = tiny_store
+    monkeypatch.setattr(rt, "HEADS_AHEAD", 1)
+    store = Store(path, "warm")
+    device, importance = profiles(store)
+    device = dataclasses.replace(device, shard_read_ms={2: 0.001, 4: 50.0, 32: 50.0})
+    importance = dataclasses.replace(importance, bits_error={2: 0.01, 4: 0.005, 32: 0.0})
+    plan = make_plan(device, importance, store.store_id, 5.0, 0, seq_len=16)
+    assert plan.m >= 4 and not plan.preload and {b for row in plan.bits for b in row} == {2}
+
+    def drop_ranks_1_and_2(self, pos, steps, now_ms, width, box, report):
+        out = [s for s in steps if s.rank in (1, 2)]
+        report.guard_changes.extend((s.layer, s.shard, s.bits, None) for s in out)
+        return {s.shard for s in out}
+    monkeypatch.setattr(rt.Engine, "_compute_guard", drop_ranks_1_and_2)
+    with Engine(store, plan, device, storage="warm") as engine:
+        for text in TEXTS:
+            got = run_with_timeout(lambda: engine.run(text), seconds=10.0)
+            assert engine.bytes.now == engine.resident_bytes and engine.heads.used == 0
+            ref = reference_logits(store, got.report, text, engine.tokenizer)
+            assert (got.logits - ref).abs().max() < 1e-5
+
+
 class SlowReader(WarmReader):
     """A reader whose every read takes `delay` seconds (storage slower than profiled)."""
 

@@ -181,7 +181,13 @@ class Harness:
                     w.layers[layer] = s.layer(layer, list(ids), list(b))
             sub = Submodel(tuple(layers), tuple(tuple(i) for i in shards))
             sets = {"test": self.test, **self.ood}
-            self._acc_cache[key] = {k: accuracy(w, self.tokenizer, ex, sub) for k, ex in sets.items()}
+            # accuracy is not timed: use every core for it, then give the engine's setting back
+            threads = torch.get_num_threads()
+            torch.set_num_threads(os.cpu_count() or 1)
+            try:
+                self._acc_cache[key] = {k: accuracy(w, self.tokenizer, ex, sub) for k, ex in sets.items()}
+            finally:
+                torch.set_num_threads(threads)
         return self._acc_cache[key]
 
     def plan_accuracy(self, plan: Plan) -> dict:

@@ -530,6 +530,10 @@ class Engine:
         held, attn = [], torch.zeros_like(x)
         for step in steps:
             if step.shard in dropped:
+                # let go of it in IO order: the decoder may be holding heads for it, and a
+                # later shard the compute lane waits for may be queued behind them
+                if not step.preloaded:
+                    self._discard(box.take(step.shard_key))
                 continue
             got = self._ready(step, box, now, lr, report)
             if got is None:
@@ -561,9 +565,6 @@ class Engine:
             del buf
         x = F.layer_norm(x + out + sh.f_b, (h,), sh.ln2_w, sh.ln2_b, c.layer_norm_eps)
         lr.compute_ms += now() - a
-        for step in steps:
-            if step.shard in dropped and not step.preloaded:
-                self._discard(box.take(step.shard_key))
         lr.end_ms = now()
         report.spans.append(("compute", f"layer {steps[0].layer}", lr.start_ms, lr.end_ms))
         return x
