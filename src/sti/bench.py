@@ -196,7 +196,7 @@ class Harness:
     # --- device profiles: measured once per storage (compute reused) ---
     def device(self, storage: str, seq_len: int):
         if storage == SKEW:
-            base = self.device("warm", seq_len)
+            base, _ = self.device("warm", seq_len)
             with Store(self.store_dir) as s:
                 bw = skew_bandwidth(base, s, seq_len)
             storage = f"emulate:{bw / 1e6:.1f}MB/s"
