@@ -38,12 +38,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +51,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from sti import api
 from sti.assets import ensure_model, sti_home
-from sti.bench import full_compute_ms, model_bytes, percentile, run_reference, time_requests
+from sti.bench import full_compute_ms, model_bytes, percentile, run_engine, run_reference, write_json
 from sti.config import PRESETS, ModelConfig
 from sti.data import load_split
 from sti.encoder import classify
@@ -61,7 +59,6 @@ from sti.errors import Cancelled, StiError, StoreError
 from sti.planner import PlanError, make_plan
 from sti.profile_device import machine
 from sti.profiles import ImportanceProfile
-from sti.runtime import Engine, _PeakRSS
 from sti.store import Store, build_store
 from sti.tokenizer import Tokenizer
 from sti.weights import ModelWeights
@@ -160,22 +157,6 @@ def planner_for(store_dir: Path, device):
 
 
 # --- measurements ----------------------------------------------------------------------------------
-def run_engine(store_dir: Path, plan, device, storage: str, texts: list[str]) -> dict:
-    """The engine over `texts`, one request at a time, after one warm-up request."""
-    engine = Engine(Store(store_dir, storage), plan, device, storage=storage)
-    try:
-        engine.run(texts[0])
-        rss = _PeakRSS()
-        lat, results = time_requests(engine.run, texts)
-        reports = [r.report for r in results]
-        return {"lat": lat, "preload_bytes": engine.preload_bytes, "rss_growth_bytes": rss.growth(),
-                "peak_model_bytes": max(r.peak_model_bytes for r in reports),
-                "ratio": statistics.median(r.latency_ms / r.predicted_ms for r in reports),
-                "guard_rate": sum(bool(r.guard_changes) for r in reports) / len(reports)}
-    finally:
-        engine.close()
-
-
 def measure_point(store_dir: Path, storage: str, device, plan_for, texts: list[str], x: float, unit_ms: float,
                   pct: float, fp32_bytes: int) -> dict:
     target, mem_mb = x * unit_ms, pct / 100 * fp32_bytes / 1e6
@@ -187,7 +168,7 @@ def measure_point(store_dir: Path, storage: str, device, plan_for, texts: list[s
                       "min_target_x": exc.min_target_ms and exc.min_target_ms / unit_ms,
                       "min_memory_mb": exc.min_memory_bytes and exc.min_memory_bytes / 1e6}
     try:
-        m = run_engine(store_dir, plan, device, storage, texts)
+        m = run_engine(store_dir, plan, device, storage, None, texts)
     except StiError as exc:  # a point that fails is a row that says why, not a lost preset
         return row | {"n": plan.n, "m": plan.m, "note": f"failed: {exc}"}
     return row | {"n": plan.n, "m": plan.m, "bits": [list(b) for b in plan.bits], "preload_shards": len(plan.preload),
@@ -290,18 +271,6 @@ def markdown(preset: str, r: dict, c: dict) -> str:
             f"{fmt(row.get('hit_rate'), '.0%')} | {fmt(row.get('guard_rate'), '.0%')} | "
             f"{fmt(mb(row.get('peak_model_bytes')), '.2f')} | {fmt(mb(row.get('rss_growth_bytes')), '.1f')} | {note} |")
     return "\n".join(lines)
-
-
-def write_json(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def floats(text: str) -> list[float]:

@@ -193,7 +193,7 @@ class Harness:
     def plan_accuracy(self, plan: Plan) -> dict:
         return self.accuracy_of(plan.layers, plan.shards, plan.bits)
 
-    # --- device profiles: measured once per storage (compute reused) ---
+    # --- device profiles: measured once per storage ---
     def device(self, storage: str, seq_len: int):
         if storage == SKEW:
             base, _ = self.device("warm", seq_len)
@@ -220,14 +220,16 @@ def time_requests(fn, texts: list[str]) -> tuple[list[float], list]:
     return lat, out
 
 
-def run_engine(h: Harness, plan: Plan, device, storage: str, pad_to, texts: list[str], guard=True) -> dict:
-    engine = Engine(Store(h.store_dir, storage), plan, device, storage=storage, guard=guard, pad_to=pad_to)
+def run_engine(store_dir: Path, plan: Plan, device, storage: str, pad_to, texts: list[str], guard=True) -> dict:
+    """The engine over `texts`, one request at a time, after one warm-up request."""
+    engine = Engine(Store(store_dir, storage), plan, device, storage=storage, guard=guard, pad_to=pad_to)
     try:
         engine.run(texts[0])  # warm-up: the first request pays for lazy initialisation
         rss = _PeakRSS()
         lat, results = time_requests(engine.run, texts)
         reports = [r.report for r in results]
         return {"lat": lat, "peak_model_bytes": max(r.peak_model_bytes for r in reports),
+                "preload_bytes": engine.preload_bytes,
                 "ratio": statistics.median(r.latency_ms / r.predicted_ms for r in reports),
                 "rss_growth_bytes": rss.growth(), "stall": statistics.median(r.stall_ms for r in reports),
                 "guard_rate": sum(bool(r.guard_changes) for r in reports) / len(reports)}
@@ -306,7 +308,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
                 except StiError as exc:
                     rows.append(row(target_x=x, target_ms=target, memory_mb=mem, note=f"infeasible: {exc}"[:300]))
                     continue
-                m = run_engine(h, plan, device, storage, pad_to, texts)
+                m = run_engine(h.store_dir, plan, device, storage, pad_to, texts)
                 rows.append(row(target_x=x, target_ms=target, memory_mb=mem, accuracy=h.plan_accuracy(plan),
                                 latency_median_ms=statistics.median(m["lat"]),
                                 latency_p95_ms=percentile(m["lat"], 95),
@@ -325,7 +327,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
         layers = depth_layers(c.num_layers, n)
         plan = fixed_plan(device, h.importance, h.store_id, layers, mm, [[b] * mm for _ in layers],
                           seq_len=plan_len, fixed_bytes=h.fixed, hidden=c.hidden_size, name=system)
-        m = run_engine(h, plan, device, storage, pad_to, texts, guard=False)
+        m = run_engine(h.store_dir, plan, device, storage, pad_to, texts, guard=False)
         acc = h.plan_accuracy(plan)
     elif system == "preload":
         w = h.weights32
@@ -412,9 +414,13 @@ def conditions(h: Harness, units: dict) -> dict:
 
 
 def save_results(results: dict, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".results.")
+    return write_json(results, Path(out_dir) / "results.json")
+
+
+def write_json(results: dict, path: Path) -> Path:
+    """Write `results` as JSON atomically: a temporary file beside `path`, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(results, f, indent=1, default=float)

@@ -8,6 +8,7 @@ repeated measurements, because the machines we run on are shared and noisy.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import platform
 import threading
@@ -83,10 +84,10 @@ def compute_load(store: Store, seq_len: int) -> Background:
     layers = _layer_inputs(store, range(store.config.num_layers))
     x = torch.randn(1, seq_len, store.config.hidden_size)
     keep = attention_keep(torch.ones(1, seq_len))
-    turn = iter(range(1 << 62))
+    turn = itertools.cycle(layers)
 
     def one() -> None:
-        heads, shared, ffns = layers[next(turn) % len(layers)]
+        heads, shared, ffns = next(turn)
         layer_by_shards(x, keep, heads, shared, store.config, ffns)
     return Background(one)
 
@@ -94,11 +95,10 @@ def compute_load(store: Store, seq_len: int) -> Background:
 def io_load(store: Store) -> Background:
     """The IO lane's work: read shards in turn, verify and decode their heads."""
     c, bits = store.config, compute_bits(store)
-    recs = [store.shard_record(i, j, bits) for i in range(c.num_layers) for j in range(c.num_shards)]
-    turn = iter(range(1 << 62))
+    turn = itertools.cycle([store.shard_record(i, j, bits) for i in range(c.num_layers) for j in range(c.num_shards)])
 
     def one() -> None:
-        rec = recs[next(turn) % len(recs)]
+        rec = next(turn)
         store.decode_parts(rec, store.read(rec), ATTN_PARTS)
     return Background(one)
 
@@ -172,10 +172,10 @@ def measure_compute(store: Store, ms: list[int], lengths: tuple[int, ...], repea
             x = torch.randn(1, length, c.hidden_size)
             keep = attention_keep(torch.ones(1, length))
             for m in ms:
-                turn = iter(range(1 << 62))
+                turn = itertools.cycle(layers)
 
                 def run():
-                    heads, shared, ffns = layers[next(turn) % len(layers)]
+                    heads, shared, ffns = next(turn)
                     layer_by_shards(x, keep, heads[:m], shared, c, ffns[:m])
                 run()  # warm-up
                 out.append((m, length, median_ms(run, repeat)))
@@ -237,8 +237,9 @@ def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 
                    progress: Progress | None = None, compute_from: DeviceProfile | None = None,
                    under_load: bool = True) -> DeviceProfile:
     """Measure this machine for the store at `store_dir` with the given storage mode.
-    `compute_from`, a profile of the same store and threads, lends its compute figures
-    (they do not depend on storage), so profiling another storage only times the IO.
+    `compute_from`, a profile of the same store and threads, lends its compute figures, so
+    profiling another storage only times the IO (with `under_load`, those figures were taken
+    beside the lending profile's storage, not this one's).
     `under_load` times each lane beside the other's work, as the engine runs them."""
     if not isinstance(seq_len, int) or not 1 <= seq_len <= 4096:
         raise InputError(f"seq_len must be an integer in 1..4096, got {seq_len!r}")

@@ -53,6 +53,13 @@ def _bits_map(d, where: str, lo: float = 0.0) -> dict[int, float]:
     return out
 
 
+def _profiled_tokens(width: int, distinct: int, rows_per_block: int) -> float:
+    """How many of the profile's embedding-read tokens (a random word and a position each,
+    1 + 1/r pages) cost what reading `distinct` words and positions 0..width-1 costs."""
+    r = max(1, rows_per_block)
+    return (distinct + width / r) / (1 + 1 / r)
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     store_id: str
@@ -95,13 +102,11 @@ class DeviceProfile:
         n (1 + 1/r) pages, so a page costs per_token / (1 + 1/r); positions are contiguous
         (width / r pages), a padded request's words are its distinct tokens."""
         fixed, per_token = self.embed_ms
-        r = max(1, rows_per_block)
-        return fixed + per_token * (distinct + width / r) / (1 + 1 / r)
+        return fixed + per_token * _profiled_tokens(width, distinct, rows_per_block)
 
     def embed_tokens(self, width: int, distinct: int, rows_per_block: int) -> int:
         """The token count whose `embed_read_ms` covers `embed_rows_ms(width, distinct, r)`."""
-        r = max(1, rows_per_block)
-        return min(width, math.ceil((distinct + width / r) / (1 + 1 / r) - 1e-9))
+        return min(width, math.ceil(_profiled_tokens(width, distinct, rows_per_block) - 1e-9))
 
     @property
     def bits(self) -> tuple[int, ...]:

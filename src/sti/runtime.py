@@ -280,11 +280,11 @@ class Engine:
         self.closed = False
         self.bytes = ModelBytes()
         self._load_resident()
-        biggest = max([self.store.shard_record(s.layer, s.shard, s.bits).length
-                       for steps in self.steps for s in steps if not s.preloaded] or [0])
+        streamed = [self.store.shard_record(s.layer, s.shard, s.bits)
+                    for steps in self.steps for s in steps if not s.preloaded]
+        biggest = max([rec.length for rec in streamed] or [0])
         self.window = Window(max(int(plan.inflight_bytes), 2 * biggest))
-        head = max([_blob_bytes(self.store.shard_record(s.layer, s.shard, s.bits), ATTN_PARTS)
-                    for steps in self.steps for s in steps if not s.preloaded] or [0])
+        head = max([_blob_bytes(rec, ATTN_PARTS) for rec in streamed] or [0])
         self.heads = Window(HEADS_AHEAD * head)
         self._lock = threading.Lock()
         self._report_lock = threading.Lock()
@@ -412,7 +412,7 @@ class Engine:
                     if self.guard:
                         self._guard(streamed[i:], bits, now(), self.due[pos] + self.spare_ms, pace.slowdown(), report)
                         box.skipped |= {s.shard_key for s in streamed[i:] if bits[s.shard] is None}
-                    if bits[step.shard] is None or step.shard_key in box.dropped:
+                    if bits[step.shard] is None:
                         out.put((step, SKIPPED))
                         continue
                     out.put((step, self._read(step, bits[step.shard], now, report.layers[pos], report, pace)))
@@ -568,7 +568,6 @@ class Engine:
         lr.end_ms = now()
         report.spans.append(("compute", f"layer {steps[0].layer}", lr.start_ms, lr.end_ms))
         return x
-
 
     def _compute_guard(self, pos: int, steps: list[Step], now_ms: float, width: int, box: _Mailbox,
                        report: Report) -> set[int]:
