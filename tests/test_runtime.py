@@ -12,7 +12,7 @@ from sti.encoder import Submodel, encode, head_logits
 from sti.errors import InputError, StiError, StoreError
 from sti.planner import make_plan
 from sti.profiles import DeviceProfile, ImportanceProfile
-from sti.runtime import Engine, _blob_bytes
+from sti.runtime import Engine, Step, _blob_bytes
 from sti.storage import WarmReader
 from sti.store import Store, build_store
 from sti.weights import ATTN_PARTS
@@ -176,6 +176,39 @@ def test_decoder_holds_at_most_a_few_heads_ahead_of_compute(tiny_store, monkeypa
     assert any(lane == "decode" for lane, *_ in got.report.spans)
 
 
+def test_preloaded_heads_are_decoded_off_the_compute_lane(tiny_store, monkeypatch):
+    # shards at 2 bits, some preloaded: the decoder thread, not the caller's thread, decodes
+    # every head (the compute lane decodes only FFN_PARTS slices, just before use)
+    import threading
+    from dataclasses import replace
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store)
+    only2 = lambda d: {2: d[2]}  # noqa: E731
+    device = replace(device, shard_bytes=only2(device.shard_bytes), shard_read_ms=only2(device.shard_read_ms),
+                     shard_decode_ms=only2(device.shard_decode_ms))
+    importance = replace(importance, bits_error={2: 0.0, 4: 0.0, 32: 0.0})  # 2 bits costs nothing
+    plan = make_plan(device, importance, store.store_id, 1e6, 10**9, seq_len=16)
+    assert plan.preload and {b for *_, b in plan.preload} == {2} and plan.m > 1
+    engine = Engine(store, plan, device, storage="warm")
+    real, calls = engine.store.decode_parts, []
+
+    def spy(rec, buf, names=None):
+        calls.append((threading.current_thread().name, tuple(names or ())))
+        return real(rec, buf, names)
+    monkeypatch.setattr(engine.store, "decode_parts", spy)
+    with engine:
+        got = engine.run(TEXTS[2])
+        ref = reference_logits(engine.store, got.report, TEXTS[2], engine.tokenizer)
+    assert (got.logits - ref).abs().max() < 1e-5
+    heads = [who for who, names in calls if names == tuple(ATTN_PARTS)]
+    assert len(heads) == plan.n * plan.m and all(who.startswith("sti-io") for who in heads)
+    main = threading.current_thread().name
+    assert all(names != tuple(ATTN_PARTS) for who, names in calls if who == main)
+    decoded = {name for lane, name, *_ in got.report.spans if lane == "decode"}
+    assert decoded == {f"decode L{r.layer}.S{s}" for r in got.report.layers for s in r.shard_ids}
+
+
 def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch):
     # the compute guard drops shards that come before others the compute lane still needs,
     # while the decoder, one head ahead, already holds a dropped shard's head: the compute
@@ -247,12 +280,20 @@ def test_deadline_guard_drops_shards_when_compute_runs_late(tiny_store):
         got = engine.run(TEXTS[1])
         assert engine.bytes.now == engine.resident_bytes  # dropped shards hold nothing after
         ref = reference_logits(engine.store, got.report, TEXTS[1], engine.tokenizer)
-        # a dropped shard the IO lane had already delivered gives back its bytes and window
+        # a dropped shard the IO lane had already delivered gives back its bytes and windows;
+        # a preloaded one gives back its decoded head and keeps its record in the buffer
         rec = engine.store.shard_record(0, 1, 2)
-        engine.window.acquire(rec.length)
-        engine.bytes.add(rec.length + _blob_bytes(rec, ATTN_PARTS))
-        engine._discard((rec, engine.store.read(rec), None))
-        assert engine.bytes.now == engine.resident_bytes and engine.window.used == 0
+        head = _blob_bytes(rec, ATTN_PARTS)
+        for preloaded in (False, True):
+            step = Step(0, 0, 1, 2, preloaded, 0.0, 1)
+            engine.window.acquire(rec.length)
+            engine.heads.acquire(head)
+            engine.bytes.add(rec.length + head)
+            engine._discard(step, (rec, engine.store.read(rec), None))
+            assert engine.bytes.now == engine.resident_bytes + (rec.length if preloaded else 0)
+            assert engine.heads.used == 0 and engine.window.used == (rec.length if preloaded else 0)
+            engine.window.reset()
+            engine.bytes.sub(engine.bytes.now - engine.resident_bytes)
     changes = got.report.guard_changes
     assert changes and all(new is None for *_, new in changes)
     ranks = {(s.layer, s.shard): s.rank for steps in engine.steps for s in steps}

@@ -1,15 +1,15 @@
 """The runtime: execute a plan on real storage and answer by the deadline.
 
 Per request, two lanes run side by side (STI.md, key idea 6):
-  - the IO lane (one thread owned by the engine) reads the request's embedding rows, then
-    every streamed shard in plan order: read the record, verify its CRC, decode it;
+  - the IO lane (two threads owned by the engine) reads the request's embedding rows, then
+    every streamed shard in plan order (read the record, verify its CRC), and decodes the
+    attention head of every shard, streamed or preloaded, in plan order;
   - the compute lane (the caller's thread) embeds, then runs each layer shard by shard as
     soon as the shard it needs is ready: first every shard's attention head, then, after the
-    layer's first LayerNorm, every shard's FFN_PARTS slice. A shard's tensors are dropped as soon
-    as they have been used, so the model bytes resident are the preload buffer plus the
-    shards in flight, never a whole fp32 layer.
-The preload buffer holds packed, CRC-verified shard records across requests; the compute
-lane decodes a preloaded shard just before using it.
+    layer's first LayerNorm, every shard's FFN_PARTS slice (decoded just before use). A
+    shard's tensors are dropped as soon as they have been used, so the model bytes resident
+    are the preload buffer plus the shards in flight, never a whole fp32 layer.
+The preload buffer holds packed, CRC-verified shard records across requests.
 
 Deadline guard (beyond the paper), on both lanes, against the layer's planned start plus a
 share of the plan's spare time (T - planned latency; plans keep headroom for it):
@@ -92,7 +92,7 @@ class LayerReport:
     shard_ids: list[int] = field(default_factory=list)  # the shards actually used (after the guard)
     bits: list[int] = field(default_factory=list)
     io_ms: float = 0.0        # IO lane: reading this layer's streamed shards
-    decode_ms: float = 0.0    # IO lane: decoding them (and compute lane: preloaded ones)
+    decode_ms: float = 0.0    # IO lane: decoding the heads of its shards (streamed and preloaded)
     compute_ms: float = 0.0
     stall_ms: float = 0.0     # compute lane waiting for the IO lane
     start_ms: float = 0.0
@@ -217,7 +217,8 @@ class _Mailbox:
             return self.items.pop(key)
 
 
-SKIPPED = object()
+SKIPPED = object()     # the deadline guard left the shard out: nothing to use
+PRELOADED = object()   # the shard is in the preload buffer: nothing to read
 
 
 class Window:
@@ -280,12 +281,16 @@ class Engine:
         self.closed = False
         self.bytes = ModelBytes()
         self._load_resident()
-        streamed = [self.store.shard_record(s.layer, s.shard, s.bits)
-                    for steps in self.steps for s in steps if not s.preloaded]
-        biggest = max([rec.length for rec in streamed] or [0])
+        records = [self.store.shard_record(s.layer, s.shard, b) for steps in self.steps for s in steps
+                   for b in self.store.bits]
+        # decoded bytes of each record's head and FFN_PARTS slice, by record offset (looked up
+        # per shard per request: worked out once here)
+        self.head_bytes = {r.offset: _blob_bytes(r, ATTN_PARTS) for r in records}
+        self.ffn_bytes = {r.offset: _blob_bytes(r, FFN_PARTS) for r in records}
+        biggest = max([self.store.shard_record(s.layer, s.shard, s.bits).length
+                       for steps in self.steps for s in steps if not s.preloaded] or [0])
         self.window = Window(max(int(plan.inflight_bytes), 2 * biggest))
-        head = max([_blob_bytes(rec, ATTN_PARTS) for rec in streamed] or [0])
-        self.heads = Window(HEADS_AHEAD * head)
+        self.heads = Window(HEADS_AHEAD * max(self.head_bytes.values(), default=0))
         self._lock = threading.Lock()
         self._report_lock = threading.Lock()
         self._predictions: dict[tuple[int, int], float] = {}
@@ -384,8 +389,8 @@ class Engine:
 
     # --- the IO lane: a reader and a decoder ---
     # The reader reads and verifies records in plan order, as far ahead as `window` allows
-    # (packed bytes); the decoder turns each record's head into tensors, at most HEADS_AHEAD
-    # heads ahead of the compute lane (`heads`). Decoding in the reader would hold a whole
+    # (packed bytes); the decoder turns each shard's head, streamed or preloaded, into tensors,
+    # at most HEADS_AHEAD heads ahead of the compute lane (`heads`). Decoding in the reader would hold a whole
     # layer or two of fp32 heads in memory whenever IO runs ahead; decoding in the compute
     # lane would put it on the critical path.
     def _read_lane(self, ids: torch.Tensor, box: _Mailbox, out: queue.SimpleQueue, t0: float,
@@ -403,15 +408,19 @@ class Engine:
             for pos, steps in enumerate(self.steps):
                 streamed = [s for s in steps if not s.preloaded]
                 bits = {s.shard: s.bits for s in streamed}
-                for i, step in enumerate(streamed):
+                for step in steps:
                     if box.cancelled:
                         return
-                    for s in streamed[i:]:  # what the compute lane dropped needs no IO
+                    if step.preloaded:  # no IO: the decoder takes it from the preload buffer
+                        out.put((step, SKIPPED if step.shard_key in box.dropped else PRELOADED))
+                        continue
+                    rest = streamed[streamed.index(step):]
+                    for s in rest:  # what the compute lane dropped needs no IO
                         if s.shard_key in box.dropped:
                             bits[s.shard] = None
                     if self.guard:
-                        self._guard(streamed[i:], bits, now(), self.due[pos] + self.spare_ms, pace.slowdown(), report)
-                        box.skipped |= {s.shard_key for s in streamed[i:] if bits[s.shard] is None}
+                        self._guard(rest, bits, now(), self.due[pos] + self.spare_ms, pace.slowdown(), report)
+                        box.skipped |= {s.shard_key for s in rest if bits[s.shard] is None}
                     if bits[step.shard] is None:
                         out.put((step, SKIPPED))
                         continue
@@ -442,8 +451,8 @@ class Engine:
                 if got is SKIPPED or box.cancelled:
                     box.put(step.shard_key, SKIPPED)
                     continue
-                rec, buf = got
-                head_bytes = _blob_bytes(rec, ATTN_PARTS)
+                rec, buf = self.preload[step.shard_key] if got is PRELOADED else got
+                head_bytes = self.head_bytes[rec.offset]
                 self.heads.acquire(head_bytes)
                 a = now()
                 parts = self.store.decode_parts(rec, buf, ATTN_PARTS)
@@ -456,7 +465,7 @@ class Engine:
             box.fail(exc)
 
     def _add_decode(self, lr: LayerReport, ms: float) -> None:
-        with self._report_lock:  # the decoder and the compute lane (preloaded shards) both add
+        with self._report_lock:
             lr.decode_ms += ms
 
     def _guard(self, remaining: list[Step], bits: dict, now_ms: float, due_ms: float,
@@ -502,14 +511,7 @@ class Engine:
 
     def _ready(self, step: Step, box: _Mailbox, now, lr: LayerReport, report: Report):
         """(record, bytes, head tensors) of the shard, waiting for the IO lane if need be;
-        None if the deadline guard skipped it. A preloaded shard's head is decoded here."""
-        if step.preloaded:
-            rec, buf = self.preload[step.shard_key]
-            a = now()
-            parts = self.store.decode_parts(rec, buf, ATTN_PARTS)
-            self.bytes.add(_blob_bytes(rec, ATTN_PARTS))
-            self._add_decode(lr, now() - a)
-            return rec, buf, parts
+        None if the deadline guard skipped it."""
         a = now()
         got = box.take(step.shard_key)
         waited = now() - a
@@ -532,8 +534,7 @@ class Engine:
             if step.shard in dropped:
                 # let go of it in IO order: the decoder may be holding heads for it, and a
                 # later shard the compute lane waits for may be queued behind them
-                if not step.preloaded:
-                    self._discard(box.take(step.shard_key))
+                self._discard(step, box.take(step.shard_key))
                 continue
             got = self._ready(step, box, now, lr, report)
             if got is None:
@@ -542,9 +543,8 @@ class Engine:
             a = now()
             attn += head_output(x, keep, head, c.head_dim)
             del head
-            self.bytes.sub(_blob_bytes(rec, ATTN_PARTS))
-            if not step.preloaded:
-                self.heads.release(_blob_bytes(rec, ATTN_PARTS))
+            self.bytes.sub(self.head_bytes[rec.offset])
+            self.heads.release(self.head_bytes[rec.offset])
             held.append((step, rec, buf))
             lr.compute_ms += now() - a
             lr.shard_ids.append(step.shard)
@@ -556,7 +556,7 @@ class Engine:
         out = torch.zeros_like(x)
         while held:
             step, rec, buf = held.pop(0)
-            ffn_bytes = _blob_bytes(rec, FFN_PARTS)
+            ffn_bytes = self.ffn_bytes[rec.offset]
             self.bytes.add(ffn_bytes)
             out += ffn_slice(x, self.store.decode_parts(rec, buf, FFN_PARTS))
             self.bytes.sub(ffn_bytes + (0 if step.preloaded else rec.length))
@@ -586,14 +586,16 @@ class Engine:
         report.guard_changes.extend((s.layer, s.shard, s.bits, None) for s in out)
         return {s.shard for s in out}
 
-    def _discard(self, got) -> None:
-        """Free a shard the IO lane delivered after the compute lane dropped it."""
+    def _discard(self, step: Step, got) -> None:
+        """Free a shard the IO lane delivered after the compute lane dropped it (a preloaded
+        record stays in the preload buffer; only its decoded head goes)."""
         if got is SKIPPED:
             return
         rec, buf, head = got
-        self.bytes.sub(_blob_bytes(rec, ATTN_PARTS) + rec.length)
-        self.heads.release(_blob_bytes(rec, ATTN_PARTS))
-        self.window.release(rec.length)
+        self.bytes.sub(self.head_bytes[rec.offset] + (0 if step.preloaded else rec.length))
+        self.heads.release(self.head_bytes[rec.offset])
+        if not step.preloaded:
+            self.window.release(rec.length)
 
 
 SHARD_MATRICES = ("q_w", "k_w", "v_w", "o_w", "i_w", "f_w")
