@@ -2,7 +2,10 @@
 
 For every storage mode and sequence-length mode, the harness first measures the full
 model's resident compute time (the `preload` system) and expresses every latency target T
-as a multiple of it. Then, per system and point:
+as a multiple of it. Before each system's sweep it measures the device profile afresh (a few
+seconds): the machines we run on are shared and their speed drifts by up to 2x within an
+hour, so a profile saved earlier would make stale plans and predictions. The profiles used
+are kept in the results. Then, per system and point:
   - latency: the median and p95 over the first `requests` sentences of the test split, one
     request at a time, as an app would send them; the deadline-hit rate for T;
   - memory: peak resident model bytes (our accounting, where the system allows it) and the
@@ -44,7 +47,6 @@ from .errors import InputError, StiError
 from .evaluate import accuracy
 from .planner import Plan, make_plan, profile_id, simulate
 from .profile_device import measure_device
-from .profiles import save_profile
 from .runtime import Engine, _PeakRSS
 from .store import Store
 from .tokenizer import Tokenizer
@@ -169,6 +171,8 @@ class Harness:
             self.ood[name] = ex
         self.importance = api.importance_profile(store_dir, log=log)
         self.rows: list[Row] = []
+        self.profiles: list[dict] = []  # every device profile measured, with where it was used
+        self._skew: str | None = None
         self._acc_cache: dict = {}
 
     # --- accuracy of exact weights + submodel, cached per (layers, shards, bits) ---
@@ -193,21 +197,24 @@ class Harness:
     def plan_accuracy(self, plan: Plan) -> dict:
         return self.accuracy_of(plan.layers, plan.shards, plan.bits)
 
-    # --- device profiles: measured once per storage ---
-    def device(self, storage: str, seq_len: int):
-        if storage == SKEW:
-            base, _ = self.device("warm", seq_len)
+    # --- storage and device profiles ---
+    def storage_spec(self, storage: str, seq_len: int) -> str:
+        """The storage to open: the skew storage's bandwidth is fixed by the first warm
+        profile of the run, so every system meets the same storage."""
+        if storage != SKEW:
+            return storage
+        if self._skew is None:
+            base = self.device("warm", seq_len, f"{SKEW} bandwidth")
             with Store(self.store_dir) as s:
-                bw = skew_bandwidth(base, s, seq_len)
-            storage = f"emulate:{bw / 1e6:.1f}MB/s"
-        path = api.device_profile_path(self.store_dir, storage)
-        if path.exists():
-            return api.device_profile(self.store_dir, storage, measure=False), storage
-        self.log(f"profiling {storage} ...")
-        # compute is measured per storage too: it runs beside that storage's IO lane
-        p = measure_device(self.store_dir, storage=storage)
-        save_profile(p, path)
-        return p, storage
+                self._skew = f"emulate:{skew_bandwidth(base, s, seq_len) / 1e6:.1f}MB/s"
+        return self._skew
+
+    def device(self, spec: str, seq_len: int, used_for: str):
+        """A device profile of this storage measured now (compute too: it runs beside that
+        storage's IO lane), kept in the results."""
+        p = measure_device(self.store_dir, storage=spec, seq_len=seq_len)
+        self.profiles.append({"storage": spec, "used_for": used_for, "profile": p.to_dict()})
+        return p
 
 
 # --- measuring one system at one point -------------------------------------------------------
@@ -288,7 +295,10 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
     cfg = h.cfg
     pad_to = SEQ_MODES[seq_mode]
     plan_len = pad_to or cfg.plan_len_own
-    device, storage = h.device(storage_name, plan_len)
+    storage = h.storage_spec(storage_name, plan_len)
+    # the systems that run our engine get a profile measured now (their plans and predictions)
+    uses_profile = system in PLANNED or system in ("stdpl-fp32", "stdpl-4bit", "small-submodel")
+    device = h.device(storage, plan_len, f"{system} / {storage_name} / {seq_mode}") if uses_profile else None
     rows = []
     texts = h.sample if system not in ("load-exec", "hf-from-pretrained", "hf-disk-offload") \
         else h.sample[:cfg.slow_requests]
@@ -390,11 +400,12 @@ def run_bench(store_dir, model_dir, cfg: BenchConfig | None = None, log=print, p
     units = {}
     steps = [(st, sm, sys) for st in cfg.storages for sm in cfg.seq_modes for sys in cfg.systems]
     for i, (storage, seq_mode, system) in enumerate(steps):
-        if seq_mode not in units:
-            units[seq_mode] = full_compute_ms(h.weights32, h.tokenizer, h.sample, SEQ_MODES[seq_mode])
-            log(f"full model, resident, {seq_mode} lengths: {units[seq_mode]:.2f} ms (the T unit)")
+        group = f"{storage}/{seq_mode}"  # the T unit is measured again for every group (drift)
+        if group not in units:
+            units[group] = full_compute_ms(h.weights32, h.tokenizer, h.sample, SEQ_MODES[seq_mode])
+            log(f"full model, resident, {seq_mode} lengths: {units[group]:.2f} ms (the T unit for {storage})")
         t0 = time.perf_counter()
-        h.rows.extend(measure_point(h, system, storage, seq_mode, units[seq_mode]))
+        h.rows.extend(measure_point(h, system, storage, seq_mode, units[group]))
         log(f"[{i + 1}/{len(steps)}] {system} / {storage} / {seq_mode}: {time.perf_counter() - t0:.0f} s")
         if checkpoint is not None:
             checkpoint({"config": asdict(cfg), "conditions": conditions(h, units), "partial": True,
@@ -408,6 +419,7 @@ def conditions(h: Harness, units: dict) -> dict:
     from .profile_device import machine
     return {"machine": machine(), "threads": torch.get_num_threads(), "store_id": h.store_id,
             "store": str(h.store_dir), "model": str(h.model_dir), "full_compute_ms": units,
+            "device_profiles": h.profiles,
             "fp32_model_bytes": model_bytes(h.weights32), "test_size": len(h.test),
             "ood_sizes": {k: len(v) for k, v in h.ood.items()}, "latency_sample": len(h.sample),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
