@@ -12,7 +12,7 @@ from sti.encoder import Submodel, encode, head_logits
 from sti.errors import InputError, StiError, StoreError
 from sti.planner import make_plan
 from sti.profiles import DeviceProfile, ImportanceProfile
-from sti.runtime import Engine, Step, _blob_bytes
+from sti.runtime import Engine, Report, Step, _blob_bytes
 from sti.storage import WarmReader
 from sti.store import Store, build_store
 from sti.weights import ATTN_PARTS
@@ -209,6 +209,25 @@ def test_preloaded_heads_are_decoded_off_the_compute_lane(tiny_store, monkeypatc
     assert decoded == {f"decode L{r.layer}.S{s}" for r in got.report.layers for s in r.shard_ids}
 
 
+def test_compute_guard_projects_the_lanes_pace_over_the_layers_left(tiny_store):
+    # on time at the first layer's start, but the compute lane runs 2x slower than profiled:
+    # the guard must drop shards now, more the slower the pace, and none at the profile's pace
+    from sti.runtime import _Mailbox
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store, read_ms=0.001)
+    device = dataclasses.replace(device, compute_coef=(0.0, 0.0, 0.0, 0.0, 0.05))  # 0.05 ms a shard
+    plan = make_plan(device, importance, store.store_id, 0.7, 10**8, seq_len=16)
+    assert plan.n == 3 and plan.m == 4 and plan.target_ms - plan.latency_ms < 0.1
+    with Engine(store, plan, device, storage="warm") as engine:
+        start = engine.due[0]
+        counts = {slow: len(engine._compute_guard(0, engine.steps[0], start, 16, _Mailbox(), Report(), slow))
+                  for slow in (1.0, 1.5, 3.0)}
+        late = engine._compute_guard(0, engine.steps[0], start + 1.0, 16, _Mailbox(), Report(), 1.0)
+    assert counts[1.0] == 0 and 0 < counts[1.5] <= counts[3.0] < plan.m
+    assert late and 0 not in {s.rank for s in engine.steps[0] if s.shard in late}  # never the first
+
+
 def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch):
     # the compute guard drops shards that come before others the compute lane still needs,
     # while the decoder, one head ahead, already holds a dropped shard's head: the compute
@@ -224,7 +243,7 @@ def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch)
     plan = make_plan(device, importance, store.store_id, 5.0, 0, seq_len=16)
     assert plan.m >= 4 and not plan.preload and {b for row in plan.bits for b in row} == {2}
 
-    def drop_ranks_1_and_2(self, pos, steps, now_ms, width, box, report):
+    def drop_ranks_1_and_2(self, pos, steps, now_ms, width, box, report, slow=1.0):
         out = [s for s in steps if s.rank in (1, 2)]
         report.guard_changes.extend((s.layer, s.shard, s.bits, None) for s in out)
         return {s.shard for s in out}

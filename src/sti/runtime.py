@@ -278,6 +278,9 @@ class Engine:
         # the IO lane may run this late before the answer would miss T; a third of the spare
         # time is kept back for jitter and for work the profile does not see
         self.spare_ms = GUARD_SHARE * max(0.0, plan.target_ms - plan.latency_ms)
+        # how much slower than the profile the compute lane ran in the last request: the
+        # compute guard's pace for the next request until its own first layer is done
+        self.compute_slowdown = 1.0
         self.closed = False
         self.bytes = ModelBytes()
         self._load_resident()
@@ -502,8 +505,12 @@ class Engine:
         x = embed(emb, ids, self.config.layer_norm_eps, word_rows=words[None])
         report.embed_ms = now() - a
         keep = attention_keep(mask)
+        pace = _Pace()
         for pos, steps in enumerate(self.steps):
-            x = self._layer(x, keep, pos, steps, box, now, report.layers[pos], report)
+            slow = pace.slowdown() if pace.planned > 0 else self.compute_slowdown
+            x = self._layer(x, keep, pos, steps, box, now, report.layers[pos], report, slow)
+            pace.add(self.device.compute_ms(report.layers[pos].shards, x.shape[1]), report.layers[pos].compute_ms)
+        self.compute_slowdown = pace.slowdown()
         a = now()
         logits = head_logits(self.head, x, mask)
         report.head_ms = now() - a
@@ -521,13 +528,13 @@ class Engine:
         return None if got is SKIPPED else got
 
     def _layer(self, x, keep, pos: int, steps: list[Step], box: _Mailbox, now, lr: LayerReport,
-               report: Report) -> torch.Tensor:
+               report: Report, slow: float = 1.0) -> torch.Tensor:
         """One layer, shard by shard: every head, the first LayerNorm, then every FFN_PARTS slice
         (decoded just before use). Each shard's tensors are dropped, and un-counted, as soon
         as they have been used, so at most one decoded FFN_PARTS slice exists at a time."""
         c, sh = self.config, self.shared[steps[0].layer]
         lr.start_ms = now()
-        dropped = self._compute_guard(pos, steps, lr.start_ms, x.shape[1], box, report) if self.guard else set()
+        dropped = self._compute_guard(pos, steps, lr.start_ms, x.shape[1], box, report, slow) if self.guard else set()
         box.dropped |= {s.shard_key for s in steps if s.shard in dropped}
         held, attn = [], torch.zeros_like(x)
         for step in steps:
@@ -570,16 +577,20 @@ class Engine:
         return x
 
     def _compute_guard(self, pos: int, steps: list[Step], now_ms: float, width: int, box: _Mailbox,
-                       report: Report) -> set[int]:
-        """Shards of this layer to leave out because the compute lane itself runs late (a
-        busy CPU): enough of the least important ones that, dropped in this and each later
-        layer alike, they win back the lateness. Never a layer's most important shard, and
-        never one the IO lane's guard already skipped (dropping it would save nothing)."""
-        late = now_ms - (self.due[pos] + self.spare_ms) - GUARD_TOLERANCE_MS
+                       report: Report, slow: float = 1.0) -> set[int]:
+        """Shards of this layer to leave out because the compute lane runs late, or will at
+        its pace: `slow` is how much slower than the profile it has run so far (in this
+        request, or at first the last one; beside the engine's own IO lane the first layers
+        ran up to 2x slower than profiled). Enough of the least important shards that,
+        dropped in this and each later layer alike, they win back the lateness now plus
+        the lateness the pace adds over the layers left. Never a layer's most important
+        shard, nor one the IO lane's guard already skipped (dropping it would save nothing)."""
+        ahead = sum(self.device.compute_ms(len(later), width) for later in self.steps[pos:])
+        late = now_ms - (self.due[pos] + self.spare_ms) + (slow - 1.0) * ahead - GUARD_TOLERANCE_MS
         if late <= 0 or len(steps) < 2:
             return set()
         m, layers_left = len(steps), len(self.steps) - pos
-        per_shard = self.device.compute_ms(m, width) - self.device.compute_ms(m - 1, width)
+        per_shard = slow * (self.device.compute_ms(m, width) - self.device.compute_ms(m - 1, width))
         count = math.ceil(late / max(1e-3, per_shard * layers_left))
         candidates = [s for s in steps if s.rank > 0 and s.shard_key not in box.skipped]
         out = sorted(candidates, key=lambda s: -s.rank)[:count]
