@@ -2,10 +2,11 @@
 
 For every storage mode and sequence-length mode, the harness first measures the full
 model's resident compute time (the `preload` system) and expresses every latency target T
-as a multiple of it. Before each system's sweep it measures the device profile afresh (a few
-seconds): the machines we run on are shared and their speed drifts by up to 2x within an
-hour, so a profile saved earlier would make stale plans and predictions. The profiles used
-are kept in the results. Then, per system and point:
+as a multiple of it, and measures the device profile afresh (a few seconds), which every
+system of that storage and length mode then plans with: the machines we run on are shared
+and their speed drifts by up to 2x within an hour, so a profile saved earlier would make
+stale plans and predictions. The profiles used are kept in the results. Then, per system
+and point:
   - latency: the median and p95 over the first `requests` sentences of the test split, one
     request at a time, as an app would send them; the deadline-hit rate for T;
   - memory: peak resident model bytes (our accounting, where the system allows it) and the
@@ -172,6 +173,7 @@ class Harness:
         self.importance = api.importance_profile(store_dir, log=log)
         self.rows: list[Row] = []
         self.profiles: list[dict] = []  # every device profile measured, with where it was used
+        self._devices: dict = {}
         self._skew: str | None = None
         self._acc_cache: dict = {}
 
@@ -215,6 +217,15 @@ class Harness:
         p = measure_device(self.store_dir, storage=spec, seq_len=seq_len)
         self.profiles.append({"storage": spec, "used_for": used_for, "profile": p.to_dict()})
         return p
+
+    def group_device(self, storage: str, seq_mode: str, spec: str, seq_len: int):
+        """The profile every system of one storage and length mode plans with (measured
+        once, when the group's first system needs it, so that joint and paper plan from the
+        same figures)."""
+        key = (storage, seq_mode)
+        if key not in self._devices:
+            self._devices[key] = self.device(spec, seq_len, f"{storage} / {seq_mode}")
+        return self._devices[key]
 
 
 # --- measuring one system at one point -------------------------------------------------------
@@ -296,9 +307,9 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
     pad_to = SEQ_MODES[seq_mode]
     plan_len = pad_to or cfg.plan_len_own
     storage = h.storage_spec(storage_name, plan_len)
-    # the systems that run our engine get a profile measured now (their plans and predictions)
+    # the systems that run our engine plan and predict with the group's fresh profile
     uses_profile = system in PLANNED or system in ("stdpl-fp32", "stdpl-4bit", "small-submodel")
-    device = h.device(storage, plan_len, f"{system} / {storage_name} / {seq_mode}") if uses_profile else None
+    device = h.group_device(storage_name, seq_mode, storage, plan_len) if uses_profile else None
     rows = []
     texts = h.sample if system not in ("load-exec", "hf-from-pretrained", "hf-disk-offload") \
         else h.sample[:cfg.slow_requests]
