@@ -48,3 +48,27 @@ def test_sweep_options_are_parsed_or_refused():
     for bad in ("", "1,a", "0", "-1", "nan", "inf"):
         with pytest.raises(InputError, match="--targets-x"):
             _numbers(bad, "--targets-x")
+
+
+def test_a_system_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
+    # a panel without some system's points must not shift the others' colours (the legend
+    # is drawn once, from the first panel)
+    import matplotlib.axes
+    from sti.bench import plot
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kw):
+        drawn.append((kw.get("label"), kw.get("color")))
+        return real(self, *args, **kw)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    r = results()
+    acc = r["rows"][0]["accuracy"]
+    r["rows"].append(asdict(Row("hf-disk-offload", "cold", "own", 1.0, 14.0, None, acc, 190.0, 240.0,
+                                requests=10)))
+    r["rows"].append(asdict(Row("preload", "cold", "own", 1.0, 14.0, None, acc, 13.0, 15.0, requests=30)))
+    plot(r, tmp_path)
+    colours = {}
+    for label, colour in drawn:
+        colours.setdefault(label, set()).add(colour)
+    assert len(colours["preload"]) == 1 and colours["preload"] != colours["hf-disk-offload"]

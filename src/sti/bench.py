@@ -517,8 +517,8 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
                     sel = sel[:1]
                 pts = sorted((r["latency_median_ms"], r["accuracy"]["test"]) for r in sel
                              if not math.isnan(r["latency_median_ms"]))
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=system, linewidth=1)
+                if pts:  # one colour per system in every panel, whichever systems it shows
+                    ax.plot(*zip(*pts), marker="o", label=system, linewidth=1, color=f"C{SYSTEMS.index(system)}")
             ax.set_xscale("log")
             ax.set_title(f"{st}, M = {mem} MB" if mem is not None else st, fontsize=9)
             ax.set_xlabel("median latency (ms, log)")
