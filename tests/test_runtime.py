@@ -228,6 +228,20 @@ def test_compute_guard_projects_the_lanes_pace_over_the_layers_left(tiny_store):
     assert late and 0 not in {s.rank for s in engine.steps[0] if s.shard in late}  # never the first
 
 
+def test_the_compute_pace_carried_between_requests_leaves_out_the_first(tiny_store):
+    # the first request pays for lazy initialisation: its pace must not seed the next ones
+    import statistics
+    _, path = tiny_store
+    engine, _ = engine_for(path, 1e6, 10**9)
+    with engine:
+        assert engine.compute_slowdown == 1.0
+        for text in TEXTS[:4]:
+            engine.run(text)
+        paces = list(engine._slowdowns)
+    assert len(paces) == 3 and all(p >= 1.0 for p in paces)
+    assert engine.compute_slowdown == statistics.median(paces)
+
+
 def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch):
     # the compute guard drops shards that come before others the compute lane still needs,
     # while the decoder, one head ahead, already holds a dropped shard's head: the compute

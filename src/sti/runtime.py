@@ -24,8 +24,10 @@ Neither ever drops a layer's most important shard, and the report lists every ch
 
 from __future__ import annotations
 
+import collections
 import math
 import queue
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +48,7 @@ from .weights import ATTN_PARTS, FFN_PARTS, Embeddings
 
 GUARD_TOLERANCE_MS = 0.2   # how late the IO lane may run before the guard acts
 GUARD_SHARE = 2 / 3        # share of the plan's spare time (T - planned latency) IO may use
+PACE_MEMORY = 5            # recent requests whose compute pace seeds the next one's guard
 HEADS_AHEAD = 4            # decoded heads the decoder may hold ahead of the compute lane
 
 
@@ -278,9 +281,11 @@ class Engine:
         # the IO lane may run this late before the answer would miss T; a third of the spare
         # time is kept back for jitter and for work the profile does not see
         self.spare_ms = GUARD_SHARE * max(0.0, plan.target_ms - plan.latency_ms)
-        # how much slower than the profile the compute lane ran in the last request: the
-        # compute guard's pace for the next request until its own first layer is done
-        self.compute_slowdown = 1.0
+        # how much slower than the profile the compute lane ran in recent requests (their
+        # median) is the compute guard's pace for a request until its own first layer is
+        # done; the engine's first request pays for lazy initialisation and is left out
+        self._slowdowns: collections.deque = collections.deque(maxlen=PACE_MEMORY)
+        self._requests = 0
         # the IO pace starts as if one layer's worth of reads had run on time (see _Pace)
         streamed_ms = sum(device.io_ms(s.bits) for steps in self.steps for s in steps if not s.preloaded)
         self.io_prior_ms = streamed_ms / max(1, len(self.steps))
@@ -344,6 +349,11 @@ class Engine:
         with self._lock, torch.inference_mode():
             torch.set_num_threads(self.threads)
             return self._run(batch)
+
+    @property
+    def compute_slowdown(self) -> float:
+        """The median compute pace of recent requests (1.0 before there are any)."""
+        return statistics.median(self._slowdowns) if self._slowdowns else 1.0
 
     def _pad_width(self) -> int | None:
         return None if self.pad_to is None else min(self.pad_to, self.tokenizer.max_length)
@@ -513,7 +523,9 @@ class Engine:
             slow = pace.slowdown() if pace.planned > 0 else self.compute_slowdown
             x = self._layer(x, keep, pos, steps, box, now, report.layers[pos], report, slow)
             pace.add(self.device.compute_ms(report.layers[pos].shards, x.shape[1]), report.layers[pos].compute_ms)
-        self.compute_slowdown = pace.slowdown()
+        self._requests += 1
+        if self._requests > 1:
+            self._slowdowns.append(pace.slowdown())
         a = now()
         logits = head_logits(self.head, x, mask)
         report.head_ms = now() - a
