@@ -29,7 +29,6 @@ Systems (`SYSTEMS`):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from . import api
+from .atomic import atomic_write_json
 from .data import OOD_SETS, load_split
 from .encoder import Submodel, classify, depth_layers
 from .errors import InputError, StiError
@@ -55,6 +55,7 @@ from .tokenizer import Tokenizer
 SYSTEMS = ("sti-joint", "sti-paper", "stdpl-fp32", "stdpl-4bit", "small-submodel", "load-exec",
            "hf-from-pretrained", "hf-disk-offload", "preload")
 PLANNED = ("sti-joint", "sti-paper")
+FIXED = ("stdpl-fp32", "stdpl-4bit", "small-submodel")  # the engine on a given schedule, no planner
 SEQ_MODES = {"own": None, "pad128": 128}
 SKEW = "skew3.6"   # emulated bandwidth: reading a fp32 layer takes 3.6x its compute (the paper's board)
 
@@ -308,7 +309,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
     plan_len = pad_to or cfg.plan_len_own
     storage = h.storage_spec(storage_name, plan_len)
     # the systems that run our engine plan and predict with the group's fresh profile
-    uses_profile = system in PLANNED or system in ("stdpl-fp32", "stdpl-4bit", "small-submodel")
+    uses_profile = system in PLANNED or system in FIXED
     device = h.group_device(storage_name, seq_mode, storage, plan_len) if uses_profile else None
     rows = []
     texts = h.sample if system not in ("load-exec", "hf-from-pretrained", "hf-disk-offload") \
@@ -341,7 +342,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
         return rows
     acc, m, note = None, None, ""
     c = h.config
-    if system in ("stdpl-fp32", "stdpl-4bit", "small-submodel"):
+    if system in FIXED:
         n, mm, b = {"stdpl-fp32": (c.num_layers, c.num_shards, 32), "stdpl-4bit": (c.num_layers, c.num_shards, 4),
                     "small-submodel": (min(int(k.split(",")[0]) for k in h.importance.submodel_accuracy),
                                        min(int(k.split(",")[1]) for k in h.importance.submodel_accuracy), 32)}[system]
@@ -442,16 +443,7 @@ def save_results(results: dict, out_dir: Path) -> Path:
 
 def write_json(results: dict, path: Path) -> Path:
     """Write `results` as JSON atomically: a temporary file beside `path`, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=1, default=float)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_json(results, path, default=float)  # numpy numbers as floats
 
 
 # --- reporting ----------------------------------------------------------------------------------

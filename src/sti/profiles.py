@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_write_json
 from .errors import StiError
 
 PROFILE_VERSION = 1
@@ -243,17 +242,7 @@ def _check_header(d, kind: str, where: str) -> None:
 
 def save_profile(profile: DeviceProfile | ImportanceProfile, path: str | Path) -> Path:
     """Write atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(profile.to_dict(), f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_json(profile.to_dict(), path)
 
 
 def load_profile(path: str | Path, store_id: str | None = None):

@@ -405,10 +405,10 @@ class Engine:
 
     # --- the IO lane: a reader and a decoder ---
     # The reader reads and verifies records in plan order, as far ahead as `window` allows
-    # (packed bytes); the decoder turns each shard's head, streamed or preloaded, into tensors,
-    # at most HEADS_AHEAD heads ahead of the compute lane (`heads`). Decoding in the reader would hold a whole
-    # layer or two of fp32 heads in memory whenever IO runs ahead; decoding in the compute
-    # lane would put it on the critical path.
+    # (packed bytes); the decoder turns each shard's head, streamed or preloaded, into
+    # tensors, at most HEADS_AHEAD heads ahead of the compute lane (`heads`). Decoding in the
+    # reader would hold a whole layer or two of fp32 heads in memory whenever IO runs ahead;
+    # decoding in the compute lane would put it on the critical path.
     def _read_lane(self, ids: torch.Tensor, box: _Mailbox, out: queue.SimpleQueue, t0: float,
                    report: Report) -> None:
         now = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
@@ -424,13 +424,14 @@ class Engine:
             for pos, steps in enumerate(self.steps):
                 streamed = [s for s in steps if not s.preloaded]
                 bits = {s.shard: s.bits for s in streamed}
+                read = 0  # streamed shards of this layer already handed on
                 for step in steps:
                     if box.cancelled:
                         return
                     if step.preloaded:  # no IO: the decoder takes it from the preload buffer
                         out.put((step, SKIPPED if step.shard_key in box.dropped else PRELOADED))
                         continue
-                    rest = streamed[streamed.index(step):]
+                    rest, read = streamed[read:], read + 1
                     for s in rest:  # what the compute lane dropped needs no IO
                         if s.shard_key in box.dropped:
                             bits[s.shard] = None
@@ -595,8 +596,8 @@ class Engine:
                        report: Report, slow: float = 1.0) -> set[int]:
         """Shards of this layer to leave out because the compute lane runs late, or will at
         its pace: `slow` is how much slower than the profile it has run so far (in this
-        request, or at first the last one; beside the engine's own IO lane the first layers
-        ran up to 2x slower than profiled). Enough of the least important shards that,
+        request, or before its first layer is done the median of recent requests; beside the
+        engine's own IO lane the first layers ran up to 2x slower than profiled). Enough of the least important shards that,
         dropped in this and each later layer alike, they win back the lateness now plus
         the lateness the pace adds over the layers left. Never a layer's most important
         shard, nor one the IO lane's guard already skipped (dropping it would save nothing)."""

@@ -8,28 +8,14 @@ waits).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_write
 
 LANES = {"io": 1, "decode": 2, "compute": 3}
 ROWS = {"compute": 0, "decode": 1, "io": 2}  # rows of the timeline picture, bottom up
 COLOURS = {"read": "#4c72b0", "decode": "#8172b2", "embedding": "#64b5cd",
            "layer": "#55a868", "wait": "#c44e52"}
-
-
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def chrome_trace(report) -> dict:
@@ -48,7 +34,7 @@ def chrome_trace(report) -> dict:
 def write_trace(report, path: str | Path) -> Path:
     """Write the request's Chrome trace JSON (atomically)."""
     data = json.dumps(chrome_trace(report))
-    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(data))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(data))
 
 
 def _colour(name: str) -> str:
@@ -80,6 +66,6 @@ def draw_timeline(report, path: str | Path, title: str = "") -> Path:
     ax.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items()], loc="upper left",
               fontsize=7, ncol=5, frameon=False, bbox_to_anchor=(0, -0.35))
     fig.tight_layout()
-    out = _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
     plt.close(fig)
     return out
