@@ -122,10 +122,10 @@ class EmulatedReader(WarmReader):
         buf = super().read(offset, length)
         # Only sleep, never spin: a thread spinning in Python holds the GIL, and the compute
         # lane, which takes the GIL back after every torch op, waits out the spin each time
-        # (measured: a 0.1 ms spin before every 0.5 ms sleep made a layer 40-80% slower).
-        # A sleep ends late by the kernel's timer slack plus the wake-up (~100 us here); a
-        # 1 ns slack cuts that to ~50 us. What is left is part of the emulated device, and
-        # the device profile, which times these very reads, includes it.
+        # (benchmarks/bench_lanes.py: a 0.1 ms spin before every 0.5 ms sleep made a layer
+        # 1.4x slower). A 0.3 ms sleep ends late by the timer slack plus the wake-up (100 us
+        # here); a 1 ns slack cuts that to ~40 us. What is left is part of the emulated
+        # device, and the device profile, which times these very reads, includes it.
         _fine_timer_slack()
         if (left := done - time.perf_counter()) > 0:
             time.sleep(left)

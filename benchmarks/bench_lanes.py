@@ -1,0 +1,153 @@
+"""How the engine's IO threads slow its compute lane (the figures in docs/PROFILES.md).
+
+    .venv/bin/python benchmarks/bench_lanes.py [--store DIR] [--storage emulate:100MB/s]
+
+Three measurements, in one run, one torch thread:
+  0. how late a 0.3 ms sleep ends, with Linux's default 50 us timer slack and with the 1 ns
+     the emulated storage asks for (each in a fresh thread: the setting is per thread);
+  1. one layer (6 shards at 4 bits, 28 tokens, cycling through 4 layers) timed alone and
+     beside a background thread doing Python work of different shapes: a plain sleep loop,
+     0.1 ms of Python spin before each 0.5 ms sleep (what the emulated reader once did), a
+     shard-head decode before each 0.5 ms sleep (what the decoder does), and a tight decode
+     loop. The compute lane takes the GIL back after every torch op; a thread that holds
+     it then, or must be woken for it, costs the layer time;
+  2. the engine at T = 18.4 and 40 ms (M = 2 MB, 40 test sentences, guard off, a profile
+     measured in the same run): each layer's compute-lane time over the profile's
+     prediction, per layer position (median over requests). The IO lane is busiest during
+     the first layers and done before the last.
+Writes benchmarks/results/lanes.json and prints both tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sti import api
+from sti.atomic import atomic_write_json
+from sti.data import load_split
+from sti.encoder import attention_keep, layer_by_shards
+from sti.planner import make_plan
+from sti.profile_device import Background, machine, measure_device, median_ms
+from sti.runtime import Engine
+from sti.storage import _fine_timer_slack
+from sti.store import Store
+from sti.weights import ATTN_PARTS, FFN_PARTS
+
+OUT = Path(__file__).parent / "results" / "lanes.json"
+
+
+def default_store() -> Path:
+    from sti.assets import sti_home
+    return sti_home() / "stores" / "minilm-l6-rt-elastic-full-linear"
+
+
+def spin(ms: float) -> None:
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+def sleep_overshoot_us(fine: bool, count: int = 300) -> float:
+    """Median microseconds a 0.3 ms sleep overruns, in a new thread (fine: 1 ns timer slack)."""
+    out = []
+
+    def run() -> None:
+        if fine:
+            _fine_timer_slack()
+        for _ in range(count):
+            t = time.perf_counter()
+            time.sleep(3e-4)
+            out.append((time.perf_counter() - t - 3e-4) * 1e6)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return float(np.median(out))
+
+
+def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
+    """Median ms of one layer alone and beside each background load."""
+    x, keep = torch.randn(1, 28, store.config.hidden_size), attention_keep(torch.ones(1, 28))
+    layers = []
+    for i in range(4):
+        recs = [store.shard_record(i, j, 4) for j in range(6)]
+        bufs = [store.read(r) for r in recs]
+        layers.append(([store.decode_parts(r, b, ATTN_PARTS) for r, b in zip(recs, bufs)], store.layer_shared(i),
+                       [lambda r=r, b=b: store.decode_parts(r, b, FFN_PARTS) for r, b in zip(recs, bufs)]))
+    turn = itertools.cycle(layers)
+
+    def layer() -> None:
+        with torch.inference_mode():
+            heads, shared, ffns = next(turn)
+            layer_by_shards(x, keep, heads, shared, store.config, ffns)
+    rec = store.shard_record(5, 0, 4)
+    buf = store.read(rec)
+    decode = lambda: store.decode_parts(rec, buf, ATTN_PARTS)  # noqa: E731
+    loads = {"alone": None,
+             "sleep 0.5 ms loop": lambda: time.sleep(5e-4),
+             "0.1 ms spin + 0.5 ms sleep": lambda: (spin(0.1), time.sleep(5e-4)),
+             "head decode + 0.5 ms sleep": lambda: (decode(), time.sleep(5e-4)),
+             "tight head-decode loop": decode}
+    out = {}
+    for name, work in loads.items():
+        layer()
+        if work is None:
+            out[name] = median_ms(layer, repeat)
+        else:
+            with Background(work):
+                out[name] = median_ms(layer, repeat)
+    return out
+
+
+def per_layer(store_dir: Path, storage: str, target_ms: float, texts: list[str]) -> dict:
+    """The engine's compute-lane time over the profile's, per layer position."""
+    with Store(store_dir) as s:
+        store_id, fixed = s.store_id, api.resident_bytes(s)
+    device = measure_device(store_dir, storage=storage, seq_len=48)
+    plan = make_plan(device, api.importance_profile(store_dir, log=lambda *a: None), store_id, target_ms,
+                     int(2e6), seq_len=48, fixed_bytes=fixed, headroom=api.DEFAULT_HEADROOM)
+    ratios = []
+    with Engine(Store(store_dir, storage), plan, device, storage=storage, guard=False) as engine:
+        engine.run(texts[0])
+        for text in texts:
+            r = engine.run(text).report
+            ratios.append([lr.compute_ms / max(1e-6, device.compute_ms(len(lr.shard_ids), r.tokens))
+                           for lr in r.layers])
+    return {"target_ms": target_ms, "n": plan.n, "m": plan.m, "preloaded": len(plan.preload),
+            "ratio_per_layer": [round(float(v), 3) for v in np.median(np.array(ratios), axis=0)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", type=Path, default=None, help="default: the full-preset store in $STI_HOME")
+    ap.add_argument("--storage", default="emulate:100MB/s")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    store_dir = args.store or default_store()
+    torch.set_num_threads(1)
+    overshoot = {"default slack": sleep_overshoot_us(False), "1 ns slack": sleep_overshoot_us(True)}
+    print("a 0.3 ms sleep ends late by (median us): " + ", ".join(f"{k} {v:.0f}" for k, v in overshoot.items()))
+    with Store(store_dir) as store:
+        loads = beside_loads(store)
+    print("one layer (6 shards, 4 bits, 28 tokens), median ms:")
+    for name, ms in loads.items():
+        print(f"  {name:28s} {ms:6.3f}  ({ms / loads['alone']:.2f}x)")
+    texts = [e.text for e in load_split("test")[:40]]
+    engine = [per_layer(store_dir, args.storage, t, texts) for t in (18.4, 40.0)]
+    print(f"engine at {args.storage}, M = 2 MB, compute lane over profile per layer (median of 40 requests):")
+    for e in engine:
+        print(f"  T = {e['target_ms']} ms, plan {e['n']} x {e['m']} ({e['preloaded']} preloaded): {e['ratio_per_layer']}")
+    atomic_write_json({"conditions": {"machine": machine(), "torch_threads": 1, "storage": args.storage,
+                                      "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
+                       "sleep_overshoot_us": overshoot, "layer_beside_loads_ms": loads, "engine_per_layer": engine}, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
