@@ -39,6 +39,10 @@ class Tokenizer:
         self._tok.enable_truncation(max_length=max_length)
         self.pad_id = self._tok.token_to_id("[PAD]") or 0
 
+    def lengths(self, texts: list[str]) -> list[int]:
+        """Token count of each text after truncation (special tokens included)."""
+        return [len(e.ids) for e in self._tok.encode_batch(texts)]
+
     def encode(self, texts: list[str], pad_to: int | None = None) -> Batch:
         """Token ids and mask for a batch; pads to the longest (or to `pad_to`)."""
         if isinstance(texts, str):
