@@ -284,3 +284,28 @@ def test_fuzzed_manifest_gives_only_store_errors(built, tmp_path_factory, muts, 
             s.load_model(2)
     except StoreError:
         pass
+
+
+def test_store_records_its_model_file_and_the_demo_rebuilds_a_stale_one(tmp_path, tiny_weights, monkeypatch):
+    import hashlib
+    from rich.console import Console
+    from sti.demo import demo_store
+    from sti.weights import ModelWeights, save_model_dir
+    from tests.conftest import word_tokenizer
+
+    monkeypatch.setenv("STI_HOME", str(tmp_path / "home"))
+    model = save_model_dir(tiny_weights, tmp_path / "m", tokenizer_from=word_tokenizer(tmp_path / "tok"))
+    console = Console(file=open(tmp_path / "log.txt", "w"))
+    store = demo_store(model, console)
+    digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+    manifest = json.loads((store / MANIFEST).read_text())
+    assert manifest["source"]["model_sha256"] == digest
+    first_id = manifest["store_id"]
+    assert demo_store(model, console) == store
+    assert json.loads((store / MANIFEST).read_text())["store_id"] == first_id  # reused, not rebuilt
+
+    save_model_dir(ModelWeights.random(tiny_weights.config, seed=7), model)  # retrained
+    demo_store(model, console)
+    assert json.loads((store / MANIFEST).read_text())["store_id"] != first_id
+    console.file.close()
+    assert "was built from another version" in (tmp_path / "log.txt").read_text()

@@ -7,6 +7,7 @@ Everything lands in $STI_HOME; with all of it cached a rerun takes about two min
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -18,16 +19,27 @@ DEMO_MEMORY_MB = 1.8               # ~2% of the fp32 model (90 MB)
 
 def demo_store(model_dir: Path, console: Console) -> Path:
     """The store of `model_dir`, built once under $STI_HOME/stores."""
-    from .assets import sti_home
+    from .assets import sha256_file, sti_home
     from .store import build_store
     path = sti_home() / "stores" / f"{model_dir.name}-linear"
     if (path / "manifest.json").exists():
-        return path
+        if _built_from(path) == sha256_file(model_dir / "model.safetensors"):
+            return path
+        console.print(f"{path} was built from another version of {model_dir.name}: rebuilding it "
+                      "(its profiles go with it and are measured again)")
     from rich.progress import Progress as Bar
     with Bar(console=console, transient=True) as bar:
         task = bar.add_task("building the store", total=None)
         build_store(model_dir, path, progress=lambda d, t: bar.update(task, completed=d, total=t) or True)
     return path
+
+
+def _built_from(store: Path) -> str | None:
+    """The sha256 of the model file a store was built from, if its manifest says."""
+    try:
+        return json.loads((store / "manifest.json").read_text()).get("source", {}).get("model_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def run_demo(preset: str = "quick", console: Console | None = None) -> None:

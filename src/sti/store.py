@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import codec as codecs
+from .assets import sha256_file
 from .config import ModelConfig
 from .errors import Cancelled, ConfigError, StiError, StoreError
 from .storage import PAGE, open_reader
@@ -169,7 +170,7 @@ def build_store(model: str | Path | ModelWeights, store_dir: str | Path, bits=DE
     if not isinstance(model, ModelWeights):
         model_dir = Path(model)
         tokenizer_from = tokenizer_from or model_dir
-        source = {"model_dir": str(model_dir.resolve())}
+        source = {"model_dir": str(model_dir.resolve()), "model_sha256": sha256_file(model_dir / "model.safetensors")}
         model = load_model_dir(model_dir)
     store_dir = Path(store_dir)
     store_dir.parent.mkdir(parents=True, exist_ok=True)
