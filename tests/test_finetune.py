@@ -117,3 +117,14 @@ def test_unknown_preset_is_refused():
     with pytest.raises(InputError, match="choose 'full' or 'quick'"):
         ft.FinetuneConfig.preset_named("fast")
     assert callable(finetune_fn)
+
+
+def test_target_checks_name_each_target_and_its_verdict():
+    cells = {(n, m): 0.80 for n, m in ft.grid()}
+    cells.update({(6, 12): 0.861, (6, 6): 0.842, (6, 3): 0.80, (3, 12): 0.83})
+    metrics = {"preset": "full", "total_train_seconds": 46 * 60,
+               "grid": [{"n": n, "m": m, "elastic": a} for (n, m), a in cells.items()]}
+    verdicts = [met for _, met in ft.target_checks(metrics)]
+    assert verdicts == [True, True, False, True, False]  # (6, 3) is 6.1 below; 46 > 45 min
+    lines = [line for line, _ in ft.target_checks(metrics)]
+    assert "(6, 6) 1.9 points below" in lines[1] and "46.0 min" in lines[4]

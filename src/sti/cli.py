@@ -58,6 +58,9 @@ def print_grid(metrics: dict) -> None:
     t = metrics["train_seconds"]
     console.print("training time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in t.items())
                   + f" (total {metrics['total_train_seconds'] / 60:.1f} min, {metrics['torch_threads']} threads)")
+    from .finetune import target_checks
+    for line, met in target_checks(metrics):
+        console.print(f"  {'met' if met else 'MISSED':6} {line}")
 
 
 def _bits(text: str) -> tuple[int, ...]:

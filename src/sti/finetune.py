@@ -272,5 +272,28 @@ def finetune(out: str | Path | None = None, preset: str = "quick", cfg: Finetune
     return out
 
 
+# The issue's targets: the full submodel's accuracy, how far below it three corners may
+# fall (points), and each preset's training minutes on this 2-core machine.
+FULL_TARGET = 0.86
+GAP_TARGETS = {(6, 6): 2.0, (6, 3): 5.0, (3, 12): 4.0}
+MINUTES_TARGET = {"full": 45.0, "quick": 10.0}
+
+
+def target_checks(metrics: dict) -> list[tuple[str, bool]]:
+    """One line per target of the issue, with whether `metrics` meets it."""
+    acc = {(c["n"], c["m"]): c["elastic"] for c in metrics["grid"]}
+    full = acc[FULL]
+    checks = [(f"full submodel {full:.4f} (target >= {FULL_TARGET:.2f})", full >= FULL_TARGET)]
+    for cell, points in GAP_TARGETS.items():
+        gap = 100 * (full - acc[cell])
+        checks.append((f"{cell} {gap:.1f} points below the full submodel (target <= {points:.0f})", gap <= points))
+    minutes = metrics["total_train_seconds"] / 60
+    limit = MINUTES_TARGET.get(metrics["preset"])
+    if limit is not None:
+        checks.append((f"training {minutes:.1f} min (target <= {limit:.0f} for the {metrics['preset']} preset)",
+                       minutes <= limit))
+    return checks
+
+
 def read_metrics(model_dir: str | Path) -> dict:
     return json.loads((Path(model_dir) / "metrics.json").read_text())
