@@ -14,8 +14,8 @@ Three steps (DynaBERT-style, see STI.md key idea 3):
 
 Batches are bucketed by length (see `_length_buckets`), which halves the cost of a step.
 The teacher is cached on its own, stamped with the settings it was trained with, so an
-interrupted run restarts at step 3 and trains the same model as an uninterrupted one. Outputs are
-written atomically (a temporary directory renamed into place).
+interrupted run restarts at step 3 and trains the same model as an uninterrupted one.
+Outputs are written atomically (a temporary directory renamed into place).
 """
 
 from __future__ import annotations
