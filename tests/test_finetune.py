@@ -2,6 +2,7 @@
 shards) and a slice of the real data: batching, the whole command, the teacher cache,
 Ctrl-C. Accuracy targets need the real model and an hour; they are in metrics.json."""
 
+import importlib
 import json
 import random
 import shutil
@@ -11,16 +12,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import word_tokenizer
-from sti import finetune as finetune_fn
 from sti.config import ModelConfig
 from sti.data import load_split
 from sti.errors import Cancelled
 from sti.tokenizer import Tokenizer
 from sti.weights import ModelWeights, load_model_dir, save_model_dir
+from tests.conftest import word_tokenizer
 
-import sys
-ft = sys.modules["sti.finetune"]  # the module; the package root re-exports the function
+ft = importlib.import_module("sti.finetune")  # the module; `sti.finetune` is the function
 
 SMALL = ModelConfig(hidden_size=48, num_layers=6, num_heads=12, intermediate_size=96,
                     vocab_size=120, max_position=64)
@@ -53,6 +52,7 @@ def test_length_buckets_cover_each_example_once_with_little_padding():
     assert batches != ft._length_buckets(lengths, 32, random.Random(1), pool=10)
 
 
+@pytest.mark.real
 def test_steps_count_fractional_epochs_and_bucket_real_texts(real_model_dir, real_data_dir):
     train = load_split("train")[:400]
     cfg = ft.FinetuneConfig(batch_size=20)
@@ -64,6 +64,7 @@ def test_steps_count_fractional_epochs_and_bucket_real_texts(real_model_dir, rea
     assert all(labels.shape == (20,) for _, labels in steps)
 
 
+@pytest.mark.real
 def test_finetune_writes_model_metrics_and_reuses_the_teacher(tmp_path, base_dir):
     out = tmp_path / "elastic"
     logs = []
@@ -95,7 +96,14 @@ def test_finetune_writes_model_metrics_and_reuses_the_teacher(tmp_path, base_dir
     stamp = json.loads((tmp_path / "elastic.teacher" / "teacher.json").read_text())["stamp"]
     assert stamp["teacher_lr"] == 1e-4
 
+    # Another base model under the same path: not the cached teacher either.
+    logs.clear()
+    save_model_dir(ModelWeights.random(SMALL, seed=4), base_dir, tokenizer_from=base_dir)
+    ft.finetune(out, cfg=tiny_cfg(teacher_lr=1e-4), base_dir=base_dir, log=logs.append)
+    assert any("other settings" in line for line in logs)
 
+
+@pytest.mark.real
 def test_interrupted_finetune_writes_nothing(tmp_path, base_dir, monkeypatch):
     out = tmp_path / "elastic"
     save_model_dir(ModelWeights.random(SMALL, seed=9), out)  # an older model must survive
@@ -116,7 +124,10 @@ def test_unknown_preset_is_refused():
     from sti.errors import InputError
     with pytest.raises(InputError, match="choose 'full' or 'quick'"):
         ft.FinetuneConfig.preset_named("fast")
-    assert callable(finetune_fn)
+
+
+def test_targeted_submodels_are_trained_on_every_step():
+    assert set(ft.GAP_TARGETS) | {ft.FULL} <= set(ft.ANCHORS) <= set(ft.grid())
 
 
 def test_target_checks_name_each_target_and_its_verdict():

@@ -294,18 +294,24 @@ def test_store_records_its_model_file_and_the_demo_rebuilds_a_stale_one(tmp_path
     from tests.conftest import word_tokenizer
 
     monkeypatch.setenv("STI_HOME", str(tmp_path / "home"))
-    model = save_model_dir(tiny_weights, tmp_path / "m", tokenizer_from=word_tokenizer(tmp_path / "tok"))
-    console = Console(file=open(tmp_path / "log.txt", "w"))
-    store = demo_store(model, console)
-    digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
-    manifest = json.loads((store / MANIFEST).read_text())
-    assert manifest["source"]["model_sha256"] == digest
-    first_id = manifest["store_id"]
-    assert demo_store(model, console) == store
-    assert json.loads((store / MANIFEST).read_text())["store_id"] == first_id  # reused, not rebuilt
+    tok = word_tokenizer(tmp_path / "tok")
+    model = save_model_dir(tiny_weights, tmp_path / "m", tokenizer_from=tok)
+    with open(tmp_path / "log.txt", "w") as log:
+        console = Console(file=log)
+        store = demo_store(model, console)
+        digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+        manifest = json.loads((store / MANIFEST).read_text())
+        assert manifest["source"]["model_sha256"] == digest
+        built = (store / MANIFEST).stat().st_mtime_ns
+        assert demo_store(model, console) == store
+        assert (store / MANIFEST).stat().st_mtime_ns == built  # reused, not rebuilt
 
-    save_model_dir(ModelWeights.random(tiny_weights.config, seed=7), model)  # retrained
-    demo_store(model, console)
-    assert json.loads((store / MANIFEST).read_text())["store_id"] != first_id
-    console.file.close()
+        save_model_dir(ModelWeights.random(tiny_weights.config, seed=7), model, tokenizer_from=tok)  # retrained
+        demo_store(model, console)
+        assert json.loads((store / MANIFEST).read_text())["store_id"] != manifest["store_id"]
     assert "was built from another version" in (tmp_path / "log.txt").read_text()
+
+
+def test_building_from_a_missing_model_names_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="config.json"):
+        build_store(tmp_path / "nowhere", tmp_path / "store")

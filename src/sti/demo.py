@@ -20,13 +20,15 @@ DEMO_MEMORY_MB = 1.8               # ~2% of the fp32 model (90 MB)
 def demo_store(model_dir: Path, console: Console) -> Path:
     """The store of `model_dir`, built once under $STI_HOME/stores."""
     from .assets import sha256_file, sti_home
-    from .store import build_store
+    from .store import MANIFEST, build_store
     path = sti_home() / "stores" / f"{model_dir.name}-linear"
-    if (path / "manifest.json").exists():
-        if _built_from(path) == sha256_file(model_dir / "model.safetensors"):
+    if (path / MANIFEST).exists():
+        built_from = _built_from(path)
+        if built_from == sha256_file(model_dir / "model.safetensors"):
             return path
-        console.print(f"{path} was built from another version of {model_dir.name}: rebuilding it "
-                      "(its profiles go with it and are measured again)")
+        why = "records no model hash (built by an older sti)" if built_from is None else \
+            f"was built from another version of {model_dir.name}"
+        console.print(f"{path} {why}: rebuilding it (its profiles go with it and are measured again)")
     from rich.progress import Progress as Bar
     with Bar(console=console, transient=True) as bar:
         task = bar.add_task("building the store", total=None)
@@ -37,7 +39,8 @@ def demo_store(model_dir: Path, console: Console) -> Path:
 def _built_from(store: Path) -> str | None:
     """The sha256 of the model file a store was built from, if its manifest says."""
     try:
-        return json.loads((store / "manifest.json").read_text()).get("source", {}).get("model_sha256")
+        from .store import MANIFEST
+        return json.loads((store / MANIFEST).read_text()).get("source", {}).get("model_sha256")
     except (OSError, ValueError, AttributeError):
         return None
 

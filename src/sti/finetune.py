@@ -9,7 +9,7 @@ Three steps (DynaBERT-style, see STI.md key idea 3):
      layers) plus the task loss. Running all 16 submodels on every batch would cost about
      7.5 full passes per step, too slow for two cores, so each step uses the "sandwich
      rule" of slimmable networks: a fixed set of ANCHORS (the largest, the smallest, and
-     the corners the issue sets targets for, which random sampling visits too rarely to
+     the submodels the issue sets targets for, which random sampling visits too rarely to
      hold them there) and `samples` random submodels of the rest.
 
 Batches are bucketed by length (see `_length_buckets`), which halves the cost of a step.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import data
-from .assets import ensure_model, sti_home
+from .assets import ensure_model, sha256_file, sti_home
 from .encoder import Submodel, encode, head_logits
 from .errors import Cancelled
 from .evaluate import accuracy
@@ -55,8 +55,9 @@ class FinetuneConfig:
     elastic_epochs: float = 2.5
     elastic_lr: float = 3e-5
     samples: int = 1              # random submodels per step, besides the ANCHORS
-    # The full submodel carries the 86% target and is what the store holds at fp32: among six
-    # submodels a step its share of the update would be 1/6, so its loss counts a bit more.
+    # The full submodel carries the 86% target and is what the store holds at fp32: among the
+    # len(ANCHORS) + samples submodels of a step its share of the update would be 1/6, so its
+    # loss counts a bit more.
     full_weight: float = 1.5
     hidden_weight: float = 1.0
     task_weight: float = 1.0
@@ -118,7 +119,9 @@ def _length_buckets(lengths: list[int], batch_size: int, rng: random.Random, poo
 
 
 def _steps(examples, tokenizer, cfg: FinetuneConfig, epochs: float, rng: random.Random):
-    """Length-bucketed training batches for `epochs` epochs (a fraction allowed)."""
+    """Length-bucketed training batches for `epochs` epochs (a fraction allowed). Epochs
+    count examples: ceil(epochs * N / batch_size) batches, so a whole number of epochs
+    may leave out one short batch."""
     total = math.ceil(epochs * len(examples) / cfg.batch_size)
     lengths = tokenizer.lengths([e.text for e in examples])
     batches: list[list[int]] = []
@@ -179,12 +182,13 @@ def train_elastic(student: ModelWeights, teacher: ModelWeights, tokenizer, train
                 t_hidden = encode(teacher, batch.input_ids, batch.attention_mask, all_hidden=True)
                 t_logits = head_logits(teacher.head, t_hidden[-1], batch.attention_mask)
             chosen = list(ANCHORS) + rng.sample(cells, cfg.samples)
-            weights = [cfg.full_weight if cell == FULL else 1.0 for cell in chosen]
+            loss_weights = [cfg.full_weight if cell == FULL else 1.0 for cell in chosen]
+            weight_sum = sum(loss_weights)
             opt.zero_grad(set_to_none=True)
             total_loss = 0.0
-            for (n, m), weight in zip(chosen, weights):
+            for (n, m), weight in zip(chosen, loss_weights):
                 loss = elastic_loss(student, Submodel.of(c, n, m), batch, labels, t_logits, t_hidden, cfg)
-                share = weight / sum(weights)
+                share = weight / weight_sum
                 (loss * share).backward()
                 total_loss += loss.item() * share
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -201,22 +205,37 @@ def grid_accuracy(weights: ModelWeights, tokenizer: Tokenizer, examples) -> dict
             for n, m in grid()}
 
 
-def teacher_stamp(cfg: FinetuneConfig, base_dir: Path) -> dict:
+# Bump when train_teacher or the batching changes in a way the stamp's settings do not show.
+TEACHER_RECIPE = 1
+
+
+def teacher_stamp(cfg: FinetuneConfig, base_dir: Path, train_size: int) -> dict:
     """What the teacher depends on: a cached teacher is reused only if its stamp matches."""
     keys = ("seed", "batch_size", "max_length", "teacher_epochs", "teacher_lr", "dropout", "train_limit")
-    return {"base": base_dir.name, "batching": "length-buckets", **{k: getattr(cfg, k) for k in keys}}
+    return {"recipe": TEACHER_RECIPE, "base_sha256": sha256_file(base_dir / "model.safetensors"),
+            "tokenizer_sha256": sha256_file(base_dir / "tokenizer.json"), "train_size": train_size,
+            **{k: getattr(cfg, k) for k in keys}}
+
+
+def _cached_teacher(teacher_dir: Path, stamp: dict) -> float | None:
+    """The training seconds recorded with a cached teacher whose stamp matches, else None."""
+    try:
+        cached = json.loads((teacher_dir / "teacher.json").read_text())
+        if (teacher_dir / "model.safetensors").exists() and cached["stamp"] == stamp:
+            return float(cached["train_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing, unreadable or from an older version: train a new one
+    return None
 
 
 def _teacher(cfg: FinetuneConfig, base_dir: Path, tokenizer: Tokenizer, train, teacher_dir: Path, log):
     """The cached teacher if it was trained with these settings, else a newly trained one
     (cached before returning). Returns the weights and the seconds its training took."""
-    stamp = teacher_stamp(cfg, base_dir)
-    stamp_file = teacher_dir / "teacher.json"
-    if (teacher_dir / "model.safetensors").exists() and stamp_file.exists():
-        cached = json.loads(stamp_file.read_text())
-        if cached.get("stamp") == stamp:
-            log(f"teacher: reusing {teacher_dir}")
-            return load_model_dir(teacher_dir), cached["train_s"]
+    stamp = teacher_stamp(cfg, base_dir, len(train))
+    train_s = _cached_teacher(teacher_dir, stamp)
+    if train_s is not None:
+        log(f"teacher: reusing {teacher_dir}")
+        return load_model_dir(teacher_dir), train_s
     if teacher_dir.exists():
         log(f"teacher: {teacher_dir} was trained with other settings; training a new one")
     t0 = time.perf_counter()
@@ -242,10 +261,10 @@ def finetune(out: str | Path | None = None, preset: str = "quick", cfg: Finetune
     try:
         teacher, times["teacher_s"] = _teacher(cfg, base_dir, tokenizer, train,
                                                out.with_name(out.name + ".teacher"), log)
-        t0 = time.perf_counter()
-        eval_tok = Tokenizer(base_dir)
+        eval_tok = Tokenizer(base_dir, max_length=min(128, teacher.config.max_position))
         teacher_acc = accuracy(teacher, eval_tok, test)
         log(f"teacher test accuracy: {teacher_acc:.4f}")
+        t0 = time.perf_counter()
         scores = taylor_importance(teacher, eval_tok, dev)
         rewired = rewire(teacher, scores)
         times["rewire_s"] = time.perf_counter() - t0
@@ -257,18 +276,19 @@ def finetune(out: str | Path | None = None, preset: str = "quick", cfg: Finetune
         elastic = train_elastic(rewired.clone(), rewired, tokenizer, train, cfg, random.Random(cfg.seed + 1))
         times["elastic_s"] = time.perf_counter() - t0
         elastic_grid = grid_accuracy(elastic, eval_tok, test)
+        metrics = {
+            "preset": cfg.preset, "config": asdict(cfg), "anchors": [list(a) for a in ANCHORS],
+            "split": "test", "test_size": len(test), "teacher_test_accuracy": teacher_acc,
+            "grid": [{"n": n, "m": m, "rewired_only": rewired_grid[f"n{n}m{m}"],
+                      "elastic": elastic_grid[f"n{n}m{m}"]} for n, m in grid()],
+            "train_seconds": times, "total_train_seconds": sum(times.values()),
+            "torch_threads": torch.get_num_threads(),
+        }
+        save_model_dir(elastic, out, tokenizer_from=base_dir,
+                       extra_files={"metrics.json": json.dumps(metrics, indent=2)})
     except KeyboardInterrupt:
         raise Cancelled(f"fine-tuning interrupted; nothing was written to {out} (rerun to resume "
                         "from the cached teacher if it was finished)") from None
-    metrics = {
-        "preset": cfg.preset, "config": asdict(cfg), "anchors": [list(a) for a in ANCHORS],
-        "split": "test", "test_size": len(test), "teacher_test_accuracy": teacher_acc,
-        "grid": [{"n": n, "m": m, "rewired_only": rewired_grid[f"n{n}m{m}"],
-                  "elastic": elastic_grid[f"n{n}m{m}"]} for n, m in grid()],
-        "train_seconds": times, "total_train_seconds": sum(times.values()),
-        "torch_threads": torch.get_num_threads(),
-    }
-    save_model_dir(elastic, out, tokenizer_from=base_dir, extra_files={"metrics.json": json.dumps(metrics, indent=2)})
     return out
 
 

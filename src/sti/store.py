@@ -170,8 +170,8 @@ def build_store(model: str | Path | ModelWeights, store_dir: str | Path, bits=DE
     if not isinstance(model, ModelWeights):
         model_dir = Path(model)
         tokenizer_from = tokenizer_from or model_dir
+        model = load_model_dir(model_dir)  # first: it names a missing or broken model clearly
         source = {"model_dir": str(model_dir.resolve()), "model_sha256": sha256_file(model_dir / "model.safetensors")}
-        model = load_model_dir(model_dir)
     store_dir = Path(store_dir)
     store_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{store_dir.name}.", dir=store_dir.parent))
