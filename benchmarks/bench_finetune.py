@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import random
 import statistics
 import time
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from sti import data
 from sti.assets import ensure_model
+from sti.atomic import atomic_write_json
 from sti.encoder import Submodel, encode, head_logits
 from sti.tokenizer import Tokenizer
 from sti.weights import load_model_dir
@@ -85,7 +85,6 @@ def main() -> int:
     print(f"mean padded width: random {widths['random']:.1f}, bucketed {widths['bucketed']:.1f} tokens")
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "threads": torch.get_num_threads(),
               "batch_size": cfg.batch_size, "steps": args.steps, "mean_padded_width": widths, "rows": rows}
-    from sti.atomic import atomic_write_json
     atomic_write_json(result, OUT)
     print(f"wrote {OUT}")
     return 0

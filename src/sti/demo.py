@@ -38,8 +38,8 @@ def demo_store(model_dir: Path, console: Console) -> Path:
 
 def _built_from(store: Path) -> str | None:
     """The sha256 of the model file a store was built from, if its manifest says."""
+    from .store import MANIFEST
     try:
-        from .store import MANIFEST
         return json.loads((store / MANIFEST).read_text()).get("source", {}).get("model_sha256")
     except (OSError, ValueError, AttributeError):
         return None

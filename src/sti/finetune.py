@@ -104,8 +104,8 @@ def _schedule(opt: torch.optim.Optimizer, base_lr: float, step: int, total: int)
 def _length_buckets(lengths: list[int], batch_size: int, rng: random.Random, pool: int = 50) -> list[list[int]]:
     """One epoch of batches, each of examples of similar length, in random order.
 
-    Batches pad to their longest text; random batches of RT snippets pad 27 tokens on
-    average to 52, so half the compute went on padding. Sorting each random pool of
+    Batches pad to their longest text; random batches of 32 RT snippets pad 27 tokens on
+    average to about 50 (benchmarks/bench_finetune.py), so half the compute went on padding. Sorting each random pool of
     `pool` batches by length before cutting it keeps the order random across pools
     and cuts the padding to a few tokens (the usual length-bucketing of NLP training)."""
     order = list(range(len(lengths)))
