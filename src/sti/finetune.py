@@ -52,7 +52,7 @@ class FinetuneConfig:
     max_length: int = 64          # RT snippets average ~25 tokens; 64 cuts under 1%
     teacher_epochs: float = 2.0
     teacher_lr: float = 5e-5
-    elastic_epochs: float = 2.5
+    elastic_epochs: float = 3.0
     elastic_lr: float = 3e-5
     samples: int = 1              # random submodels per step, besides the ANCHORS
     # The full submodel carries the 86% target and is what the store holds at fp32: among the
