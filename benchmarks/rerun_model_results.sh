@@ -1,6 +1,6 @@
 #!/bin/bash
 # Rerun every committed result that depends on the full-preset model, in sequence, after the
-# model was retrained (`sti finetune --preset full`). About 35 minutes on 2 cores; run it with
+# model was retrained (`sti finetune --preset full`). About 28 minutes on 2 cores; run it with
 # nothing else on the machine. Results land in benchmarks/results/ and docs/timeline.png; the
 # README's figures must then be updated from them.
 set -euo pipefail
