@@ -37,7 +37,10 @@ def demo_store(model_dir: Path, console: Console) -> Path:
 
 
 def _built_from(store: Path) -> str | None:
-    """The sha256 of the model file a store was built from, if its manifest says."""
+    """The sha256 of the model file a store was built from, if its manifest says.
+
+    Read loosely rather than through `Store`, whose validation refuses stores of an older
+    format version: those should be rebuilt here, not stop the demo."""
     from .store import MANIFEST
     try:
         return json.loads((store / MANIFEST).read_text()).get("source", {}).get("model_sha256")
