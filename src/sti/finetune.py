@@ -51,7 +51,9 @@ class FinetuneConfig:
     batch_size: int = 32
     max_length: int = 64          # RT snippets average ~25 tokens; 64 cuts under 1%
     teacher_epochs: float = 2.0
-    teacher_lr: float = 5e-5
+    # 1e-4 rather than the usual BERT 5e-5: this small model's teacher scored 0.8712 on the dev
+    # split against 0.8598, and the elastic model distils from it (README, "recipes").
+    teacher_lr: float = 1e-4
     elastic_epochs: float = 3.0
     elastic_lr: float = 3e-5
     samples: int = 1              # random submodels per step, besides the ANCHORS
