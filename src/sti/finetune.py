@@ -52,7 +52,7 @@ class FinetuneConfig:
     max_length: int = 64          # RT snippets average ~25 tokens; 64 cuts under 1%
     teacher_epochs: float = 2.0
     # 1e-4 rather than the usual BERT 5e-5: this small model's teacher scored 0.8712 on the dev
-    # split against 0.8598, and the elastic model distils from it (README, "recipes").
+    # split against 0.8598, and the elastic model distils from it (README, "Measured so far").
     teacher_lr: float = 1e-4
     elastic_epochs: float = 3.0
     elastic_lr: float = 3e-5
