@@ -35,7 +35,7 @@ def data() -> None:
 
 @app.command()
 def finetune(out: Optional[Path] = typer.Option(None, help="output model directory (default: in $STI_HOME)"),
-             preset: str = typer.Option("full", help="full (about 37 min on 2 cores) or quick (under 10 min)"),
+             preset: str = typer.Option("full", help="full (about 39 min on 2 cores) or quick (under 10 min)"),
              force: bool = typer.Option(False, help="retrain even if the model exists")) -> None:
     """Fine-tune the elastic (width- and depth-adaptive) sentiment model."""
     from .finetune import FinetuneConfig, default_model_dir, finetune as run, read_metrics
