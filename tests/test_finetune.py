@@ -91,15 +91,16 @@ def test_finetune_writes_model_metrics_and_reuses_the_teacher(tmp_path, base_dir
 
     # Other teacher settings: the cached teacher is not used.
     logs.clear()
-    ft.finetune(out, cfg=tiny_cfg(teacher_lr=1e-4), base_dir=base_dir, log=logs.append)
+    other_lr = 2 * tiny_cfg().teacher_lr
+    ft.finetune(out, cfg=tiny_cfg(teacher_lr=other_lr), base_dir=base_dir, log=logs.append)
     assert any("other settings" in line for line in logs)
     stamp = json.loads((tmp_path / "elastic.teacher" / "teacher.json").read_text())["stamp"]
-    assert stamp["teacher_lr"] == 1e-4
+    assert stamp["teacher_lr"] == other_lr
 
     # Another base model under the same path: not the cached teacher either.
     logs.clear()
     save_model_dir(ModelWeights.random(SMALL, seed=4), base_dir, tokenizer_from=base_dir)
-    ft.finetune(out, cfg=tiny_cfg(teacher_lr=1e-4), base_dir=base_dir, log=logs.append)
+    ft.finetune(out, cfg=tiny_cfg(teacher_lr=other_lr), base_dir=base_dir, log=logs.append)
     assert any("other settings" in line for line in logs)
 
 
