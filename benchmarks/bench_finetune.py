@@ -63,7 +63,7 @@ def main() -> int:
     cfg = ft.FinetuneConfig()
     tokenizer = Tokenizer(base, max_length=cfg.max_length)
     train = data.load_split("train")
-    weights = load_model_dir(base)
+    weights = load_model_dir(base, fresh_head=True)
     params = weights.parameters()
     for p in params:
         p.requires_grad_(True)

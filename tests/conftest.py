@@ -37,7 +37,7 @@ def real_data_dir():
 @pytest.fixture(scope="session")
 def real_weights(real_model_dir):
     from sti.weights import load_model_dir
-    return load_model_dir(real_model_dir)
+    return load_model_dir(real_model_dir, fresh_head=True)
 
 
 @pytest.fixture(scope="session")

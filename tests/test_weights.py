@@ -1,4 +1,4 @@
-import json
+import dataclasses
 
 import pytest
 import torch
@@ -79,14 +79,22 @@ def test_config_validation_and_hf_round_trip(tmp_path):
         ModelConfig(num_layers=10**9)
     with pytest.raises(ConfigError, match="layer_norm_eps"):
         ModelConfig(layer_norm_eps=-1.0)
+    with pytest.raises(ConfigError, match="pooling must be one of mean, cls"):
+        ModelConfig(pooling="max")
+    with pytest.raises(ConfigError, match="position_offset"):
+        ModelConfig(position_offset=512)
     c = PRESETS["bert-base"]
-    (tmp_path / "config.json").write_text(json.dumps(c.to_hf()))
-    assert ModelConfig.from_hf(tmp_path) == c
     assert ModelConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ConfigError, match="unknown fields"):
         ModelConfig.from_dict({"bogus": 1})
+    # what sti writes (config.json with its "sti" entry) reads back as the same config
+    odd = dataclasses.replace(PRESETS["tiny"], pooling="cls", head_act="tanh", elastic=True,
+                              labels=("a", "b"))
+    save_model_dir(ModelWeights.random(odd, seed=3), tmp_path / "m")
+    assert load_model_dir(tmp_path / "m").config == odd
+    (tmp_path / "nope").mkdir()
     with pytest.raises(ConfigError, match="no config.json"):
-        ModelConfig.from_hf(tmp_path / "nope")
+        load_model_dir(tmp_path / "nope")
 
 
 @pytest.mark.real

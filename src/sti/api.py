@@ -99,24 +99,75 @@ def check_targets(latency_ms: float, memory_mb: float) -> None:
         raise InputError(f"--memory-mb must be in [0, 1000000], got {memory_mb}")
 
 
+DEFAULT_MAX_LENGTH = 128  # tokens a request is cut to unless told (never past the model's limit)
+
+
+def check_max_length(store: Store, max_length: int | None) -> int:
+    """`max_length` checked against the model's position embeddings (None: the default)."""
+    limit = store.config.max_tokens
+    if max_length is None:
+        return min(DEFAULT_MAX_LENGTH, limit)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or not 2 <= max_length <= limit:
+        raise InputError(f"--max-length must be an integer in 2..{limit} (the model's position embeddings "
+                         f"cover {limit} tokens), got {max_length!r}")
+    return max_length
+
+
 def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint", storage: str = "cold",
          seq_len: int = DEFAULT_SEQ_LEN, method: str = "degrade", log=print,
-         headroom: float = DEFAULT_HEADROOM) -> Plan:
+         headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False) -> Plan:
     """A plan for this store under a latency target (ms) and a preload budget (MB), predicted
-    to finish by (1 - headroom) * T."""
+    to finish by (1 - headroom) * T. Layers and shards are left out only if the model was
+    trained elastic (`sti finetune`) or `allow_pruning` says so; otherwise the plan chooses
+    bitwidths and the preload buffer for the whole model."""
     check_targets(latency_ms, memory_mb)
     device = device_profile(store_dir, storage, log=log)
     importance = importance_profile(store_dir, method, log=log)
     with Store(store_dir) as store:
+        seq_len = min(seq_len, store.config.max_tokens)
         return make_plan(device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6),
-                         seq_len=seq_len, planner=planner, fixed_bytes=resident_bytes(store), headroom=headroom)
+                         seq_len=seq_len, planner=planner, fixed_bytes=resident_bytes(store), headroom=headroom,
+                         prune=bool(allow_pruning or store.config.elastic))
 
 
 def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "cold", planner: str = "joint",
                 seq_len: int = DEFAULT_SEQ_LEN, guard: bool = True, method: str = "degrade", log=print,
-                headroom: float = DEFAULT_HEADROOM):
-    """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer."""
+                headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False, max_length: int | None = None):
+    """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer;
+    requests longer than `max_length` tokens are truncated."""
     from .runtime import Engine
-    p = plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom)
-    device = device_profile(store_dir, storage, log=log)
-    return Engine(Store(store_dir, storage), p, device, storage=storage, guard=guard)
+    store = Store(store_dir, storage)
+    try:
+        max_length = check_max_length(store, max_length)
+        p = plan(store_dir, latency_ms, memory_mb, planner, storage, min(seq_len, max_length), method, log,
+                 headroom, allow_pruning)
+        device = device_profile(store_dir, storage, log=log)
+        return Engine(store, p, device, storage=storage, guard=guard, max_length=max_length)
+    except BaseException:
+        store.close()
+        raise
+
+
+def classify_exact(store_dir, texts: list[str], max_length: int | None = None, batch_size: int = 32) -> list[dict]:
+    """The whole model at full precision (every shard's 32-bit record), no plan and no
+    deadline: the reference answer of a store, for checking. One dict per text: label,
+    probs, logits."""
+    import torch
+    from .encoder import classify
+    from .tokenizer import Tokenizer
+    with Store(store_dir) as store:
+        if 32 not in store.bits:
+            raise InputError(f"store {store_dir} holds no 32-bit shards (bits {list(store.bits)}): build it with 32 "
+                             "among --bits to run it exactly")
+        max_length = check_max_length(store, max_length)
+        weights = store.load_model(32)
+    tokenizer = Tokenizer(store_dir, max_length=max_length)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer.encode(texts[i:i + batch_size])
+        logits = classify(weights, batch.input_ids, batch.attention_mask)
+        for row, truncated in zip(logits, batch.truncated):
+            probs = torch.softmax(row, -1)
+            out.append({"label": weights.config.labels[int(row.argmax())], "probs": probs.tolist(),
+                        "logits": row.tolist(), "truncated": truncated})
+    return out

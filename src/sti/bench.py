@@ -43,7 +43,7 @@ import torch
 from . import api
 from .atomic import atomic_write_json
 from .data import OOD_SETS, load_split
-from .encoder import Submodel, classify, depth_layers
+from .encoder import Submodel, classify, depth_layers, head_logits
 from .errors import InputError, StiError
 from .evaluate import accuracy
 from .planner import Plan, make_plan, profile_id, simulate
@@ -273,7 +273,8 @@ def model_bytes(weights) -> int:
 
 
 def hf_runner(h: Harness, mode: str, pad_to):
-    """transformers BertModel (+ our mean-pool head) loaded as users do it."""
+    """transformers BertModel loaded as users do it, with the model's own head (ours pools
+    by the mean, which BertModel has no module for)."""
     from transformers import BertModel
     head = h.weights32.head
 
@@ -281,8 +282,7 @@ def hf_runner(h: Harness, mode: str, pad_to):
         batch = h.tokenizer.encode([text], pad_to=pad_to)
         with torch.inference_mode():
             hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-            m = batch.attention_mask[..., None].float()
-            return torch.nn.functional.linear((hidden * m).sum(1) / m.sum(1), head.w, head.b)
+            return head_logits(head, hidden, batch.attention_mask)
 
     if mode == "from_pretrained":
         def one(text):

@@ -71,7 +71,7 @@ def _bits(text: str) -> tuple[int, ...]:
 
 
 @app.command()
-def build(model_dir: Path = typer.Argument(..., help="a Hugging Face-style BERT model directory"),
+def build(model_dir: Path = typer.Argument(..., help="a Hugging Face model directory (BERT, RoBERTa, DistilBERT)"),
           store_dir: Path = typer.Argument(..., help="where to write the store"),
           bits: str = typer.Option("2,3,4,5,6,32", help="bitwidths to store every shard at"),
           codec: str = typer.Option("linear", help="linear (group-wise affine, fast decode) or gobo (the paper's)")) -> None:
@@ -175,10 +175,10 @@ def profile_importance(store_dir: Path = typer.Argument(..., help="a store direc
 HEADROOM_HELP = "share of T the plan keeps back for jitter (the deadline guard spends it)"
 
 
-def _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, headroom):
+def _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, headroom, allow_pruning):
     from .api import plan
     return plan(store_dir, latency_ms, memory_mb, planner=planner, storage=storage, seq_len=seq_len,
-                log=console.print, headroom=headroom)
+                log=console.print, headroom=headroom, allow_pruning=allow_pruning)
 
 
 @app.command()
@@ -189,37 +189,62 @@ def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
          storage: str = typer.Option("cold", help=STORAGE_HELP),
          seq_len: int = typer.Option(48, help="sequence length to plan for"),
          headroom: float = typer.Option(0.1, help=HEADROOM_HELP),
+         allow_pruning: bool = typer.Option(False, help="let the plan leave out layers and shards of a model not "
+                                            "trained elastic (an elastic model always may)"),
          json_out: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
     """Plan which shards to run at which bitwidths, and what to preload."""
     from .planner import explain
-    p = _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, headroom)
+    p = _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, headroom, allow_pruning)
     print(p.to_json()) if json_out else console.print(explain(p), highlight=False)
+
+
+PRUNE_HELP = ("let the plan leave out layers and shards of a model not trained elastic (an elastic model, "
+              "from sti finetune, always may)")
+MAX_LENGTH_HELP = "cut requests to this many tokens (default 128; at most the model's position limit)"
 
 
 @app.command()
 def run(store_dir: Path = typer.Argument(..., help="a store directory"),
         texts: list[str] = typer.Argument(..., help="texts to classify"),
-        latency_ms: float = typer.Option(..., help="target latency T in ms"),
-        memory_mb: float = typer.Option(..., help="preload buffer budget M in MB"),
+        latency_ms: Optional[float] = typer.Option(None, help="target latency T in ms (not with --exact)"),
+        memory_mb: Optional[float] = typer.Option(None, help="preload buffer budget M in MB (not with --exact)"),
+        exact: bool = typer.Option(False, help="the whole model at full precision, no plan or deadline (for checking)"),
         planner: str = typer.Option("joint", help="joint (ours) or paper (STI's two stages)"),
         storage: str = typer.Option("cold", help=STORAGE_HELP),
         seq_len: int = typer.Option(48, help="sequence length to plan for"),
+        max_length: Optional[int] = typer.Option(None, help=MAX_LENGTH_HELP),
         headroom: float = typer.Option(0.1, help=HEADROOM_HELP),
+        allow_pruning: bool = typer.Option(False, help=PRUNE_HELP),
         guard: bool = typer.Option(True, help="lower bits / skip shards when IO runs late"),
         trace: Optional[Path] = typer.Option(None, help="write a Chrome trace (Perfetto) of the last request"),
         timeline: Optional[Path] = typer.Option(None, help="draw the last request's IO/compute lanes as a PNG"),
-        json_out: bool = typer.Option(False, "--json", help="print results as JSON lines")) -> None:
+        json_out: bool = typer.Option(False, "--json", help="print one JSON object per text")) -> None:
     """Classify texts within the latency target, streaming shards from the store."""
     import json
+    if exact:
+        if latency_ms is not None or memory_mb is not None or trace or timeline:
+            raise InputError("--exact runs without a plan: leave out --latency-ms, --memory-mb, --trace, --timeline")
+        from .api import classify_exact
+        for text, r in zip(texts, classify_exact(store_dir, texts, max_length)):
+            if json_out:
+                print(json.dumps({"text": text, **r}))
+            else:
+                console.print(f"[bold]{r['label']}[/bold] ({max(r['probs']):.3f})  exact, full precision"
+                              + (" (truncated)" if r["truncated"] else "") + f"  {text[:60]!r}", highlight=False)
+        return
+    if latency_ms is None or memory_mb is None:
+        raise InputError("give --latency-ms and --memory-mb (or --exact for the whole model at full precision)")
     from .api import open_engine
     with open_engine(store_dir, latency_ms, memory_mb, storage=storage, planner=planner, seq_len=seq_len,
-                     guard=guard, log=console.print, headroom=headroom) as engine:
+                     guard=guard, log=console.print, headroom=headroom, allow_pruning=allow_pruning,
+                     max_length=max_length) as engine:
         result = None
         for text in texts:
             result = engine.run(text)
             r = result.report
             if json_out:
                 print(json.dumps({"text": text, "label": result.label, "probs": result.probs,
+                                  "logits": result.logits.tolist(), "latency_ms": r.latency_ms,
                                   "report": {k: v for k, v in r.to_dict().items() if k != "spans"}}))
                 continue
             flag = "" if r.met_deadline else " [red]MISSED[/red]"

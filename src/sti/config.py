@@ -1,15 +1,16 @@
-"""Model configuration: the shape of a BERT-family encoder.
+"""Model configuration: the shape of a BERT-family encoder, and how it answers.
 
-Only the fields that change the computation are kept. `from_hf` reads a Hugging Face
-`config.json`; `PRESETS` gives the MiniLM-L6 shape of the real model and the BERT-base and
-BERT-large shapes used (with random weights) for scale tests.
+Only the fields that change the computation are kept: the shape, where position ids start
+(RoBERTa's begin after its padding index), how token states become a sentence vector
+(`pooling`, `head_act`: see `Head` in weights.py) and whether the model was trained to run
+as a submodel (`elastic`). hf.py reads these from a Hugging Face checkpoint; `PRESETS`
+gives the MiniLM-L6 shape of the real model and the BERT-base and BERT-large shapes used
+(with random weights) for scale tests.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .errors import ConfigError
 
@@ -17,6 +18,9 @@ from .errors import ConfigError
 # Upper bounds on a config (a store manifest is untrusted): far above any BERT-family model.
 MAX_SIZE = {"hidden_size": 1 << 16, "num_layers": 1024, "num_heads": 1024, "intermediate_size": 1 << 18,
             "vocab_size": 1 << 22, "max_position": 1 << 16, "type_vocab_size": 1024, "num_labels": 1 << 16}
+FAMILIES = ("bert", "roberta", "distilbert")
+POOLINGS = ("mean", "cls")        # mean of the real tokens' states, or the first token's
+HEAD_ACTS = ("none", "tanh", "relu")  # a dense layer + this activation before the classifier
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,13 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     num_labels: int = 2
     labels: tuple[str, ...] = field(default=("negative", "positive"))
+    family: str = "bert"
+    position_offset: int = 0      # position id of the first token (RoBERTa: padding_idx + 1)
+    pooling: str = "mean"
+    head_act: str = "none"
+    # trained to run any (n layers, m shards) submodel (sti finetune); a plain model is only
+    # ever run whole: the planner then chooses bitwidths and the preload buffer, nothing else
+    elastic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -52,7 +63,21 @@ class ModelConfig:
         if len(self.labels) != self.num_labels:
             raise ConfigError(
                 f"model config: {self.num_labels} labels but {len(self.labels)} label names")
+        for name, allowed in (("family", FAMILIES), ("pooling", POOLINGS), ("head_act", HEAD_ACTS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model config: {name} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, name)!r}")
+        off = self.position_offset
+        if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off < self.max_position:
+            raise ConfigError(f"model config: position_offset must be an integer in 0..{self.max_position - 1}, "
+                              f"got {off!r}")
+        if not isinstance(self.elastic, bool):
+            raise ConfigError(f"model config: elastic must be true or false, got {self.elastic!r}")
 
+    @property
+    def max_tokens(self) -> int:
+        """The longest input the position embeddings cover (special tokens included)."""
+        return self.max_position - self.position_offset
     # Shard geometry (STI.md, key idea 1): shard j = head j + FFN slice j.
     @property
     def num_shards(self) -> int:
@@ -100,43 +125,11 @@ class ModelConfig:
         except TypeError as exc:
             raise ConfigError(f"model config: {exc}") from None
 
-    @classmethod
-    def from_hf(cls, path: str | Path) -> "ModelConfig":
-        """Read a Hugging Face BERT `config.json` (a file or the directory holding it)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            hf = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"no config.json at {path}: is this a Hugging Face model directory?") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-        if hf.get("hidden_act", "gelu") != "gelu":
-            raise ConfigError(f"{path}: hidden_act {hf.get('hidden_act')!r} is not supported (only 'gelu')")
-        if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ConfigError(f"{path}: only absolute position embeddings are supported")
-        id2label = hf.get("id2label")
-        labels = cls.labels
-        num_labels = 2
-        if isinstance(id2label, dict) and id2label:
-            num_labels = len(id2label)
-            labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
-            if labels == tuple(f"LABEL_{i}" for i in range(num_labels)) and num_labels == 2:
-                labels = cls.labels
-        try:
-            return cls(
-                hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-                num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
-                vocab_size=hf["vocab_size"], max_position=hf.get("max_position_embeddings", 512),
-                type_vocab_size=hf.get("type_vocab_size", 2),
-                layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-                num_labels=num_labels, labels=labels)
-        except KeyError as exc:
-            raise ConfigError(f"{path}: missing field {exc}") from None
-
     def to_hf(self) -> dict:
-        """The Hugging Face `config.json` for this shape (BertForSequenceClassification-like)."""
+        """The Hugging Face `config.json` of a BERT model with this shape, with an "sti" entry
+        saying how it pools and whether it is elastic (hf.py reads it back: never guessed)."""
+        if self.family != "bert":
+            raise ConfigError(f"only BERT-family models are written by sti, not {self.family}")
         return {
             "architectures": ["BertModel"], "model_type": "bert", "hidden_act": "gelu",
             "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
@@ -147,6 +140,7 @@ class ModelConfig:
             "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
             "id2label": {str(i): n for i, n in enumerate(self.labels)},
             "label2id": {n: i for i, n in enumerate(self.labels)},
+            "sti": {"pooling": self.pooling, "head_act": self.head_act, "elastic": self.elastic},
         }
 
 

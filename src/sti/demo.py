@@ -19,15 +19,17 @@ DEMO_MEMORY_MB = 1.8               # ~2% of the fp32 model (90 MB)
 
 def demo_store(model_dir: Path, console: Console) -> Path:
     """The store of `model_dir`, built once under $STI_HOME/stores."""
-    from .assets import sha256_file, sti_home
-    from .store import MANIFEST, build_store
+    from .assets import sti_home
+    from .hf import checkpoint_sha256
+    from .store import MANIFEST, VERSION, build_store
     path = sti_home() / "stores" / f"{model_dir.name}-linear"
     if (path / MANIFEST).exists():
-        built_from = _built_from(path)
-        if built_from == sha256_file(model_dir / "model.safetensors"):
+        built_from, version = _built_from(path)
+        if built_from == checkpoint_sha256(model_dir) and version == VERSION:
             return path
-        why = "records no model hash (built by an older sti)" if built_from is None else \
-            f"was built from another version of {model_dir.name}"
+        why = (f"is in format version {version} (this sti writes {VERSION})" if version != VERSION else
+               "records no model hash (built by an older sti)" if built_from is None else
+               f"was built from another version of {model_dir.name}")
         console.print(f"{path} {why}: rebuilding it (its profiles go with it and are measured again)")
     from rich.progress import Progress as Bar
     with Bar(console=console, transient=True) as bar:
@@ -36,16 +38,16 @@ def demo_store(model_dir: Path, console: Console) -> Path:
     return path
 
 
-def _built_from(store: Path) -> str | None:
-    """The sha256 of the model file a store was built from, if its manifest says.
-
-    Read loosely rather than through `Store`, whose validation refuses stores of an older
-    format version: those should be rebuilt here, not stop the demo."""
+def _built_from(store: Path) -> tuple[str | None, object]:
+    """(the sha256 of the model a store was built from, if its manifest says; its format
+    version). Read loosely rather than through `Store`, whose validation refuses stores of
+    an older format version: those should be rebuilt here, not stop the demo."""
     from .store import MANIFEST
     try:
-        return json.loads((store / MANIFEST).read_text()).get("source", {}).get("model_sha256")
+        m = json.loads((store / MANIFEST).read_text())
+        return m.get("source", {}).get("model_sha256"), m.get("version")
     except (OSError, ValueError, AttributeError):
-        return None
+        return None, None
 
 
 def run_demo(preset: str = "quick", console: Console | None = None) -> None:

@@ -66,15 +66,19 @@ def depth_layers(num_layers: int, n: int) -> tuple[int, ...]:
     return tuple(i for i in range(num_layers) if i not in drop)
 
 
-def embed(emb: Embeddings, input_ids: torch.Tensor, eps: float,
-          word_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Token + position + token-type (all type 0) embeddings, then LayerNorm.
-    `word_rows`, when given, are the word-embedding rows of `input_ids` already looked up
-    (the runtime reads only those rows from the store)."""
+def embed(emb: Embeddings, input_ids: torch.Tensor, config: ModelConfig,
+          word_rows: torch.Tensor | None = None, position_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Token + position + token-type (all type 0) embeddings, then LayerNorm. Positions start
+    at `config.position_offset` (RoBERTa's after its padding index; padding comes after the
+    real tokens, so their positions are the same as in a batch of one). `word_rows` and
+    `position_rows`, when given, are the rows already looked up (the runtime reads only
+    those rows from the store)."""
     seq = input_ids.shape[1]
     words = word_rows if word_rows is not None else F.embedding(input_ids, emb.word)
-    x = words + emb.position[:seq] + emb.token_type[0]
-    return F.layer_norm(x, (x.shape[-1],), emb.ln_w, emb.ln_b, eps)
+    if position_rows is None:
+        position_rows = emb.position[config.position_offset:config.position_offset + seq]
+    x = words + position_rows + emb.token_type[0]
+    return F.layer_norm(x, (x.shape[-1],), emb.ln_w, emb.ln_b, config.layer_norm_eps)
 
 
 def attention(x: torch.Tensor, keep: torch.Tensor, layer: LayerWeights, head_dim: int,
@@ -164,7 +168,7 @@ def encode(weights: ModelWeights, input_ids: torch.Tensor, attention_mask: torch
     submodel = submodel or Submodel.full(config)
     submodel.validate(config)
     keep = attention_keep(attention_mask)
-    x = _drop(embed(weights.embeddings, input_ids, config.layer_norm_eps), dropout)
+    x = _drop(embed(weights.embeddings, input_ids, config), dropout)
     states = [x]
     for i, ids in zip(submodel.layers, submodel.shards):
         x = layer_forward(x, keep, weights.submodel_layer(i, ids), config, dropout)
@@ -177,9 +181,16 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+ACTIVATIONS = {"tanh": torch.tanh, "relu": F.relu}
+
+
 def head_logits(head: Head, hidden: torch.Tensor, attention_mask: torch.Tensor,
                 dropout: float = 0.0) -> torch.Tensor:
-    return F.linear(_drop(mean_pool(hidden, attention_mask), dropout), head.w, head.b)
+    """Logits from the last hidden states: pool, the optional dense layer, the classifier."""
+    pooled = mean_pool(hidden, attention_mask) if head.pooling == "mean" else hidden[:, 0]
+    if head.act != "none":
+        pooled = ACTIVATIONS[head.act](F.linear(pooled, head.dense_w, head.dense_b))
+    return F.linear(_drop(pooled, dropout), head.w, head.b)
 
 
 def classify(weights: ModelWeights, input_ids: torch.Tensor, attention_mask: torch.Tensor,

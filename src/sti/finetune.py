@@ -24,7 +24,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -242,7 +242,7 @@ def _teacher(cfg: FinetuneConfig, base_dir: Path, tokenizer: Tokenizer, train, t
         log(f"teacher: {teacher_dir} was trained with other settings; training a new one")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    teacher = train_teacher(load_model_dir(base_dir), tokenizer, train, cfg, random.Random(cfg.seed))
+    teacher = train_teacher(load_model_dir(base_dir, fresh_head=True), tokenizer, train, cfg, random.Random(cfg.seed))
     train_s = time.perf_counter() - t0
     save_model_dir(teacher, teacher_dir, tokenizer_from=base_dir,
                    extra_files={"teacher.json": json.dumps({"stamp": stamp, "train_s": train_s}, indent=2)})
@@ -263,7 +263,7 @@ def finetune(out: str | Path | None = None, preset: str = "quick", cfg: Finetune
     try:
         teacher, times["teacher_s"] = _teacher(cfg, base_dir, tokenizer, train,
                                                out.with_name(out.name + ".teacher"), log)
-        eval_tok = Tokenizer(base_dir, max_length=min(128, teacher.config.max_position))
+        eval_tok = Tokenizer(base_dir, max_length=min(128, teacher.config.max_tokens))
         teacher_acc = accuracy(teacher, eval_tok, test)
         log(f"teacher test accuracy: {teacher_acc:.4f}")
         t0 = time.perf_counter()
@@ -276,6 +276,7 @@ def finetune(out: str | Path | None = None, preset: str = "quick", cfg: Finetune
         # Its own seeds, so a run resumed from the cached teacher trains the same model.
         torch.manual_seed(cfg.seed + 1)
         elastic = train_elastic(rewired.clone(), rewired, tokenizer, train, cfg, random.Random(cfg.seed + 1))
+        elastic = replace(elastic, config=replace(elastic.config, elastic=True))  # its submodels may run
         times["elastic_s"] = time.perf_counter() - t0
         elastic_grid = grid_accuracy(elastic, eval_tok, test)
         metrics = {

@@ -59,7 +59,7 @@ from .encoder import Submodel, depth_layers
 from .errors import StiError
 from .profiles import DeviceProfile, ImportanceProfile
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: prune
 PLANNERS = ("joint", "paper")
 TOL_MS = 1e-6            # float rounding allowance when checking stalls and latency
 MAX_PLAN_JSON = 8 << 20
@@ -168,6 +168,9 @@ class Plan:
     working_bytes: float
     resident_bytes: float
     timeline: tuple[LayerTiming, ...]
+    # may shards be left out (the model is elastic, or the user allowed it)? If not, the plan
+    # runs every layer and shard, and the deadline guard only lowers bitwidths
+    prune: bool = True
 
     @property
     def shards(self) -> tuple[tuple[int, ...], ...]:
@@ -286,6 +289,10 @@ class Plan:
         if not isinstance(timeline, list) or len(timeline) != n:
             raise PlanError(f"{w}.timeline: expected {n} layers")
         tl = tuple(_timing(t, layers[k], f"{w}.timeline[{k}]") for k, t in enumerate(timeline))
+        if not isinstance(d["prune"], bool):
+            raise PlanError(f"{w}.prune: expected true or false, got {_short(d['prune'])}")
+        if not d["prune"] and (n, m) != (model_layers, model_shards):
+            raise PlanError(f"{w}: prune is false but the plan runs {n} x {m} of {model_layers} x {model_shards}")
         plan = Plan(
             planner=planner, store_id=store_id, device_id=device_id, importance_id=importance_id,
             target_ms=_float(d["target_ms"], f"{w}.target_ms", 0.0, MAX_MS),
@@ -304,7 +311,7 @@ class Plan:
             inflight_bytes=_float(d["inflight_bytes"], f"{w}.inflight_bytes", 0.0, MAX_BYTES),
             working_bytes=_float(d["working_bytes"], f"{w}.working_bytes", 0.0, MAX_BYTES),
             resident_bytes=_float(d["resident_bytes"], f"{w}.resident_bytes", 0.0, MAX_BYTES),
-            timeline=tl)
+            timeline=tl, prune=d["prune"])
         _check_consistent(plan)
         return plan
 
@@ -392,7 +399,7 @@ class _Problem:
     """The inputs of one planning request, checked, with the tables the planners use."""
 
     def __init__(self, device, importance, store_id, target_ms, memory_bytes, seq_len, fixed_bytes, hidden,
-                 embed_tokens=None):
+                 embed_tokens=None, prune: bool = True):
         if not isinstance(device, DeviceProfile) or not isinstance(importance, ImportanceProfile):
             raise PlanError("make_plan needs a DeviceProfile and an ImportanceProfile")
         if not isinstance(store_id, str) or not store_id:
@@ -462,6 +469,14 @@ class _Problem:
                                 f"shard table: the profiles are of different shapes")
             acc = _arg_float(acc, f"importance submodel_accuracy[{key}]")
             self.cands.append((n, m, acc))
+        if not isinstance(prune, bool):
+            raise PlanError(f"prune must be true or false, got {_short(prune)}")
+        self.prune = prune
+        if not prune:  # a plain model: only the whole model is a candidate
+            self.cands = [c for c in self.cands if (c[0], c[1]) == (self.N, self.S)]
+            if not self.cands:
+                raise PlanError(f"importance profile: no accuracy for the whole model ({self.N},{self.S}), "
+                                "which a plan that may not prune needs")
         self.cands.sort(key=lambda c: (c[0], c[1]))
         self.acc = {(n, m): acc for n, m, acc in self.cands}
         self._layers = {}
@@ -567,7 +582,7 @@ def _assemble(P: _Problem, planner: str, n: int, m: int, bits, held: dict) -> Pl
         latency_ms=latency, accuracy=_accuracy(P, n, m, layers, bits),
         submodel_accuracy=P.importance.submodel_acc(n, m), full_accuracy=P.importance.full_accuracy,
         preload_bytes=preload_bytes, inflight_bytes=float(inflight), working_bytes=working,
-        resident_bytes=preload_bytes + P.fixed + float(inflight) + working, timeline=timeline)
+        resident_bytes=preload_bytes + P.fixed + float(inflight) + working, timeline=timeline, prune=P.prune)
     # the planners' bookkeeping and the timeline must agree; a mismatch is a bug, not bad input
     if latency > P.T + TOL_MS or preload_bytes > P.B + 1e-6 * max(1.0, P.B) or not plan.is_stall_free_after_first:
         raise PlanError(f"internal error: the {planner} planner produced a plan its own timeline rejects "
@@ -1356,14 +1371,17 @@ def _joint_limits(P: _Problem):
 
 def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: str, target_ms: float,
               memory_bytes: float, seq_len: int | None = None, planner: str = "joint", fixed_bytes: int = 0,
-              hidden: float | None = None, headroom: float = 0.0, embed_tokens: int | None = None) -> Plan:
+              hidden: float | None = None, headroom: float = 0.0, embed_tokens: int | None = None,
+              prune: bool = True) -> Plan:
     """Plan a request of `seq_len` tokens to finish within `target_ms` with a preload buffer
     of at most `memory_bytes` (fixed_bytes included). `hidden` (the model's hidden size) is
     only used for the working-set estimate; by default it is inferred from the fp32 shard size.
     `headroom` (a fraction of T) is kept back: the plan's predicted latency is at most
     (1 - headroom) * T, and the runtime's deadline guard may spend the rest when IO runs late.
     `embed_tokens` (default seq_len) is how many distinct tokens' embedding rows to plan to
-    read: a request padded to seq_len reads only its own tokens' rows."""
+    read: a request padded to seq_len reads only its own tokens' rows. With `prune` False
+    (a model not trained elastic) the plan keeps every layer and shard and chooses
+    bitwidths and the preload buffer only."""
     if planner not in PLANNERS:
         raise PlanError(f"unknown planner {planner!r}: choose one of {', '.join(PLANNERS)}")
     headroom = _arg_float(headroom, "headroom")
@@ -1371,8 +1389,9 @@ def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: st
         raise PlanError(f"headroom must be a fraction in [0, 1), got {headroom!r}")
     if headroom > 0.0:
         return _with_headroom(device, importance, store_id, _arg_float(target_ms, "target_ms"), memory_bytes,
-                              seq_len, planner, fixed_bytes, hidden, headroom, embed_tokens)
-    P = _Problem(device, importance, store_id, target_ms, memory_bytes, seq_len, fixed_bytes, hidden, embed_tokens)
+                              seq_len, planner, fixed_bytes, hidden, headroom, embed_tokens, prune)
+    P = _Problem(device, importance, store_id, target_ms, memory_bytes, seq_len, fixed_bytes, hidden, embed_tokens,
+                 prune)
     if planner == "paper":
         best = _paper_search(P) if P.B >= 0 else None
     else:
@@ -1390,14 +1409,14 @@ def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: st
 
 
 def _with_headroom(device, importance, store_id, target_ms, memory_bytes, seq_len, planner, fixed_bytes,
-                   hidden, headroom: float, embed_tokens) -> Plan:
+                   hidden, headroom: float, embed_tokens, prune: bool) -> Plan:
     """A plan for (1 - headroom) * T, carrying T as its target; an impossible request is
     reported in the caller's terms (T, and the smallest T once the headroom is added back)."""
     if not 0 < target_ms <= MAX_MS:
         raise PlanError(f"target_ms must be > 0 and at most {MAX_MS:g}, got {target_ms!r}")
     try:
         plan = make_plan(device, importance, store_id, target_ms * (1 - headroom), memory_bytes, seq_len,
-                         planner, fixed_bytes, hidden, embed_tokens=embed_tokens)
+                         planner, fixed_bytes, hidden, embed_tokens=embed_tokens, prune=prune)
     except PlanError as exc:
         if exc.min_target_ms is None and exc.min_memory_bytes is None:
             raise
@@ -1460,7 +1479,8 @@ def explain(plan: Plan) -> str:
     for layer, _, _ in plan.preload:
         held[layer] = held.get(layer, 0) + 1
     lines = [f"{plan.planner} plan for store {plan.store_id[:12]}: {plan.n} of {plan.model_layers} layers x "
-             f"{plan.m} of {plan.model_shards} shards, seq_len {plan.seq_len}",
+             f"{plan.m} of {plan.model_shards} shards, seq_len {plan.seq_len}"
+             + ("" if plan.prune else " (not elastic: every shard runs, only bitwidths are chosen)"),
              f"{'layer':>5} {'shards':>6}  {'bits':<22} {'preload':>7} {'io ms':>9} {'compute ms':>10} "
              f"{'stall ms':>9} {'slack ms':>9}"]
     for layer, row, t in zip(plan.layers, plan.bits, plan.timeline):

@@ -21,7 +21,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from .encoder import attention_keep, layer_by_shards
+from .encoder import attention_keep, head_logits, layer_by_shards
 from .errors import Cancelled, InputError
 from .profiles import DeviceProfile
 from .store import Store
@@ -200,13 +200,13 @@ def measure_embed(store: Store, repeat: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     pts = []
     for n in (4, 16, 64):
-        n = min(n, c.max_position)
+        n = min(n, c.max_tokens)
         times = []
         for _ in range(repeat):
             ids = rng.integers(0, c.vocab_size, n).tolist()
             t = time.perf_counter()
             store.table_rows("word", ids)
-            store.table_rows("position", range(n))
+            store.table_rows("position", range(c.position_offset, c.position_offset + n))
             times.append((time.perf_counter() - t) * 1e3)
         pts.append((n, float(np.median(times))))
     slope, fixed = np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)
@@ -214,14 +214,14 @@ def measure_embed(store: Store, repeat: int) -> tuple[float, float]:
 
 
 def measure_head(store: Store, seq_len: int, repeat: int) -> float:
-    """Embedding LayerNorm + mean pooling + classifier at seq_len."""
+    """Embedding LayerNorm + the model's head (pooling, dense layer, classifier) at seq_len."""
     c, head, misc = store.config, store.head(), store.embed_misc()
     x = torch.randn(1, seq_len, c.hidden_size)
     mask = torch.ones(1, seq_len)
 
     def run():
         y = F.layer_norm(x, (c.hidden_size,), misc["ln_w"], misc["ln_b"], c.layer_norm_eps)
-        F.linear((y * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), head.w, head.b)
+        head_logits(head, y, mask)
     with torch.inference_mode():
         return median_ms(run, repeat)
 

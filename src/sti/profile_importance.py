@@ -140,10 +140,10 @@ class _Session:
         c = self.config = store.config
         if 32 not in store.bits:
             raise InputError(f"store {store.path} holds no 32-bit shards: importance is measured against them")
+        # a store of 32-bit shards only has no bitwidth to choose: its shards' importance is
+        # zero (nothing to degrade to) and only the submodel grid is measured
         self.lowest = min(store.bits)
-        if self.lowest == 32:
-            raise InputError(f"store {store.path} holds only 32-bit shards: nothing to degrade to")
-        self.tokenizer = Tokenizer(store.path, max_length=min(max_length, c.max_position))
+        self.tokenizer = Tokenizer(store.path, max_length=min(max_length, c.max_tokens))
         self.data = _load_data(split, limit, self.tokenizer, batch_size)
         self.weights = store.load_model(32)
         self.seconds: dict[str, float] = {}
@@ -157,6 +157,8 @@ class _Session:
                                    + len(self.store.bits) - 1)
 
     def method_units(self, method: str) -> int:
+        if self.lowest == 32:
+            return 0
         return self.num_batches * (self.config.num_layers if method == "degrade" else 1)
 
     def _score(self, logits_of) -> tuple[float, float]:
@@ -202,7 +204,11 @@ class _Session:
     def table(self, method: str):
         t0 = time.perf_counter()
         torch.manual_seed(self.seed)
-        if method == "degrade":
+        c = self.config
+        if self.lowest == 32:
+            kl = np.zeros((c.num_layers, c.num_shards))
+            drop = kl.copy() if method == "degrade" else None
+        elif method == "degrade":
             kl, drop = self.degrade_table()
         else:
             kl, drop = self.gradient_table(), None
@@ -461,6 +467,8 @@ def at_bits(store: Store, weights: ModelWeights, bits: int) -> ModelWeights:
 
 def bits_error_of(kl_by_bits: dict[int, float], lowest: int) -> dict[int, float]:
     """Output KL at b bits relative to the lowest: 1 there, 0 at 32, never rising with b."""
+    if lowest == 32:
+        return {32: 0.0}
     base = kl_by_bits[lowest]
     out, running = {}, 1.0
     for b in sorted(kl_by_bits):

@@ -276,7 +276,7 @@ class Engine:
         self.config = self.store.config
         self.threads = threads or device.threads
         # never longer than the model has position embeddings for
-        self.tokenizer = Tokenizer(self.store.path, max_length=min(max_length, self.config.max_position))
+        self.tokenizer = Tokenizer(self.store.path, max_length=min(max_length, self.config.max_tokens))
         self.steps, self.due = schedule(plan, device)
         # the IO lane may run this late before the answer would miss T; a third of the spare
         # time is kept back for jitter and for work the profile does not see
@@ -316,7 +316,7 @@ class Engine:
         self.head = s.head()
         self.misc = s.embed_misc()
         self.bytes.add(_nbytes([t for sh in self.shared.values() for t in vars(sh).values()]))
-        self.bytes.add(_nbytes([self.head.w, self.head.b, *self.misc.values()]))
+        self.bytes.add(_nbytes([*self.head.tensors().values(), *self.misc.values()]))
         self.preload: dict[tuple[int, int], tuple[Record, memoryview]] = {}
         for layer, shard, bits in self.plan.preload:
             rec = s.shard_record(layer, shard, bits)
@@ -415,7 +415,8 @@ class Engine:
         try:
             a = now()
             words = self.store.table_rows("word", ids.tolist())
-            position = self.store.table_rows("position", range(len(ids)))
+            off = self.config.position_offset
+            position = self.store.table_rows("position", range(off, off + len(ids)))
             report.spans.append(("io", "embedding rows", a, now()))
             box.put("embed", (words, position))
             pace = _Pace(self.io_prior_ms)
@@ -501,6 +502,8 @@ class Engine:
             if bits[s.shard] is not None and bits[s.shard] > lowest:
                 report.guard_changes.append((s.layer, s.shard, bits[s.shard], lowest))
                 bits[s.shard] = lowest
+        if not self.plan.prune:  # a plain model runs whole: lower bits only, never skip
+            return
         for s in least_first:
             if not late():
                 return
@@ -516,7 +519,7 @@ class Engine:
         words, position = box.take("embed")
         emb = Embeddings(word=torch.empty(0), position=position, token_type=self.misc["token_type"],
                          ln_w=self.misc["ln_w"], ln_b=self.misc["ln_b"])
-        x = embed(emb, ids, self.config.layer_norm_eps, word_rows=words[None])
+        x = embed(emb, ids, self.config, word_rows=words[None], position_rows=position)
         report.embed_ms = now() - a
         keep = attention_keep(mask)
         pace = _Pace()
@@ -550,7 +553,8 @@ class Engine:
         as they have been used, so at most one decoded FFN_PARTS slice exists at a time."""
         c, sh = self.config, self.shared[steps[0].layer]
         lr.start_ms = now()
-        dropped = self._compute_guard(pos, steps, lr.start_ms, x.shape[1], box, report, slow) if self.guard else set()
+        dropped = self._compute_guard(pos, steps, lr.start_ms, x.shape[1], box, report, slow) \
+            if self.guard and self.plan.prune else set()
         box.dropped |= {s.shard_key for s in steps if s.shard in dropped}
         held, attn = [], torch.zeros_like(x)
         for step in steps:

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from . import codec as codecs
-from .assets import sha256_file
 from .config import ModelConfig
+from .hf import checkpoint_sha256
 from .errors import Cancelled, ConfigError, StiError, StoreError
 from .storage import PAGE, open_reader
 from .weights import (LAYER_PARTS, Embeddings, Head, LayerShared, LayerWeights, ModelWeights,
                       ShardWeights, load_model_dir)
 
-FORMAT, VERSION = "sti-store", 1
+FORMAT, VERSION = "sti-store", 2  # 2: the model's family, pooling and head are data
 MANIFEST, DATA, TOKENIZER = "manifest.json", "store.bin", "tokenizer.json"
 MAX_MANIFEST = 16 << 20
 MAX_RECORDS = 1_000_000
@@ -59,7 +59,8 @@ def expected_parts(kind: str, c: ModelConfig, rows: int = 0) -> dict[str, tuple[
     if kind == "embed_misc":
         return {"token_type": (c.type_vocab_size, h), "ln_w": (h,), "ln_b": (h,)}
     if kind == "head":
-        return {"w": (c.num_labels, h), "b": (c.num_labels,)}
+        dense = {"dense_w": (h, h), "dense_b": (h,)} if c.head_act != "none" else {}
+        return {"w": (c.num_labels, h), "b": (c.num_labels,), **dense}
     return {"rows": (rows, h)}
 
 
@@ -127,7 +128,7 @@ def _write_records(weights: ModelWeights, f, bits: tuple[int, ...], codec: str, 
     e = weights.embeddings
     records.append(w.add({"name": "embed_misc", "kind": "embed_misc"},
                          [_f32("token_type", e.token_type), _f32("ln_w", e.ln_w), _f32("ln_b", e.ln_b)]))
-    records.append(w.add({"name": "head", "kind": "head"}, [_f32("w", weights.head.w), _f32("b", weights.head.b)]))
+    records.append(w.add({"name": "head", "kind": "head"}, [_f32(k, t) for k, t in weights.head.tensors().items()]))
     tick(2)
     for table, t in tables.items():
         for b in range(blocks[table]):
@@ -171,7 +172,7 @@ def build_store(model: str | Path | ModelWeights, store_dir: str | Path, bits=DE
         model_dir = Path(model)
         tokenizer_from = tokenizer_from or model_dir
         model = load_model_dir(model_dir)  # first: it names a missing or broken model clearly
-        source = {"model_dir": str(model_dir.resolve()), "model_sha256": sha256_file(model_dir / "model.safetensors")}
+        source = {"model_dir": str(model_dir.resolve()), "model_sha256": checkpoint_sha256(model_dir)}
     store_dir = Path(store_dir)
     store_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{store_dir.name}.", dir=store_dir.parent))
@@ -502,7 +503,7 @@ class Store:
         return LayerShared(**self.load(self.layers[layer]))
 
     def head(self) -> Head:
-        return Head(**self.load(self.singles["head"]))
+        return Head(**self.load(self.singles["head"]), pooling=self.config.pooling, act=self.config.head_act)
 
     def embed_misc(self) -> dict[str, torch.Tensor]:
         return self.load(self.singles["embed_misc"])

@@ -37,7 +37,8 @@ class Tokenizer:
         self._tok = HFTokenizer.from_file(str(path))
         self._tok.no_padding()
         self._tok.enable_truncation(max_length=max_length)
-        self.pad_id = self._tok.token_to_id("[PAD]") or 0
+        # BERT's and DistilBERT's pad token, then RoBERTa's (padding is masked out either way)
+        self.pad_id = next((i for i in map(self._tok.token_to_id, ("[PAD]", "<pad>")) if i is not None), 0)
 
     def lengths(self, texts: list[str]) -> list[int]:
         """Token count of each text after truncation (special tokens included)."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import ConfigError
@@ -55,7 +55,10 @@ HF_EMBED_NAMES = {
     "token_type": "embeddings.token_type_embeddings.weight",
     "ln_w": "embeddings.LayerNorm.weight", "ln_b": "embeddings.LayerNorm.bias",
 }
+# The head under BERT's names: BertForSequenceClassification's pooler and classifier (hf.py
+# maps RoBERTa's classifier.dense / out_proj and DistilBERT's pre_classifier onto these).
 HF_HEAD_NAMES = {"w": "classifier.weight", "b": "classifier.bias"}
+HF_DENSE_NAMES = {"dense_w": "pooler.dense.weight", "dense_b": "pooler.dense.bias"}
 
 
 def shard_slice(part: str, j: int, config: ModelConfig) -> slice:
@@ -79,10 +82,24 @@ class Embeddings:
 
 @dataclass
 class Head:
-    """Mean pooling over tokens, then a linear classifier (no BERT pooler: the MiniLM
-    sentence model was trained for mean pooling, so we classify from that)."""
+    """How the last token states become logits: pool (the mean of the real tokens' states,
+    or the first token's), optionally a dense layer with an activation (BERT's pooler and
+    RoBERTa's head: tanh; DistilBERT's pre-classifier: ReLU), then a linear classifier.
+    Our elastic model pools by the mean with no dense layer, as the MiniLM sentence model
+    was trained to."""
     w: torch.Tensor  # [num_labels, H]
     b: torch.Tensor  # [num_labels]
+    dense_w: torch.Tensor | None = None  # [H, H], present iff act != "none"
+    dense_b: torch.Tensor | None = None  # [H]
+    pooling: str = "mean"
+    act: str = "none"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The head's tensors by field name (w, b and, with a dense layer, dense_w, dense_b)."""
+        out = {"w": self.w, "b": self.b}
+        if self.act != "none":
+            out.update(dense_w=self.dense_w, dense_b=self.dense_b)
+        return out
 
 
 @dataclass
@@ -174,7 +191,8 @@ class ModelWeights:
                 out[f"encoder.layer.{i}.{HF_LAYER_NAMES[part]}"] = getattr(layer, part)
             for part in LAYER_PARTS:
                 out[f"encoder.layer.{i}.{HF_LAYER_NAMES[part]}"] = getattr(layer.shared, part)
-        out.update({HF_HEAD_NAMES[k]: getattr(self.head, k) for k in HF_HEAD_NAMES})
+        names = HF_HEAD_NAMES | HF_DENSE_NAMES
+        out.update({names[k]: t for k, t in self.head.tensors().items()})
         return out
 
     def parameters(self) -> list[torch.Tensor]:
@@ -185,9 +203,10 @@ class ModelWeights:
 
     @staticmethod
     def from_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor],
-                     head_seed: int | None = 0) -> "ModelWeights":
-        """Build from Hugging Face names; a "bert." prefix is accepted. A checkpoint with
-        no classifier (a plain encoder) gets a fresh one, seeded by `head_seed`."""
+                     head_seed: int | None = None) -> "ModelWeights":
+        """Build from BERT's tensor names (a "bert." prefix is accepted; hf.py maps the other
+        families onto them). With `head_seed`, any head in `tensors` is ignored and a fresh
+        mean-pooling classifier is made (for fine-tuning); without it the head must be there."""
         t = {k.removeprefix("bert."): v for k, v in tensors.items()}
 
         def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -208,12 +227,15 @@ class ModelWeights:
             shared = LayerShared(**{p: get(p) for p in LAYER_PARTS})
             layers.append(LayerWeights(shared=shared, shard_ids=tuple(range(c.num_shards)),
                                        **{p: get(p) for p in SHARD_PARTS}))
-        if HF_HEAD_NAMES["w"] in t:
-            head = Head(w=take(HF_HEAD_NAMES["w"], (c.num_labels, h)), b=take(HF_HEAD_NAMES["b"], (c.num_labels,)))
-        elif head_seed is not None:
-            head = random_head(c, head_seed)
-        else:
-            raise ConfigError("checkpoint has no classifier head")
+        if head_seed is not None:
+            if c.pooling != "mean" or c.head_act != "none":
+                raise ConfigError("a fresh head pools by the mean with no dense layer: the config says "
+                                  f"pooling {c.pooling!r}, head_act {c.head_act!r}")
+            return ModelWeights(config=c, embeddings=embeddings, layers=layers, head=random_head(c, head_seed))
+        parts = {"w": take(HF_HEAD_NAMES["w"], (c.num_labels, h)), "b": take(HF_HEAD_NAMES["b"], (c.num_labels,))}
+        if c.head_act != "none":
+            parts.update(dense_w=take(HF_DENSE_NAMES["dense_w"], (h, h)), dense_b=take(HF_DENSE_NAMES["dense_b"], (h,)))
+        head = Head(**parts, pooling=c.pooling, act=c.head_act)
         return ModelWeights(config=c, embeddings=embeddings, layers=layers, head=head)
 
     @staticmethod
@@ -260,6 +282,9 @@ def hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"encoder.layer.{i}.{HF_LAYER_NAMES[part]}"] = shape
     shapes[HF_HEAD_NAMES["w"]] = (c.num_labels, h)
     shapes[HF_HEAD_NAMES["b"]] = (c.num_labels,)
+    if c.head_act != "none":
+        shapes[HF_DENSE_NAMES["dense_w"]] = (h, h)
+        shapes[HF_DENSE_NAMES["dense_b"]] = (h,)
     return shapes
 
 
@@ -267,18 +292,13 @@ def hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def load_model_dir(path: str | Path) -> ModelWeights:
-    """Load a Hugging Face-style BERT directory (config.json + model.safetensors)."""
-    path = Path(path)
-    config = ModelConfig.from_hf(path)
-    st = path / "model.safetensors"
-    if not st.exists():
-        raise ConfigError(f"no model.safetensors in {path}")
-    try:
-        tensors = load_file(str(st))
-    except Exception as exc:  # safetensors raises its own types for corrupt files
-        raise ConfigError(f"{st} could not be read ({exc}); the file is corrupt or truncated") from None
-    return ModelWeights.from_tensors(config, tensors)
+def load_model_dir(path: str | Path, fresh_head: bool = False) -> ModelWeights:
+    """Load a Hugging Face model directory (BERT, RoBERTa or DistilBERT; see hf.py). Its
+    head must be one sti runs exactly; with `fresh_head` the head is ignored and a new
+    mean-pooling classifier for the built-in task is made (the start of fine-tuning)."""
+    from .hf import read_checkpoint
+    config, tensors = read_checkpoint(path, fresh_head=fresh_head)
+    return ModelWeights.from_tensors(config, tensors, head_seed=0 if fresh_head else None)
 
 
 def save_model_dir(weights: ModelWeights, path: str | Path, tokenizer_from: str | Path | None = None,
