@@ -103,6 +103,24 @@ def test_hand_joint_at_the_compute_limit_takes_a_smaller_submodel():
     assert hand(100, 250, "paper").accuracy == pytest.approx(0.825, abs=1e-12)
 
 
+def test_a_plan_that_may_not_prune_keeps_the_whole_model():
+    # T = 100 as above, where joint's best is the smaller (2,2) at 0.83: without pruning the
+    # whole (3,2) model must run, and the best it can do is the paper's bits (0.825). A
+    # budget the whole model cannot meet is infeasible, not answered by a smaller model.
+    p = hand(100, 250, "joint", prune=False)
+    assert (p.n, p.m) == (3, 2) and not p.prune
+    assert p.accuracy == pytest.approx(0.825, abs=1e-12)
+    assert Plan.from_json(p.to_json()) == p
+    assert "not elastic" in explain(p)
+    with pytest.raises(PlanError, match="smallest feasible T"):
+        hand(80, 250, "joint", prune=False)
+    assert hand(80, 250, "joint").n < 3
+    d = json.loads(p.to_json())
+    d["n"], d["layers"], d["bits"], d["timeline"] = 2, [0, 1], d["bits"][:2], d["timeline"][:2]
+    with pytest.raises(PlanError, match="prune is false"):
+        Plan.from_dict(d)
+
+
 def test_hand_infeasible_reports_smallest_budgets():
     # T = 75, M = 0. Paper: needs a preloaded first layer; (3,1) needs 100 B and computes in 70.
     with pytest.raises(PlanError) as e:

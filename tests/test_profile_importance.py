@@ -222,3 +222,24 @@ def test_helpers():
     assert pi._ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
     with pytest.raises(InputError):
         pi.rank_correlation(a, prof(((1.0,),)))
+
+
+def test_a_store_of_32_bit_shards_only_is_profiled_and_planned(tmp_path, fake_split):
+    """No bitwidth to degrade to: every shard's importance is zero, the submodel grid is still
+    measured, and the planner plans the whole model at 32 bits for a model that is not elastic."""
+    from sti.planner import make_plan
+    from sti.profiles import DeviceProfile
+    path = build_store(ModelWeights.random(PRESETS["tiny"], seed=5), tmp_path / "store", bits=(32,),
+                       tokenizer_from=word_tokenizer(tmp_path / "tok"))
+    for method in ("degrade", "gradient"):
+        p = pi.measure_importance(path, method=method)
+        assert np.all(np.array(p.shard_kl) == 0.0) and p.bits_error == {32: 0.0}
+        assert len(p.submodel_accuracy) > 1 and 0.0 <= p.full_accuracy <= 1.0
+    with Store(path) as s:
+        size = float(s.shard_record(0, 0, 32).length)
+        device = DeviceProfile(store_id=s.store_id, storage="warm", threads=1, seq_len=8, shard_bytes={32: size},
+                               shard_read_ms={32: 0.01}, shard_decode_ms={32: 0.0}, layer_read_ms=0.0,
+                               compute_coef=(0.05, 0.0, 0.0, 0.0), compute_fit_error=0.0, embed_ms=(0.01, 0.0),
+                               head_ms=0.01)
+        plan = make_plan(device, p, s.store_id, 10.0, 10**6, seq_len=8, prune=False)
+    assert (plan.n, plan.m) == (N, M) and {b for row in plan.bits for b in row} == {32}

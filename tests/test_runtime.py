@@ -56,10 +56,11 @@ def reference_logits(store: Store, report, text, tokenizer):
         return head_logits(weights.head, hidden, batch.attention_mask)[0]
 
 
-def engine_for(path, target_ms, memory_bytes, planner="joint", reader=None, guard=True, **kw):
+def engine_for(path, target_ms, memory_bytes, planner="joint", reader=None, guard=True, prune=True, **kw):
     store = Store(path, "warm", reader=reader)
     device, importance = profiles(store, **kw)
-    plan = make_plan(device, importance, store.store_id, target_ms, memory_bytes, seq_len=16, planner=planner)
+    plan = make_plan(device, importance, store.store_id, target_ms, memory_bytes, seq_len=16, planner=planner,
+                     prune=prune)
     return Engine(store, plan, device, storage="warm", guard=guard), plan
 
 
@@ -301,6 +302,24 @@ def test_deadline_guard_lowers_bits_then_skips_when_io_is_late(tiny_store):
     ref = reference_logits(engine.store, got.report, TEXTS[1], engine.tokenizer)
     assert (got.logits - ref).abs().max() < 1e-5
     engine.close()
+
+
+def test_a_plan_that_may_not_prune_is_guarded_by_bits_only(tiny_store):
+    # the two late lanes of the tests around this one, for a model that is not elastic: the
+    # guard may lower bitwidths but never leaves a shard out (the answer would be a submodel)
+    _, path = tiny_store
+    for kw in (dict(target_ms=1.0, memory_bytes=0, reader=SlowReader(path / "store.bin", 0.004), read_ms=0.05,
+                    compute_ms=0.2),
+               dict(target_ms=0.3, memory_bytes=10**8, read_ms=10.0, compute_ms=0.001)):
+        engine, plan = engine_for(path, prune=False, **kw)
+        with engine:
+            got = engine.run(TEXTS[1])
+            ref = reference_logits(engine.store, got.report, TEXTS[1], engine.tokenizer)
+        c = engine.config
+        assert (plan.n, plan.m) == (c.num_layers, c.num_shards)
+        assert all(new is not None for *_, new in got.report.guard_changes)
+        assert all(len(r.shard_ids) == c.num_shards for r in got.report.layers)
+        assert (got.logits - ref).abs().max() < 1e-5
 
 
 def test_deadline_guard_drops_shards_when_compute_runs_late(tiny_store):

@@ -315,3 +315,31 @@ def test_store_records_its_model_file_and_the_demo_rebuilds_a_stale_one(tmp_path
 def test_building_from_a_missing_model_names_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         build_store(tmp_path / "nowhere", tmp_path / "store")
+
+
+def test_the_manifest_says_how_the_model_pools_and_the_head_record_holds_its_dense_layer(tmp_path):
+    """FORMAT.md, "The manifest" (`pooling`, `head_act`, `position_offset`, `elastic`) and the
+    `head` record's parts: written as the model has them, read back into the same answers."""
+    import dataclasses
+    from sti.config import PRESETS
+    from sti.encoder import classify
+    from sti.weights import ModelWeights
+    c = dataclasses.replace(PRESETS["tiny"], family="roberta", position_offset=2, pooling="cls", head_act="tanh",
+                            labels=("x", "y"))
+    weights = ModelWeights.random(c, seed=4)
+    path = build_store(weights, tmp_path / "store", bits=(32,))
+    m = json.loads((path / MANIFEST).read_text())
+    assert {k: m["model"][k] for k in ("family", "position_offset", "pooling", "head_act", "elastic")} == \
+        {"family": "roberta", "position_offset": 2, "pooling": "cls", "head_act": "tanh", "elastic": False}
+    head = next(r for r in m["records"] if r["kind"] == "head")
+    assert [p["name"] for p in head["parts"]] == ["w", "b", "dense_w", "dense_b"]
+    ids, mask = random_ids(c)
+    with Store(path) as s:
+        assert s.config == c
+        assert torch.equal(classify(s.load_model(32), ids, mask), classify(weights, ids, mask))
+    edit_manifest(path, lambda m: m["model"].update(pooling="max"))
+    with pytest.raises(StoreError, match="pooling must be one of mean, cls"):
+        Store(path)
+    edit_manifest(path, lambda m: m["model"].update(pooling="mean", head_act="none"))
+    with pytest.raises(StoreError, match="record head: parts"):  # the dense parts are now unexpected
+        Store(path)

@@ -99,10 +99,16 @@ def _print_inspect(store_dir: Path) -> None:
     with Store(store_dir) as s:
         sizes, c = s.sizes(), s.config
         fp32_layers = c.num_layers * c.layer_params * 4
-        fp32_total = fp32_layers + c.embedding_params * 4 + (c.hidden_size + 1) * c.num_labels * 4
+        head_params = (c.hidden_size + 1) * (c.num_labels + (c.hidden_size if c.head_act != "none" else 0))
+        fp32_total = fp32_layers + c.embedding_params * 4 + head_params * 4
         console.print(f"store {store_dir}  id {s.store_id[:12]}  codec {s.codec}  bits {list(s.bits)}")
-        console.print(f"model: {c.num_layers} layers x {c.num_shards} shards, hidden {c.hidden_size}, "
-                      f"FFN {c.intermediate_size}, vocab {c.vocab_size}")
+        console.print(f"model: {c.family}, {c.num_layers} layers x {c.num_shards} shards, hidden {c.hidden_size}, "
+                      f"FFN {c.intermediate_size}, vocab {c.vocab_size}, up to {c.max_tokens} tokens")
+        dense = f" -> dense + {c.head_act}" if c.head_act != "none" else ""
+        console.print(f"head: {'mean of the tokens' if c.pooling == 'mean' else 'first token'}{dense} -> "
+                      f"{c.num_labels} labels ({', '.join(c.labels)}); "
+                      + ("elastic (submodels may run)" if c.elastic else "not elastic (runs whole; --allow-pruning "
+                                                                          "lets plans drop shards)"), highlight=False)
         table = Table("part", "bytes", "MB", "vs fp32 of the part")
         shard_fp32 = sizes["shards_by_bits"].get(32)
         for b, n in sizes["shards_by_bits"].items():
@@ -173,6 +179,8 @@ def profile_importance(store_dir: Path = typer.Argument(..., help="a store direc
 
 
 HEADROOM_HELP = "share of T the plan keeps back for jitter (the deadline guard spends it)"
+PRUNE_HELP = ("let the plan leave out layers and shards of a model not trained elastic (an elastic model, "
+              "from sti finetune, always may)")
 
 
 def _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, headroom, allow_pruning):
@@ -189,8 +197,7 @@ def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
          storage: str = typer.Option("cold", help=STORAGE_HELP),
          seq_len: int = typer.Option(48, help="sequence length to plan for"),
          headroom: float = typer.Option(0.1, help=HEADROOM_HELP),
-         allow_pruning: bool = typer.Option(False, help="let the plan leave out layers and shards of a model not "
-                                            "trained elastic (an elastic model always may)"),
+         allow_pruning: bool = typer.Option(False, help=PRUNE_HELP),
          json_out: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
     """Plan which shards to run at which bitwidths, and what to preload."""
     from .planner import explain
@@ -198,8 +205,6 @@ def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
     print(p.to_json()) if json_out else console.print(explain(p), highlight=False)
 
 
-PRUNE_HELP = ("let the plan leave out layers and shards of a model not trained elastic (an elastic model, "
-              "from sti finetune, always may)")
 MAX_LENGTH_HELP = "cut requests to this many tokens (default 128; at most the model's position limit)"
 
 
