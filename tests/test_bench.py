@@ -12,15 +12,20 @@ from sti.errors import InputError
 
 def results(partial=False):
     acc = {"test": 0.85, "tweets": 0.7, "amazon": 0.75, "nyt": 0.7}
-    rows = [Row("sti-joint", "emulate:100MB/s", "own", 1.0, 14.0, 2.0, acc, 12.5, 13.9, 0.96, 11.8, 1.04, 0.0,
-                0.1, 3_900_000, 200_000, 30),
+    served = {"test": 0.83, "tweets": 0.69, "amazon": 0.74, "nyt": 0.68}
+    rows = [Row("sti-joint", "emulate:100MB/s", "own", 1.0, 14.0, 2.0, accuracy=acc, served_accuracy=served,
+                served_accuracy_no_guard=0.845, latency_median_ms=12.5, latency_p95_ms=13.9, latency_p99_ms=14.5,
+                hit_rate=0.96, hit_rate_ci=(0.94, 0.97), planned_ms=11.8, predicted_ratio=1.04, stall_median_ms=0.0,
+                guard_rate=0.1, guard_skipped_mean=0.25, guard_lowered_mean=0.5, peak_model_bytes=3_900_000,
+                rss_growth_bytes=200_000, requests=1057),
             Row("sti-paper", "emulate:100MB/s", "own", 1.0, 14.0, 2.0, note="infeasible: no paper plan meets T"),
-            Row("preload", "emulate:100MB/s", "own", 1.0, 14.0, None, acc, 13.0, 15.0, 0.6,
-                peak_model_bytes=90_000_000, rss_growth_bytes=0, requests=30)]
+            Row("preload", "emulate:100MB/s", "own", 1.0, 14.0, None, accuracy=acc, served_accuracy=acc,
+                latency_median_ms=13.0, latency_p95_ms=15.0, hit_rate=0.6, peak_model_bytes=90_000_000,
+                rss_growth_bytes=0, requests=1057)]
     return {"config": asdict(BenchConfig.quick()), "partial": partial, "rows": [asdict(r) for r in rows],
             "conditions": {"machine": {"processor": "x86_64", "cpus": 2}, "threads": 1, "date": "today",
                            "model": "m", "fp32_model_bytes": 90e6, "test_size": 1057, "ood_sizes": {},
-                           "latency_sample": 30, "full_compute_ms": {"own": 14.0}}}
+                           "latency_sample": 1057, "full_compute_ms": {"own": 14.0}}}
 
 
 def test_markdown_has_a_row_per_point_with_the_measured_figures():
@@ -28,7 +33,8 @@ def test_markdown_has_a_row_per_point_with_the_measured_figures():
     lines = [l for l in md.splitlines() if l.startswith("| sti-") or l.startswith("| preload")]
     assert len(lines) == 3
     joint = lines[0].split(" | ")
-    assert "0.8500" in joint and "12.5" in joint and "1.04" in joint and "96%" in joint and "3.90" in joint
+    assert "0.8300" in joint and "0.8500" in joint and "12.5" in joint and "14.5" in joint and "1.04" in joint
+    assert "96.0% (94.0%-97.0%)" in joint and "0.25 / 0.50" in joint and "3.90" in joint and "1057" in joint
     assert "infeasible" in lines[1]
     assert "## storage emulate:100MB/s, own lengths" in md
 
@@ -64,11 +70,98 @@ def test_a_system_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
     r = results()
     acc = r["rows"][0]["accuracy"]
-    r["rows"].append(asdict(Row("hf-disk-offload", "cold", "own", 1.0, 14.0, None, acc, 190.0, 240.0,
-                                requests=10)))
-    r["rows"].append(asdict(Row("preload", "cold", "own", 1.0, 14.0, None, acc, 13.0, 15.0, requests=30)))
+    r["rows"].append(asdict(Row("hf-disk-offload", "cold", "own", 1.0, 14.0, None, accuracy=acc,
+                                latency_median_ms=190.0, latency_p95_ms=240.0, requests=10)))
+    r["rows"].append(asdict(Row("preload", "cold", "own", 1.0, 14.0, None, accuracy=acc, latency_median_ms=13.0,
+                                latency_p95_ms=15.0, requests=30)))
     plot(r, tmp_path)
     colours = {}
     for label, colour in drawn:
         colours.setdefault(label, set()).add(colour)
     assert len(colours["preload"]) == 1 and colours["preload"] != colours["hf-disk-offload"]
+
+
+# --- the harness on a tiny model: what is served is what is reported -------------------------
+WORDS_TEXTS = ["w1 w2 w3", "w5 w9 w33 w7 w100 w2", "w11", "w4 w4 w90 w3 w8", "w60 w61", "w7 w70 w7",
+               "w30 w2 w19 w18", "w3 w3", "w88 w87 w86 w85", "w40 w41 w42 w43", "w50 w51 w52"]
+
+
+@pytest.fixture()
+def tiny_bench(tmp_path, monkeypatch, tiny_weights):
+    """A tiny store with saved profiles, fake splits, and a device profile that is not timed."""
+    import sti.bench as bench
+    from sti import api
+    from sti.data import OOD_SETS, Example
+    from sti.profiles import save_profile
+    from sti.store import Store, build_store
+    from tests.conftest import word_tokenizer
+    from tests.test_runtime import profiles
+    store = build_store(tiny_weights, tmp_path / "store", bits=(2, 4, 32), tokenizer_from=word_tokenizer(tmp_path / "t"))
+    with Store(store) as s:
+        device, importance = profiles(s)
+    save_profile(importance, api.importance_profile_path(store, "degrade"))
+    splits = {"test": [Example(str(i), t, i % 2, 1.0) for i, t in enumerate(WORDS_TEXTS)]}
+    splits.update({name: [Example(f"{name}{i}", t, 1 - i % 2, 1.0) for i, t in enumerate(WORDS_TEXTS[:4])]
+                   for name in OOD_SETS})
+    monkeypatch.setattr(bench, "load_split", lambda name: splits[name])
+    monkeypatch.setattr(bench, "measure_device", lambda *a, **k: device)
+    cfg = bench.BenchConfig(targets_x=(1000.0,), memories_mb=(1.0,), storages=("warm",), seq_modes=("own",),
+                            systems=("sti-joint", "preload"), requests=7, ood_limit=4, slow_requests=2,
+                            no_guard_points=((1000.0, 1.0),))
+    return store, cfg, splits
+
+
+def test_served_accuracy_is_that_of_the_labels_the_engine_returned(tiny_bench, monkeypatch):
+    import sti.runtime as runtime
+    from sti.bench import run_bench
+    store, cfg, splits = tiny_bench
+    honest = run_bench(store, store, cfg, log=lambda *a: None)
+    joint = next(r for r in honest["rows"] if r["system"] == "sti-joint")
+    assert joint["requests"] == 7 and honest["conditions"]["latency_sample"] == 7  # --requests honoured
+    assert set(joint["served_accuracy"]) == {"test", "tweets", "amazon", "nyt"}
+    assert joint["served_accuracy_no_guard"] is not None and 0 <= joint["hit_rate_ci"][0] <= joint["hit_rate"]
+
+    # an engine whose answers are always the first label, as a guard cutting every shard might
+    # make them: served accuracy follows the answers, the plan's accuracy does not move
+    real_run = runtime.Engine.run
+
+    def always_first(self, text):
+        result = real_run(self, text)
+        result.label = self.config.labels[0]
+        return result
+    monkeypatch.setattr(runtime.Engine, "run", always_first)
+    forced = run_bench(store, store, cfg, log=lambda *a: None)
+    fj = next(r for r in forced["rows"] if r["system"] == "sti-joint")
+    assert fj["accuracy"] == joint["accuracy"]
+    want = sum(e.label == 0 for e in splits["test"][:7]) / 7
+    assert fj["served_accuracy"]["test"] == pytest.approx(want)
+    assert fj["served_accuracy"]["tweets"] == pytest.approx(sum(e.label == 0 for e in splits["tweets"]) / 4)
+    preload = next(r for r in forced["rows"] if r["system"] == "preload")
+    assert preload["served_accuracy"] == next(r for r in honest["rows"] if r["system"] == "preload")["served_accuracy"]
+
+
+def test_the_report_reproduces_the_results_file(tiny_bench, tmp_path):
+    from typer.testing import CliRunner
+    from sti.bench import run_bench, write_outputs
+    from sti.cli import app
+    store, cfg, _ = tiny_bench
+    out = tmp_path / "res"
+    results = run_bench(store, store, dataclass_replace(cfg, targets_x=(1.0, 3.0), memories_mb=(2.0,)),
+                        log=lambda *a: None)
+    write_outputs(results, out)
+    doc = tmp_path / "docs" / "RESULTS.md"
+    r = CliRunner().invoke(app, ["report", str(out), "--out", str(doc)])
+    assert r.exit_code == 0, r.output
+    text = doc.read_text()
+    joint = next(x for x in results["rows"] if x["system"] == "sti-joint" and x["served_accuracy"])
+    line = next(l for l in text.splitlines() if l.startswith(f"| warm | sti-joint | {joint['target_x']:g}x"))
+    assert f"{joint['served_accuracy']['test']:.4f}" in line and f"{joint['accuracy']['test']:.4f}" in line
+    assert f"{joint['latency_median_ms']:.1f} / {joint['latency_p95_ms']:.1f}" in line
+    assert "](../res/accuracy_latency.png)" in text  # the plots, linked from where the document is
+    bad = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert bad.exit_code != 0 and "no results.json" in str(bad.exception)
+
+
+def dataclass_replace(cfg, **kw):
+    from dataclasses import replace
+    return replace(cfg, **kw)

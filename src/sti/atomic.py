@@ -33,3 +33,8 @@ def atomic_write_json(obj, path: str | Path, default: Callable | None = None) ->
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1, default=default)
     return atomic_write(path, write)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`text` (UTF-8) at `path`, atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -7,15 +7,20 @@ system of that storage and length mode then plans with: the machines we run on a
 and their speed drifts by up to 2x within an hour, so a profile saved earlier would make
 stale plans and predictions. The profiles used are kept in the results. Then, per system
 and point:
-  - latency: the median and p95 over the first `requests` sentences of the test split, one
-    request at a time, as an app would send them; the deadline-hit rate for T;
+  - latency: the median, p95 and p99 over the test sentences (all of them unless `requests`
+    says fewer), one request at a time, as an app would send them; the deadline-hit rate;
   - memory: peak resident model bytes (our accounting, where the system allows it) and the
     process's peak RSS growth during the requests;
-  - accuracy: on the full test split and the out-of-domain sets, computed in batches with the
-    exact weights and submodel the system runs (for sti: the plan's submodel and bitwidths;
-    the engine is tested to give the same logits as this reference path), so that accuracy
-    does not depend on the size of the latency sample. When the deadline guard changes a
-    request's shards, its answer can differ: the rate of such requests is reported.
+  - accuracy: served (above) and, for comparison, in batches with the exact weights.
+
+What is published is what users get: every system that runs our engine answers every test
+sentence (and `ood_limit` sentences of each out-of-domain set) one request at a time, and
+its `served_accuracy` is the accuracy of the labels the engine returned; `accuracy` beside it
+is the plan's (its submodel and bitwidths in batches), so the deadline guard's cost is the
+difference. Latency, hit rate (with a 95% Wilson interval), guard rate and memory are over
+the same test requests. Baselines that do not run the engine are served where affordable
+(preload; disk offload at cold storage); load-exec and from_pretrained, seconds per request,
+are timed over `slow_requests` and carry the batch accuracy of the same weights, labelled.
 
 Systems (`SYSTEMS`):
   sti-joint, sti-paper  the engine with the joint / the paper's planner
@@ -41,7 +46,7 @@ import numpy as np
 import torch
 
 from . import api
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, atomic_write_text
 from .data import OOD_SETS, load_split
 from .encoder import Submodel, classify, depth_layers, head_logits
 from .errors import InputError, StiError
@@ -67,13 +72,15 @@ class BenchConfig:
     storages: tuple[str, ...] = ("cold", "emulate:100MB/s", SKEW)
     seq_modes: tuple[str, ...] = ("own", "pad128")
     systems: tuple[str, ...] = SYSTEMS
-    requests: int = 100          # latency sample per point (slow baselines use `slow_requests`)
-    slow_requests: int = 10
+    requests: int | None = None  # test sentences served per point (None: all); slow baselines: below
+    slow_requests: int = 50
     plan_len_own: int = 48       # plans for "own" lengths assume this many tokens (test p95: 47)
     headroom: float = api.DEFAULT_HEADROOM  # share of T the sti plans keep back (both planners)
-    # sentences per out-of-domain set for accuracy (None: all 12,752, which makes every plan's
-    # evaluation ~8x slower than the test split's 1057)
-    ood_limit: int | None = 300
+    # sentences per out-of-domain set, served and in batches (None: all 12,752, which makes
+    # every point ~13x slower than the test split's 1057)
+    ood_limit: int | None = 200
+    # (T x, M MB) points where sti-joint is served again without the deadline guard
+    no_guard_points: tuple[tuple[float, float], ...] = ((1.0, 2.0), (2.0, 2.0))
     seed: int = 0
 
     @staticmethod
@@ -82,7 +89,7 @@ class BenchConfig:
         return BenchConfig(targets_x=(0.75, 1.0, 2.0), memories_mb=(2.0,), storages=("emulate:100MB/s",),
                            seq_modes=("own",), systems=("sti-joint", "sti-paper", "stdpl-4bit", "load-exec",
                                                         "preload"),
-                           requests=30, slow_requests=3, ood_limit=200)
+                           requests=200, slow_requests=3, ood_limit=100, no_guard_points=())
 
 
 @dataclass
@@ -93,14 +100,20 @@ class Row:
     target_x: float | None
     target_ms: float | None
     memory_mb: float | None
-    accuracy: dict = field(default_factory=dict)
+    accuracy: dict = field(default_factory=dict)          # the weights' accuracy, in batches
+    served_accuracy: dict = field(default_factory=dict)   # of the labels returned, request by request
+    served_accuracy_no_guard: float | None = None         # test split, the same plan without the guard
     latency_median_ms: float = math.nan
     latency_p95_ms: float = math.nan
+    latency_p99_ms: float = math.nan
     hit_rate: float | None = None
+    hit_rate_ci: tuple[float, float] | None = None        # 95% Wilson interval
     planned_ms: float | None = None
     predicted_ratio: float | None = None   # median over requests of measured / predicted at its length
     stall_median_ms: float | None = None
     guard_rate: float | None = None
+    guard_skipped_mean: float | None = None   # shards the guard left out, per request
+    guard_lowered_mean: float | None = None   # shards the guard read at fewer bits, per request
     peak_model_bytes: int | None = None
     rss_growth_bytes: int | None = None
     requests: int = 0
@@ -163,7 +176,11 @@ class Harness:
             self.weights32 = s.load_model(32)
         self.tokenizer = Tokenizer(store_dir)
         self.test = load_split("test")
-        self.sample = [e.text for e in self.test[:cfg.requests]]
+        if cfg.requests is not None and (isinstance(cfg.requests, bool) or not isinstance(cfg.requests, int)
+                                         or cfg.requests < 1):
+            raise InputError(f"--requests must be a positive integer, got {cfg.requests!r}")
+        self.served_test = self.test[:cfg.requests] if cfg.requests else self.test
+        self.sample = [e.text for e in self.served_test]
         rng = np.random.default_rng(cfg.seed)
         self.ood = {}
         for name in OOD_SETS:
@@ -239,19 +256,55 @@ def time_requests(fn, texts: list[str]) -> tuple[list[float], list]:
     return lat, out
 
 
-def run_engine(store_dir: Path, plan: Plan, device, storage: str, pad_to, texts: list[str], guard=True) -> dict:
-    """The engine over `texts`, one request at a time, after one warm-up request."""
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate of `hits` in `n` (sound near 0 and 1, unlike p +- 2se)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = hits / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n)))
+
+
+def served(labels: list[str], examples, names: tuple[str, ...]) -> float:
+    """Accuracy of the labels a system returned (by name) against the examples' labels."""
+    return served_ids([names.index(got) for got in labels], examples)
+
+
+def latency_stats(lat: list[float], target: float | None) -> dict:
+    out = {"latency_median_ms": statistics.median(lat), "latency_p95_ms": percentile(lat, 95),
+           "latency_p99_ms": percentile(lat, 99)}
+    if target is not None:
+        hits = sum(v <= target for v in lat)
+        out.update(hit_rate=hits / len(lat), hit_rate_ci=wilson(hits, len(lat)))
+    return out
+
+
+def run_engine(store_dir: Path, plan: Plan, device, storage: str, pad_to, sets: dict, guard=True) -> dict:
+    """The engine over every example of `sets` ({name: examples}, "test" first), one request
+    at a time after one warm-up request: latency and guard figures over the test requests,
+    served accuracy per set."""
     engine = Engine(Store(store_dir, storage), plan, device, storage=storage, guard=guard, pad_to=pad_to)
     try:
-        engine.run(texts[0])  # warm-up: the first request pays for lazy initialisation
+        first = next(iter(sets.values()))
+        engine.run(first[0].text)  # warm-up: the first request pays for lazy initialisation
         rss = _PeakRSS()
-        lat, results = time_requests(engine.run, texts)
-        reports = [r.report for r in results]
-        return {"lat": lat, "peak_model_bytes": max(r.peak_model_bytes for r in reports),
-                "preload_bytes": engine.preload_bytes,
-                "ratio": statistics.median(r.latency_ms / r.predicted_ms for r in reports),
-                "rss_growth_bytes": rss.growth(), "stall": statistics.median(r.stall_ms for r in reports),
-                "guard_rate": sum(bool(r.guard_changes) for r in reports) / len(reports)}
+        out = {"served_accuracy": {}}
+        for name, examples in sets.items():
+            lat, results = time_requests(engine.run, [e.text for e in examples])
+            out["served_accuracy"][name] = served([r.label for r in results], examples, engine.config.labels)
+            if name != "test":
+                continue
+            reports = [r.report for r in results]
+            out.update(lat=lat, peak_model_bytes=max(r.peak_model_bytes for r in reports),
+                       preload_bytes=engine.preload_bytes,
+                       ratio=statistics.median(r.latency_ms / r.predicted_ms for r in reports),
+                       stall=statistics.median(r.stall_ms for r in reports),
+                       guard_rate=sum(bool(r.guard_changes) for r in reports) / len(reports),
+                       guard_skipped=statistics.fmean(sum(c[3] is None for c in r.guard_changes) for r in reports),
+                       guard_lowered=statistics.fmean(sum(c[3] is not None for c in r.guard_changes)
+                                                      for r in reports))
+        out["rss_growth_bytes"] = rss.growth()
+        return out
     finally:
         engine.close()
 
@@ -264,8 +317,9 @@ def run_reference(tokenizer: Tokenizer, load, texts: list[str], pad_to) -> dict:
         return classify(weights, batch.input_ids, batch.attention_mask)
     one(texts[0])
     rss = _PeakRSS()
-    lat, _ = time_requests(one, texts)
-    return {"lat": lat, "peak_model_bytes": load()[1], "rss_growth_bytes": rss.growth()}
+    lat, logits = time_requests(one, texts)
+    return {"lat": lat, "peak_model_bytes": load()[1], "rss_growth_bytes": rss.growth(),
+            "labels": [int(x.argmax()) for x in logits]}
 
 
 def model_bytes(weights) -> int:
@@ -311,14 +365,20 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
     # the systems that run our engine plan and predict with the group's fresh profile
     uses_profile = system in PLANNED or system in FIXED
     device = h.group_device(storage_name, seq_mode, storage, plan_len) if uses_profile else None
-    rows = []
-    texts = h.sample if system not in ("load-exec", "hf-from-pretrained", "hf-disk-offload") \
-        else h.sample[:cfg.slow_requests]
+    sets = {"test": h.served_test, **h.ood}
 
     def row(**kw) -> Row:
         return Row(system=system, storage=storage_name, seq_mode=seq_mode, **kw)
 
+    def engine_fields(m: dict, target: float) -> dict:
+        return dict(served_accuracy=m["served_accuracy"], **latency_stats(m["lat"], target),
+                    predicted_ratio=m["ratio"], stall_median_ms=m["stall"], guard_rate=m["guard_rate"],
+                    guard_skipped_mean=m["guard_skipped"], guard_lowered_mean=m["guard_lowered"],
+                    peak_model_bytes=m["peak_model_bytes"], rss_growth_bytes=m["rss_growth_bytes"],
+                    requests=len(m["lat"]))
+
     if system in PLANNED:
+        rows = []
         for x in cfg.targets_x:
             for mem in cfg.memories_mb:
                 target = x * full_ms
@@ -330,18 +390,17 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
                 except StiError as exc:
                     rows.append(row(target_x=x, target_ms=target, memory_mb=mem, note=f"infeasible: {exc}"[:300]))
                     continue
-                m = run_engine(h.store_dir, plan, device, storage, pad_to, texts)
-                rows.append(row(target_x=x, target_ms=target, memory_mb=mem, accuracy=h.plan_accuracy(plan),
-                                latency_median_ms=statistics.median(m["lat"]),
-                                latency_p95_ms=percentile(m["lat"], 95),
-                                hit_rate=sum(v <= target for v in m["lat"]) / len(m["lat"]),
-                                planned_ms=plan.latency_ms, predicted_ratio=m["ratio"],
-                                stall_median_ms=m["stall"], guard_rate=m["guard_rate"],
-                                peak_model_bytes=m["peak_model_bytes"], rss_growth_bytes=m["rss_growth_bytes"],
-                                requests=len(texts)))
+                m = run_engine(h.store_dir, plan, device, storage, pad_to, sets)
+                r = row(target_x=x, target_ms=target, memory_mb=mem, accuracy=h.plan_accuracy(plan),
+                        planned_ms=plan.latency_ms, **engine_fields(m, target))
+                if system == "sti-joint" and (x, mem) in cfg.no_guard_points:
+                    free = run_engine(h.store_dir, plan, device, storage, pad_to, {"test": h.served_test}, guard=False)
+                    r.served_accuracy_no_guard = free["served_accuracy"]["test"]
+                rows.append(r)
         return rows
-    acc, m, note = None, None, ""
     c = h.config
+    whole = (range(c.num_layers), [range(c.num_shards)] * c.num_layers, [[32] * c.num_shards] * c.num_layers)
+    fields, note = {}, ""
     if system in FIXED:
         n, mm, b = {"stdpl-fp32": (c.num_layers, c.num_shards, 32), "stdpl-4bit": (c.num_layers, c.num_shards, 4),
                     "small-submodel": (min(int(k.split(",")[0]) for k in h.importance.submodel_accuracy),
@@ -349,47 +408,62 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
         layers = depth_layers(c.num_layers, n)
         plan = fixed_plan(device, h.importance, h.store_id, layers, mm, [[b] * mm for _ in layers],
                           seq_len=plan_len, fixed_bytes=h.fixed, hidden=c.hidden_size, name=system)
-        m = run_engine(h.store_dir, plan, device, storage, pad_to, texts, guard=False)
+        m = run_engine(h.store_dir, plan, device, storage, pad_to, sets, guard=False)
         acc = h.plan_accuracy(plan)
+        per_target = lambda target: engine_fields(m, target)  # noqa: E731
     elif system == "preload":
         w = h.weights32
-        m = run_reference(h.tokenizer, lambda: (w, model_bytes(w)), texts, pad_to)
-        acc = h.accuracy_of(range(c.num_layers), [range(c.num_shards)] * c.num_layers,
-                            [[32] * c.num_shards] * c.num_layers)
+        acc = h.accuracy_of(*whole)
+        runs = {name: run_reference(h.tokenizer, lambda: (w, model_bytes(w)), [e.text for e in ex], pad_to)
+                for name, ex in sets.items()}
+        m = runs["test"]
+        fields = dict(served_accuracy={name: served_ids(r["labels"], sets[name]) for name, r in runs.items()})
+        per_target = lambda target: reference_fields(m, target)  # noqa: E731
     elif system == "load-exec":
-        read_mode = storage if storage != "warm" else "warm"
-
         def load():
-            with Store(h.store_dir, read_mode) as s:
-                w = s.load_model(32)
-            return w, model_bytes(w)
-        m = run_reference(h.tokenizer, load, texts, pad_to)
-        acc = h.accuracy_of(range(c.num_layers), [range(c.num_shards)] * c.num_layers,
-                            [[32] * c.num_shards] * c.num_layers)
+            with Store(h.store_dir, storage) as s:
+                weights = s.load_model(32)
+            return weights, model_bytes(weights)
+        m = run_reference(h.tokenizer, load, h.sample[:cfg.slow_requests], pad_to)
+        acc = h.accuracy_of(*whole)
+        note = f"accuracy in batches, same weights as preload ({len(m['lat'])} requests timed, seconds each)"
+        per_target = lambda target: reference_fields(m, target)  # noqa: E731
     elif system.startswith("hf-"):
         if storage_name != "cold":
             return [row(target_x=None, target_ms=None, memory_mb=None, note="reads files itself: cold storage only")]
-        one, tmp = hf_runner(h, "from_pretrained" if system == "hf-from-pretrained" else "disk_offload", pad_to)
-        one(texts[0])
-        rss = _PeakRSS()
-        lat, _ = time_requests(one, texts)
+        offload = system == "hf-disk-offload"
+        one, tmp = hf_runner(h, "disk_offload" if offload else "from_pretrained", pad_to)
+        try:
+            texts = h.sample if offload else h.sample[:cfg.slow_requests]
+            one(texts[0])
+            rss = _PeakRSS()
+            lat, logits = time_requests(one, texts)
+        finally:
+            if tmp:
+                import shutil
+                shutil.rmtree(tmp, ignore_errors=True)
         m = {"lat": lat, "peak_model_bytes": None, "rss_growth_bytes": rss.growth()}
-        acc = h.accuracy_of(range(c.num_layers), [range(c.num_shards)] * c.num_layers,
-                            [[32] * c.num_shards] * c.num_layers)
-        note = "same weights as preload (accuracy shared); model bytes not accounted"
-        if tmp:
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
+        acc = h.accuracy_of(*whole)
+        if offload:
+            fields = dict(served_accuracy={"test": served_ids([int(x.argmax()) for x in logits], h.served_test)})
+            note = "served on the test split; out-of-domain accuracy in batches; model bytes not accounted"
+        else:
+            note = f"accuracy in batches, same weights as preload ({len(lat)} requests timed); model bytes not accounted"
+        per_target = lambda target: reference_fields(m, target)  # noqa: E731
     else:
         raise InputError(f"unknown system {system!r}: choose from {', '.join(SYSTEMS)}")
-    for x in cfg.targets_x:
-        target = x * full_ms
-        rows.append(row(target_x=x, target_ms=target, memory_mb=None, accuracy=acc,
-                        latency_median_ms=statistics.median(m["lat"]), latency_p95_ms=percentile(m["lat"], 95),
-                        hit_rate=sum(v <= target for v in m["lat"]) / len(m["lat"]),
-                        stall_median_ms=m.get("stall"), peak_model_bytes=m["peak_model_bytes"],
-                        rss_growth_bytes=m["rss_growth_bytes"], requests=len(texts), note=note))
-    return rows
+    return [row(target_x=x, target_ms=x * full_ms, memory_mb=None, accuracy=acc, note=note, **fields,
+                **per_target(x * full_ms)) for x in cfg.targets_x]
+
+
+def served_ids(labels: list[int], examples) -> float:
+    """Accuracy of the label ids a system returned against the examples' labels."""
+    return sum(got == e.label for got, e in zip(labels, examples)) / len(examples)
+
+
+def reference_fields(m: dict, target: float) -> dict:
+    return dict(**latency_stats(m["lat"], target), peak_model_bytes=m["peak_model_bytes"],
+                rss_growth_bytes=m["rss_growth_bytes"], requests=len(m["lat"]))
 
 
 def full_compute_ms(weights, tokenizer: Tokenizer, texts: list[str], pad_to: int | None) -> float:
@@ -398,7 +472,7 @@ def full_compute_ms(weights, tokenizer: Tokenizer, texts: list[str], pad_to: int
 
 
 def run_bench(store_dir, model_dir, cfg: BenchConfig | None = None, log=print, progress=None,
-              checkpoint=None) -> dict:
+              checkpoint=None, command: str = "") -> dict:
     """Run the benchmark; returns {"config", "conditions", "rows"}. `checkpoint(results)`, if
     given, receives the results so far (marked partial) after every step."""
     cfg = cfg or BenchConfig()
@@ -420,16 +494,16 @@ def run_bench(store_dir, model_dir, cfg: BenchConfig | None = None, log=print, p
         h.rows.extend(measure_point(h, system, storage, seq_mode, units[group]))
         log(f"[{i + 1}/{len(steps)}] {system} / {storage} / {seq_mode}: {time.perf_counter() - t0:.0f} s")
         if checkpoint is not None:
-            checkpoint({"config": asdict(cfg), "conditions": conditions(h, units), "partial": True,
+            checkpoint({"config": asdict(cfg), "conditions": conditions(h, units, command), "partial": True,
                         "rows": [asdict(r) for r in h.rows]})
         if progress is not None and progress(i + 1, len(steps)) is False:
             break
-    return {"config": asdict(cfg), "conditions": conditions(h, units), "rows": [asdict(r) for r in h.rows]}
+    return {"config": asdict(cfg), "conditions": conditions(h, units, command), "rows": [asdict(r) for r in h.rows]}
 
 
-def conditions(h: Harness, units: dict) -> dict:
+def conditions(h: Harness, units: dict, command: str = "") -> dict:
     from .profile_device import machine
-    return {"machine": machine(), "threads": torch.get_num_threads(), "store_id": h.store_id,
+    return {"machine": machine(), "threads": torch.get_num_threads(), "store_id": h.store_id, "command": command,
             "store": str(h.store_dir), "model": str(h.model_dir), "full_compute_ms": units,
             "device_profiles": h.profiles,
             "fp32_model_bytes": model_bytes(h.weights32), "test_size": len(h.test),
@@ -453,16 +527,25 @@ def _fmt(v, spec: str, none: str = "-") -> str:
     return format(v, spec)
 
 
+def shown_accuracy(r: dict) -> float | None:
+    """The test accuracy a row stands for: served where it was served, else the batch one."""
+    return (r.get("served_accuracy") or {}).get("test", (r.get("accuracy") or {}).get("test"))
+
+
+def _conditions_line(c: dict) -> str:
+    return (f"Machine: {c['machine'].get('processor')} ({c['machine'].get('cpus')} CPUs), torch threads "
+            f"{c['threads']}, {c['date']}. Model: {c['model']}; fp32 model {c['fp32_model_bytes'] / 1e6:.1f} MB. "
+            f"Served: {c['latency_sample']} test requests per point (of {c['test_size']}) and "
+            f"{c['ood_sizes']} out-of-domain ones, one request at a time after a warm-up; latency over the test "
+            f"requests (slow baselines fewer). T unit (full fp32 model resident): "
+            + ", ".join(f"{k} {v:.2f} ms" for k, v in c['full_compute_ms'].items()))
+
+
 def markdown(results: dict) -> str:
     """results.md: the conditions, then one table per storage and length mode."""
-    c = results["conditions"]
-    lines = ["# sti benchmark", "",
-             f"Machine: {c['machine'].get('processor')} ({c['machine'].get('cpus')} CPUs), torch threads "
-             f"{c['threads']}, {c['date']}. Model: {c['model']}; fp32 model {c['fp32_model_bytes'] / 1e6:.1f} MB. "
-             f"Accuracy on the full test split ({c['test_size']}) and out-of-domain sets {c['ood_sizes']}; latency over "
-             f"the first {c['latency_sample']} test sentences (slow baselines fewer), one request at a time. "
-             f"T unit (full fp32 model resident): " + ", ".join(f"{k} {v:.2f} ms" for k, v in c['full_compute_ms'].items()),
-             ""]
+    lines = ["# sti benchmark", "", _conditions_line(results["conditions"]), "",
+             "served = accuracy of the labels returned, request by request; plan = the same weights in batches "
+             "(for sti: the plan's submodel and bitwidths, before the deadline guard)", ""]
     rows = results["rows"]
     for storage in dict.fromkeys(r["storage"] for r in rows):
         for mode in dict.fromkeys(r["seq_mode"] for r in rows):
@@ -470,22 +553,103 @@ def markdown(results: dict) -> str:
             if not sel:
                 continue
             lines += [f"## storage {storage}, {mode} lengths", "",
-                      "| system | T (x) | T ms | M MB | test acc | OOD acc (tw/am/nyt) | median ms | p95 ms | planned ms "
-                      "| measured / predicted | hit rate | guard | peak model MB | RSS growth MB | note |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| system | T (x) | T ms | M MB | served test | plan test | served OOD (tw/am/nyt) "
+                      "| median ms | p95 ms | p99 ms | planned ms | measured / predicted | hit rate (95% CI) | guard "
+                      "| skipped / lowered per request | peak model MB | requests | note |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in sel:
-                a = r["accuracy"] or {}
-                ood = "/".join(_fmt(a.get(k), ".3f") for k in OOD_SETS)
+                a, sv = r["accuracy"] or {}, r.get("served_accuracy") or {}
+                ood = "/".join(_fmt(sv.get(k), ".3f") for k in OOD_SETS)
+                ci = r.get("hit_rate_ci")
+                hit = _fmt(r["hit_rate"], ".1%") + (f" ({ci[0]:.1%}-{ci[1]:.1%})" if ci else "")
+                cuts = (f"{r['guard_skipped_mean']:.2f} / {r['guard_lowered_mean']:.2f}"
+                        if r.get("guard_skipped_mean") is not None else "-")
                 lines.append(
                     f"| {r['system']} | {_fmt(r['target_x'], 'g')} | {_fmt(r['target_ms'], '.1f')} | "
-                    f"{_fmt(r['memory_mb'], 'g')} | {_fmt(a.get('test'), '.4f')} | {ood} | "
-                    f"{_fmt(r['latency_median_ms'], '.1f')} | {_fmt(r['latency_p95_ms'], '.1f')} | "
-                    f"{_fmt(r['planned_ms'], '.1f')} | {_fmt(r.get('predicted_ratio'), '.2f')} | "
-                    f"{_fmt(r['hit_rate'], '.0%')} | {_fmt(r['guard_rate'], '.0%')} | "
-                    f"{_fmt(r['peak_model_bytes'] and r['peak_model_bytes'] / 1e6, '.2f')} | "
-                    f"{_fmt(r['rss_growth_bytes'] and r['rss_growth_bytes'] / 1e6, '.1f')} | {r['note'][:80]} |")
+                    f"{_fmt(r['memory_mb'], 'g')} | {_fmt(sv.get('test'), '.4f')} | {_fmt(a.get('test'), '.4f')} | "
+                    f"{ood} | {_fmt(r['latency_median_ms'], '.1f')} | {_fmt(r['latency_p95_ms'], '.1f')} | "
+                    f"{_fmt(r.get('latency_p99_ms'), '.1f')} | "
+                    f"{_fmt(r['planned_ms'], '.1f')} | {_fmt(r.get('predicted_ratio'), '.2f')} | {hit} | "
+                    f"{_fmt(r['guard_rate'], '.0%')} | {cuts} | "
+                    f"{_fmt(r['peak_model_bytes'] and r['peak_model_bytes'] / 1e6, '.2f')} | {r['requests']} | "
+                    f"{r['note'][:80]} |")
             lines.append("")
     return "\n".join(lines)
+
+
+HEADLINE_X = (1.0, 2.0, 3.0)
+HEADLINE_MB = 2.0
+
+
+def headline(results: dict, mode: str = "own") -> list[dict]:
+    """The rows of the headline table: T = 1x, 2x, 3x at M = 2 MB (systems without a memory
+    budget at every T), every storage, every system, in the order measured."""
+    return [r for r in results["rows"] if r["seq_mode"] == mode and r["target_x"] in HEADLINE_X
+            and r["memory_mb"] in (HEADLINE_MB, None)]
+
+
+def headline_table(results: dict, mode: str = "own") -> list[str]:
+    lines = ["| storage | system | T | served test acc | plan acc | median / p95 ms | within T | guard acted "
+             "| peak model MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in headline(results, mode):
+        sv = (r.get("served_accuracy") or {}).get("test")
+        plan = (r.get("accuracy") or {}).get("test")
+        if sv is None and plan is None:
+            lines.append(f"| {r['storage']} | {r['system']} | {r['target_x']:g}x | - | - | - | - | - | - "
+                         f"({r['note'][:60]}) |")
+            continue
+        lines.append(
+            f"| {r['storage']} | {r['system']} | {r['target_x']:g}x ({r['target_ms']:.1f} ms) | "
+            f"{_fmt(sv, '.4f', 'batch only')} | {_fmt(plan, '.4f')} | {_fmt(r['latency_median_ms'], '.1f')} / "
+            f"{_fmt(r['latency_p95_ms'], '.1f')} | {_fmt(r['hit_rate'], '.1%')} | {_fmt(r['guard_rate'], '.0%')} | "
+            f"{_fmt(r['peak_model_bytes'] and r['peak_model_bytes'] / 1e6, '.2f')} |")
+    return lines
+
+
+def report(results: dict, source: Path, out: Path) -> str:
+    """docs/RESULTS.md from one results.json (in `source`, written to `out`): conditions, the
+    headline table, the gap between served and planned accuracy, the plots. Every figure is
+    read from `results`."""
+    c, rows = results["conditions"], results["rows"]
+    command = c.get("command", "")
+    rel = Path(os.path.relpath(Path(source), Path(out).parent)).as_posix()
+    full = next((shown_accuracy(r) for r in rows if r["system"] == "preload" and shown_accuracy(r) is not None), None)
+    lines = ["# sti results", "",
+             f"Generated by `sti report {Path(source).as_posix()} --out {Path(out).as_posix()}` from its results.json"
+             + (f", which `{command}` wrote" if command else "") + ". Do not edit by hand: rerun the command.", "",
+             "## Conditions", "", _conditions_line(c) + ".", "",
+             f"Sweep: T in {results['config']['targets_x']} x the T unit, M in {results['config']['memories_mb']} MB, "
+             f"storages {', '.join(results['config']['storages'])}, length modes "
+             f"{', '.join(results['config']['seq_modes'])}; plans keep {results['config']['headroom']:.0%} of T "
+             "as headroom for the deadline guard.", "",
+             "## Headline: T = 1x, 2x, 3x at M = 2 MB, own lengths", "",
+             "Served test accuracy is the accuracy of the labels the engine returned, over every test request; plan "
+             "accuracy is the same plan's weights in batches (the deadline guard's cost is the difference)."
+             + (f" The full fp32 model, served resident: {full:.4f}." if full is not None else ""), ""]
+    lines += headline_table(results)
+    gaps = [(r, shown_accuracy(r), (r.get("accuracy") or {}).get("test")) for r in rows
+            if r["system"] in PLANNED and (r.get("served_accuracy") or {}).get("test") is not None]
+    if gaps:
+        d = [plan - sv for _, sv, plan in gaps]
+        worst = max(gaps, key=lambda g: g[2] - g[1])
+        lines += ["", "## Served against planned accuracy", "",
+                  f"Over the {len(gaps)} sti points served, the answers were {statistics.median(d) * 100:.1f} points "
+                  f"below the plans' accuracy at the median (range {min(d) * 100:.1f} to {max(d) * 100:.1f}); the "
+                  f"largest gap, {(worst[2] - worst[1]) * 100:.1f} points, at {worst[0]['system']} / "
+                  f"{worst[0]['storage']} / T = {worst[0]['target_x']:g}x / M = {worst[0]['memory_mb']:g} MB, where the "
+                  f"guard acted on {worst[0]['guard_rate']:.0%} of requests."]
+        free = [r for r, _, _ in gaps if r.get("served_accuracy_no_guard") is not None]
+        if free:
+            lines += ["", "The same plans served without the deadline guard (test split):", "",
+                      "| storage | T | M MB | served, guard on | served, guard off | within T, guard on |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['storage']} | {r['target_x']:g}x | {r['memory_mb']:g} | "
+                      f"{r['served_accuracy']['test']:.4f} | {r['served_accuracy_no_guard']:.4f} | "
+                      f"{r['hit_rate']:.1%} |" for r in free]
+    lines += ["", "## Plots", "", f"![served accuracy versus latency]({rel}/accuracy_latency.png)", "",
+              f"![peak resident model bytes]({rel}/memory.png)", "",
+              f"Every point of the sweep: [`results.md`]({rel}/results.md)."]
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, out_dir: Path) -> list[Path]:
@@ -507,14 +671,14 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
                        and (r["memory_mb"] in (mem, None))]
                 if system not in PLANNED:
                     sel = sel[:1]
-                pts = sorted((r["latency_median_ms"], r["accuracy"]["test"]) for r in sel
+                pts = sorted((r["latency_median_ms"], shown_accuracy(r)) for r in sel
                              if not math.isnan(r["latency_median_ms"]))
                 if pts:  # one colour per system in every panel, whichever systems it shows
                     ax.plot(*zip(*pts), marker="o", label=system, linewidth=1, color=f"C{SYSTEMS.index(system)}")
             ax.set_xscale("log")
             ax.set_title(f"{st}, M = {mem} MB" if mem is not None else st, fontsize=9)
             ax.set_xlabel("median latency (ms, log)")
-            ax.set_ylabel("test accuracy")
+            ax.set_ylabel("served test accuracy")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"accuracy versus latency ({mode} lengths)", fontsize=10)
@@ -544,5 +708,5 @@ def write_outputs(results: dict, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = [save_results(results, out_dir)]
     md = out_dir / "results.md"
-    md.write_text(markdown(results))
+    atomic_write_text(md, markdown(results))
     return paths + [md] + plot(results, out_dir)

@@ -300,10 +300,37 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
     if ood_limit:
         cfg = replace(cfg, ood_limit=ood_limit)
     # results.json is rewritten after every step, so an interrupted sweep keeps what it measured
-    results = run_bench(store_dir, model_dir, cfg, log=console.print, checkpoint=lambda r: save_results(r, out))
+    command = "sti " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sti") else ""
+    results = run_bench(store_dir, model_dir, cfg, log=console.print, checkpoint=lambda r: save_results(r, out),
+                        command=command)
     paths = write_outputs(results, out)
     console.print(markdown(results), highlight=False)
     console.print("wrote " + ", ".join(map(str, paths)))
+
+
+@app.command()
+def report(results_dir: Path = typer.Argument(..., help="a directory `sti bench` wrote (results.json and plots)"),
+           out: Optional[Path] = typer.Option(None, help="where to write the document (default RESULTS_DIR/RESULTS.md)")
+           ) -> None:
+    """Write the results document (headline table, served against planned accuracy, plots) from results.json."""
+    import json
+    from .atomic import atomic_write_text
+    from .bench import report as make_report
+    f = results_dir / "results.json"
+    try:
+        results = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise InputError(f"no results.json in {results_dir}: run `sti bench ... --out {results_dir}` first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{f} is not valid JSON ({exc}); rerun the benchmark") from None
+    out = out or results_dir / "RESULTS.md"
+    try:
+        text = make_report(results, results_dir, out)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{f} is not a results file of this sti (missing or odd field: {exc}); rerun the "
+                         "benchmark") from None
+    atomic_write_text(out, text)
+    console.print(f"wrote {out}")
 
 
 def _numbers(text: str, option: str) -> tuple[float, ...]:
