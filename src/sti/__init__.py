@@ -4,6 +4,7 @@ Data flows one way: model -> shards -> store -> profiles -> plan -> pipeline -> 
 The public API is re-exported here; the CLI (`sti`) is a thin layer over it.
 """
 
+from .api import classify_exact, open_engine, plan
 from .assets import ensure_data, ensure_model, sti_home
 from .config import PRESETS, ModelConfig
 from .data import Example, load_split
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AssetError", "Cancelled", "ConfigError", "DataError", "Example", "FinetuneConfig", "InputError",
+    "classify_exact", "open_engine", "plan",
     "LayerWeights", "ModelConfig", "ModelWeights", "PRESETS", "ShardWeights", "StiError", "Submodel",
     "Tokenizer", "accuracy", "classify", "depth_layers", "encode", "ensure_data", "ensure_model",
     "finetune", "load_model_dir", "load_split", "predict_logits", "rewire", "save_model_dir",

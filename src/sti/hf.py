@@ -74,16 +74,21 @@ def read_checkpoint(path: str | Path, fresh_head: bool = False) -> tuple[ModelCo
 
 
 # --- config.json ---------------------------------------------------------------------------
-def read_config_json(path: Path) -> dict:
-    f = path / "config.json" if path.is_dir() else path
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist: give a Hugging Face model directory")
+def read_json(f: Path, missing: str):
+    """A JSON file of the checkpoint; `missing` is the message when it is not there."""
     try:
-        hf = json.loads(f.read_text())
+        return json.loads(f.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"no config.json in {path}: is this a Hugging Face model directory?") from None
+        raise ConfigError(missing) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{f} is not valid JSON: {exc}") from None
+
+
+def read_config_json(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist: give a Hugging Face model directory")
+    f = path / "config.json" if path.is_dir() else path
+    hf = read_json(f, f"no config.json in {path}: is this a Hugging Face model directory?")
     if not isinstance(hf, dict):
         raise ConfigError(f"{f} is not a JSON object")
     return hf
@@ -122,7 +127,7 @@ def labels_of(hf: dict, path: Path) -> tuple[str, ...]:
             raise ConfigError(f"{path}: id2label keys must be integers, got {sorted(id2label)[:5]}") from None
         if ids != list(range(len(ids))):
             raise ConfigError(f"{path}: id2label must number the labels 0..{len(ids) - 1}, got {ids[:10]}")
-        labels = tuple(str(id2label[str(i)] if str(i) in id2label else id2label[i]) for i in ids)
+        labels = tuple(str(id2label[str(i)]) for i in ids)
     else:
         n = hf.get("num_labels", 2)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -211,10 +216,7 @@ def head_of(hf: dict, family: str, tensors: dict, path: Path) -> tuple[str, str,
 def sentence_transformers_pooling(path: Path) -> str:
     """'mean' or 'cls' from a sentence-transformers model's Pooling module; other pooling
     modes, and modules after pooling (Dense, Normalize), are refused."""
-    try:
-        modules = json.loads((path / "modules.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}/modules.json is not valid JSON: {exc}") from None
+    modules = read_json(path / "modules.json", f"no modules.json in {path}")
     if not isinstance(modules, list):
         raise ConfigError(f"{path}/modules.json is not a list of modules")
     kinds = [str(m.get("type", "")) if isinstance(m, dict) else "" for m in modules]
@@ -228,12 +230,9 @@ def sentence_transformers_pooling(path: Path) -> str:
     cfg_file = (path / rel / "config.json").resolve()
     if path.resolve() not in cfg_file.parents:
         raise ConfigError(f"{path}/modules.json: the Pooling module's path {rel!r} leaves the model directory")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: the Pooling module has no {rel}/config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{cfg_file} is not valid JSON: {exc}") from None
+    cfg = read_json(cfg_file, f"{path}: the Pooling module has no {rel}/config.json")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{cfg_file} is not a JSON object")
     modes = [k.removeprefix("pooling_mode_") for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
     if modes == ["mean_tokens"]:
         return "mean"
