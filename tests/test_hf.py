@@ -341,3 +341,29 @@ def test_max_length_beyond_the_models_positions_is_refused(tmp_path, real_model_
     from sti.errors import InputError
     with pytest.raises(InputError, match=r"--max-length must be an integer in 2\.\.64"):
         api.classify_exact(tmp_path / "store", TEXTS, max_length=65)
+
+
+def test_a_classifier_architecture_wins_over_a_stale_sti_entry(tmp_path, real_model_dir):
+    """transformers keeps unknown config keys: a model sti wrote, saved again as a
+    BertForSequenceClassification, must run with BERT's pooler, as transformers does."""
+    d = save_hf(hf_classifier("bert", 2, real_model_dir), real_model_dir, tmp_path / "model")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["sti"] = {"pooling": "mean", "head_act": "none", "elastic": True}
+    (d / "config.json").write_text(json.dumps(cfg))
+    c = load_model_dir(d).config
+    assert (c.pooling, c.head_act, c.elastic) == ("cls", "tanh", False)
+
+
+def test_malformed_configs_are_refused_with_our_error(tmp_path, real_model_dir):
+    d = save_hf(hf_classifier("bert", 2, real_model_dir), real_model_dir, tmp_path / "model")
+    cfg = json.loads((d / "config.json").read_text())
+    for edit, message in ((dict(architectures="BertForSequenceClassification"), "architectures must be a list"),
+                          (dict(id2label={"0": "a", "1": "a"}), "label names must differ"),
+                          (dict(id2label={"0": "a", "2": "b"}), "number the labels 0..1")):
+        (d / "config.json").write_text(json.dumps({**cfg, **edit}))
+        with pytest.raises(ConfigError, match=message):
+            load_model_dir(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "id2label": {"00": "a", "01": "b"}}))
+    assert load_model_dir(d).config.labels == ("a", "b")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_model_dir(d / "config.json")

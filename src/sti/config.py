@@ -63,6 +63,8 @@ class ModelConfig:
         if len(self.labels) != self.num_labels:
             raise ConfigError(
                 f"model config: {self.num_labels} labels but {len(self.labels)} label names")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError(f"model config: label names must differ, got {list(self.labels)}")
         for name, allowed in (("family", FAMILIES), ("pooling", POOLINGS), ("head_act", HEAD_ACTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model config: {name} must be one of {', '.join(allowed)}, "
@@ -115,6 +117,9 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"model config: unknown fields {sorted(unknown)}")
+        missing = known - set(d)
+        if missing:  # nothing is filled in by default: a missing pooling must not become "mean"
+            raise ConfigError(f"model config: missing fields {sorted(missing)}")
         d = dict(d)
         if "labels" in d:
             if not isinstance(d["labels"], (list, tuple)) or not all(isinstance(x, str) for x in d["labels"]):

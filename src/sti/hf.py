@@ -87,16 +87,25 @@ def read_json(f: Path, missing: str):
 def read_config_json(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"{path} does not exist: give a Hugging Face model directory")
-    f = path / "config.json" if path.is_dir() else path
+    if not path.is_dir():
+        raise ConfigError(f"{path} is a file: give the model directory that holds config.json and the weights")
+    f = path / "config.json"
     hf = read_json(f, f"no config.json in {path}: is this a Hugging Face model directory?")
     if not isinstance(hf, dict):
         raise ConfigError(f"{f} is not a JSON object")
     return hf
 
 
+def architectures(hf: dict, path: Path) -> list[str]:
+    archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{path}/config.json: architectures must be a list of class names, got {archs!r:.80}")
+    return archs
+
+
 def family_of(hf: dict, path: Path) -> str:
     model_type = hf.get("model_type")
-    archs = hf.get("architectures") or []
+    archs = architectures(hf, path)
     if model_type not in SUPPORTED:
         what = f"model_type {model_type!r}" + (f" ({', '.join(map(str, archs))})" if archs else "")
         raise ConfigError(f"{path}: {what} is not supported: sti runs BERT (and MiniLM), RoBERTa and "
@@ -122,12 +131,13 @@ def labels_of(hf: dict, path: Path) -> tuple[str, ...]:
     id2label = hf.get("id2label")
     if isinstance(id2label, dict) and id2label:
         try:
-            ids = sorted(int(k) for k in id2label)
+            by_id = {int(k): v for k, v in id2label.items()}
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: id2label keys must be integers, got {sorted(id2label)[:5]}") from None
-        if ids != list(range(len(ids))):
-            raise ConfigError(f"{path}: id2label must number the labels 0..{len(ids) - 1}, got {ids[:10]}")
-        labels = tuple(str(id2label[str(i)]) for i in ids)
+        if sorted(by_id) != list(range(len(id2label))):
+            raise ConfigError(f"{path}: id2label must number the labels 0..{len(id2label) - 1}, got "
+                              f"{sorted(id2label)[:10]}")
+        labels = tuple(str(by_id[i]) for i in range(len(by_id)))
     else:
         n = hf.get("num_labels", 2)
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -171,13 +181,15 @@ def head_of(hf: dict, family: str, tensors: dict, path: Path) -> tuple[str, str,
     """(pooling, dense activation, elastic) of the checkpoint's head, from what it declares;
     refused when it declares nothing sti can run exactly, or lacks the tensors."""
     ours = hf.get("sti")
-    archs = [str(a) for a in hf.get("architectures") or []]
-    if isinstance(ours, dict):
-        pooling, head_act, elastic = ours.get("pooling"), ours.get("head_act", "none"), ours.get("elastic", False)
-        source = "config.json's sti entry"
-    elif CLASSIFIER[family] in archs:
+    archs = architectures(hf, path)
+    if CLASSIFIER[family] in archs:
+        # what transformers would compute wins: a model sti wrote, then saved again as a
+        # sequence classifier, keeps the "sti" entry, but its pooler is now transformers'
         (pooling, head_act), elastic = CLASSIFIER_HEAD[family], False
         source = CLASSIFIER[family]
+    elif isinstance(ours, dict):
+        pooling, head_act, elastic = ours.get("pooling"), ours.get("head_act", "none"), ours.get("elastic", False)
+        source = "config.json's sti entry"
     elif any(not a.endswith("Model") for a in archs):
         raise ConfigError(f"{path}: architecture {', '.join(archs)} is not a sequence classifier: sti runs "
                           f"{CLASSIFIER[family]} (one label per text) or a sentence-transformers model with "
