@@ -33,7 +33,7 @@ from sti import api
 from sti.atomic import atomic_write_json
 from sti.data import load_split
 from sti.encoder import attention_keep, layer_by_shards
-from sti.planner import make_plan
+from sti.planning import make_plan
 from sti.profile_device import Background, machine, measure_device, median_ms
 from sti.runtime import Engine
 from sti.storage import _fine_timer_slack
@@ -119,7 +119,7 @@ def per_layer(store_dir: Path, storage: str, target_ms: float, texts: list[str])
             r = engine.run(text).report
             ratios.append([lr.compute_ms / max(1e-6, device.compute_ms(len(lr.shard_ids), r.tokens))
                            for lr in r.layers])
-    return {"target_ms": target_ms, "n": plan.n, "m": plan.m, "preloaded": len(plan.preload),
+    return {"target_ms": target_ms, "n": plan.choice.n, "m": plan.choice.m, "preloaded": len(plan.choice.preload),
             "ratio_per_layer": [round(float(v), 3) for v in np.median(np.array(ratios), axis=0)]}
 
 

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sti.planner import PlanError, _joint_search, _Problem, make_plan
+from sti.planning import PlanError, make_plan
+from sti.planning import joint
+from sti.planning.problem import Problem
 from sti.profiles import DeviceProfile, ImportanceProfile
 
 STORE = "bench-synthetic-bert-base"
@@ -120,14 +122,14 @@ def main(argv=None) -> int:
                 for planner in ("paper", "joint"):
                     med, worst, cpu, plan, error = time_plan(device, importance, fixed, T, M, planner, args.runs)
                     row[planner] = {"median_ms": med, "max_ms": worst, "median_cpu_ms": cpu,
-                                    "accuracy": plan.accuracy if plan else None,
-                                    "latency_ms": plan.latency_ms if plan else None,
-                                    "n": plan.n if plan else None, "m": plan.m if plan else None,
-                                    "preload_bytes": plan.preload_bytes if plan else None,
+                                    "accuracy": plan.predicted.accuracy if plan else None,
+                                    "latency_ms": plan.predicted.latency_ms if plan else None,
+                                    "n": plan.choice.n if plan else None, "m": plan.choice.m if plan else None,
+                                    "preload_bytes": plan.predicted.preload_bytes if plan else None,
                                     "error": None if plan else error}
                 # the joint search on its own (without the paper plan as a floor): is it better by itself?
-                P = _Problem(device, importance, STORE, T, M, SEQ_LEN, fixed, None)
-                alone = _joint_search(P)
+                P = Problem.of(device, importance, STORE, T, M, SEQ_LEN, fixed, None)
+                alone = joint.search(P, joint.Families(P))
                 row["joint_search_alone_accuracy"] = alone[0] if alone else None
                 rows.append(row)
                 pa, jo = row["paper"], row["joint"]

@@ -56,7 +56,7 @@ from sti.config import PRESETS, ModelConfig
 from sti.data import load_split
 from sti.encoder import classify
 from sti.errors import Cancelled, StiError, StoreError
-from sti.planner import PlanError, make_plan
+from sti.planning import PlanError, make_plan
 from sti.profile_device import machine
 from sti.profiles import ImportanceProfile
 from sti.store import Store, build_store
@@ -170,9 +170,9 @@ def measure_point(store_dir: Path, storage: str, device, plan_for, texts: list[s
     try:
         m = run_engine(store_dir, plan, device, storage, None, texts)
     except StiError as exc:  # a point that fails is a row that says why, not a lost preset
-        return row | {"n": plan.n, "m": plan.m, "note": f"failed: {exc}"}
-    return row | {"n": plan.n, "m": plan.m, "bits": [list(b) for b in plan.bits], "preload_shards": len(plan.preload),
-                  "preload_bytes": m["preload_bytes"], "planned_ms": plan.latency_ms,
+        return row | {"n": plan.choice.n, "m": plan.choice.m, "note": f"failed: {exc}"}
+    return row | {"n": plan.choice.n, "m": plan.choice.m, "bits": [list(b) for b in plan.choice.bits], "preload_shards": len(plan.choice.preload),
+                  "preload_bytes": m["preload_bytes"], "planned_ms": plan.predicted.latency_ms,
                   "latency_median_ms": statistics.median(m["lat"]), "latency_p95_ms": percentile(m["lat"], 95),
                   "hit_rate": sum(v <= target for v in m["lat"]) / len(m["lat"]),
                   "predicted_ratio": m["ratio"], "guard_rate": m["guard_rate"],

@@ -44,7 +44,7 @@ import torch
 
 from sti.api import DEFAULT_HEADROOM, device_profile, importance_profile, resident_bytes
 from sti.config import PRESETS
-from sti.planner import Plan, make_plan
+from sti.planning import Plan, make_plan
 from sti.profile_device import measure_device
 from sti.profiles import DeviceProfile, ImportanceProfile
 from sti.runtime import Engine
@@ -253,8 +253,8 @@ def main() -> int:
             # answer can be checked against the first answer for its text; --slow exercises the guard
             soak_engine = lambda: Engine(Store(store_path, "warm"), plan, device, storage="warm", guard=False)  # noqa: E731
             results["setup"] = {"store": "tiny random model (3 layers x 4 shards, hidden 32), built here",
-                                "storage": "warm", "plan": {"n": plan.n, "m": plan.m, "bits": plan.bits,
-                                                            "preload": plan.preload}, "guard": False}
+                                "storage": "warm", "plan": {"n": plan.choice.n, "m": plan.choice.m, "bits": plan.choice.bits,
+                                                            "preload": plan.choice.preload}, "guard": False}
         print(f"setup: {results['setup']}")
 
         if not args.no_soak:
@@ -302,13 +302,13 @@ def slow_storage(args, store_path: Path, texts, device, importance, plan) -> dic
                  for f in args.target_factors]
     runs = []
     for f, p in plans:
-        print(f"slow storage: T {p.target_ms:.2f} ms, plan {p.latency_ms:.2f} ms (spare {p.target_ms - p.latency_ms:.2f}), "
-              f"bits {p.bits}, preload {len(p.preload)}; storage {bandwidth / 1e6:.2f} MB/s + "
+        print(f"slow storage: T {p.request.target_ms:.2f} ms, plan {p.predicted.latency_ms:.2f} ms (spare {p.request.target_ms - p.predicted.latency_ms:.2f}), "
+              f"bits {p.choice.bits}, preload {len(p.choice.preload)}; storage {bandwidth / 1e6:.2f} MB/s + "
               f"{latency * 1e3:.3f} ms per read, then {factor:g}x slower")
         runs.append({
-            "target_factor": f, "target_ms": p.target_ms, "plan_latency_ms": p.latency_ms,
-            "plan_spare_ms": p.target_ms - p.latency_ms, "plan_bits": [list(r) for r in p.bits],
-            "plan_preload": [list(x) for x in p.preload],
+            "target_factor": f, "target_ms": p.request.target_ms, "plan_latency_ms": p.predicted.latency_ms,
+            "plan_spare_ms": p.request.target_ms - p.predicted.latency_ms, "plan_bits": [list(r) for r in p.choice.bits],
+            "plan_preload": [list(x) for x in p.choice.preload],
             "control_profiled_speed_guard_on": deadline_run(store_path, p, device, bandwidth, latency, True, texts, n, w),
             "guard_on": deadline_run(store_path, p, device, bandwidth / factor, latency * factor, True, texts, n, w),
             "guard_off": deadline_run(store_path, p, device, bandwidth / factor, latency * factor, False, texts, n, w)})

@@ -14,9 +14,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sti.encoder import depth_layers
-from sti.planner import (Plan, PlanError, _lp_bound, _Problem, _upper_bounds, explain, make_plan, profile_id,
-                         simulate)
-from sti.profiles import DeviceProfile, ImportanceProfile
+from sti.planning import Plan, PlanError, explain, make_plan, simulate
+from sti.planning.bounds import grid_bounds, lp_bound
+from sti.planning.joint import Families
+from sti.planning.problem import Problem
+from sti.profiles import DeviceProfile, ImportanceProfile, profile_id
 
 STORE = "store-under-test"
 
@@ -61,13 +63,13 @@ def test_hand_paper():
     # Accuracy 0.90 - 0.1 * (0.4 + 0.1 + 0.2 + 0.05) = 0.825; latency = compute path = 100.
     # (2,2) would give 0.86 - 0.1 * (0.4 + 0.1 + 0.2) = 0.79 and (3,1) at most 0.80: not better.
     p = hand(200, 250, "paper")
-    assert (p.n, p.m, p.layers) == (3, 2, (0, 1, 2))
-    assert p.bits == ((2, 2), (32, 2), (32, 2))
-    assert p.preload == ((0, 0, 2), (0, 1, 2))
-    assert p.latency_ms == 100.0 and p.is_stall_free
-    assert p.accuracy == pytest.approx(0.825, abs=1e-12)
-    assert [t.slack for t in p.timeline] == [0.0, 0.0, 0.0]
-    assert p.preload_bytes == 200.0 and p.streamed == ((1, 0, 32), (1, 1, 2), (2, 0, 32), (2, 1, 2))
+    assert (p.choice.n, p.choice.m, p.choice.layers) == (3, 2, (0, 1, 2))
+    assert p.choice.bits == ((2, 2), (32, 2), (32, 2))
+    assert p.choice.preload == ((0, 0, 2), (0, 1, 2))
+    assert p.predicted.latency_ms == 100.0 and p.is_stall_free
+    assert p.predicted.accuracy == pytest.approx(0.825, abs=1e-12)
+    assert [t.slack for t in p.predicted.timeline] == [0.0, 0.0, 0.0]
+    assert p.predicted.preload_bytes == 200.0 and p.streamed == ((1, 0, 32), (1, 1, 2), (2, 0, 32), (2, 1, 2))
 
 
 def test_hand_joint_streams_the_first_layer_and_preloads_the_least_important():
@@ -79,12 +81,12 @@ def test_hand_joint_streams_the_first_layer_and_preloads_the_least_important():
     # Timeline: IO 0-5 embeddings, 5-45 layer 0; compute 45-75; layer 1 IO 45-65, compute
     # 75-105; layer 2 IO 65-105, compute 105-135; + head = 140.
     p = hand(200, 250, "joint")
-    assert (p.n, p.m) == (3, 2)
-    assert p.bits == ((32, 32), (32, 2), (32, 32))
-    assert p.preload == ((1, 1, 2),)
-    assert p.latency_ms == 140.0
-    assert p.accuracy == pytest.approx(0.88, abs=1e-12)
-    t = p.timeline
+    assert (p.choice.n, p.choice.m) == (3, 2)
+    assert p.choice.bits == ((32, 32), (32, 2), (32, 32))
+    assert p.choice.preload == ((1, 1, 2),)
+    assert p.predicted.latency_ms == 140.0
+    assert p.predicted.accuracy == pytest.approx(0.88, abs=1e-12)
+    t = p.predicted.timeline
     assert (t[0].stall, t[1].stall, t[2].stall) == (40.0, 0.0, 0.0)
     assert (t[1].slack, t[2].slack) == (10.0, 0.0)
     assert not p.is_stall_free and p.is_stall_free_after_first
@@ -96,11 +98,11 @@ def test_hand_joint_at_the_compute_limit_takes_a_smaller_submodel():
     # and (0,1) at 2 bits (30 ms); layer 1 streams (1,0) at 32 and (1,1) at 2 (30 <= 30).
     # Accuracy 0.86 - 0.1 * (0.1 + 0.2) = 0.83 > 0.825, latency 5 + 30 + 60 + 5 = 100.
     p = hand(100, 250, "joint")
-    assert (p.n, p.m, p.layers) == (2, 2, (0, 1))
-    assert p.bits == ((32, 2), (32, 2)) and p.preload == ()
-    assert p.latency_ms == 100.0
-    assert p.accuracy == pytest.approx(0.83, abs=1e-12)
-    assert hand(100, 250, "paper").accuracy == pytest.approx(0.825, abs=1e-12)
+    assert (p.choice.n, p.choice.m, p.choice.layers) == (2, 2, (0, 1))
+    assert p.choice.bits == ((32, 2), (32, 2)) and p.choice.preload == ()
+    assert p.predicted.latency_ms == 100.0
+    assert p.predicted.accuracy == pytest.approx(0.83, abs=1e-12)
+    assert hand(100, 250, "paper").predicted.accuracy == pytest.approx(0.825, abs=1e-12)
 
 
 def test_a_plan_that_may_not_prune_keeps_the_whole_model():
@@ -108,15 +110,16 @@ def test_a_plan_that_may_not_prune_keeps_the_whole_model():
     # whole (3,2) model must run, and the best it can do is the paper's bits (0.825). A
     # budget the whole model cannot meet is infeasible, not answered by a smaller model.
     p = hand(100, 250, "joint", prune=False)
-    assert (p.n, p.m) == (3, 2) and not p.prune
-    assert p.accuracy == pytest.approx(0.825, abs=1e-12)
+    assert (p.choice.n, p.choice.m) == (3, 2) and not p.request.prune
+    assert p.predicted.accuracy == pytest.approx(0.825, abs=1e-12)
     assert Plan.from_json(p.to_json()) == p
     assert "not elastic" in explain(p)
     with pytest.raises(PlanError, match="smallest feasible T"):
         hand(80, 250, "joint", prune=False)
-    assert hand(80, 250, "joint").n < 3
+    assert hand(80, 250, "joint").choice.n < 3
     d = json.loads(p.to_json())
-    d["n"], d["layers"], d["bits"], d["timeline"] = 2, [0, 1], d["bits"][:2], d["timeline"][:2]
+    c, pr = d["choice"], d["predicted"]
+    c["n"], c["layers"], c["bits"], pr["timeline"] = 2, [0, 1], c["bits"][:2], pr["timeline"][:2]
     with pytest.raises(PlanError, match="prune is false"):
         Plan.from_dict(d)
 
@@ -134,9 +137,9 @@ def test_hand_infeasible_reports_smallest_budgets():
     msg = str(e.value)
     assert "smallest feasible T for this M is 80.000 ms" in msg
     assert "smallest feasible M for this T is 100 bytes" in msg
-    assert hand(80, 0, "joint").latency_ms == 80.0
-    assert hand(75, 100, "joint").preload_bytes == 100.0
-    assert hand(75, 100, "paper").n == 3
+    assert hand(80, 0, "joint").predicted.latency_ms == 80.0
+    assert hand(75, 100, "joint").predicted.preload_bytes == 100.0
+    assert hand(75, 100, "paper").choice.n == 3
     # below every submodel's compute there is no M at all
     with pytest.raises(PlanError, match="no M is feasible for this T"):
         hand(50, 10**9, "joint")
@@ -145,8 +148,8 @@ def test_hand_infeasible_reports_smallest_budgets():
 def test_headroom_plans_for_a_share_of_T_and_keeps_T_as_the_target():
     # with 20% headroom, T = 125 plans like T = 100 (see test_hand_paper) and says T = 125
     p = hand(125, 250, "paper", headroom=0.2)
-    assert p.latency_ms <= 100.0 + 1e-9 and p.target_ms == 125.0
-    assert p.accuracy == hand(100, 250, "paper").accuracy
+    assert p.predicted.latency_ms <= 100.0 + 1e-9 and p.request.target_ms == 125.0
+    assert p.predicted.accuracy == hand(100, 250, "paper").predicted.accuracy
     assert p.spare_ms >= 25.0 - 1e-9
     assert Plan.from_json(p.to_json()) == p
     # infeasible: the smallest T is scaled up by the headroom (80 ms for the joint planner)
@@ -157,7 +160,7 @@ def test_headroom_plans_for_a_share_of_T_and_keeps_T_as_the_target():
     assert "smallest feasible T for this M is 100.000 ms" in str(e.value) and "80.000" not in str(e.value)
     with pytest.raises(PlanError, match="target_ms"):
         hand(2e9, 250, "joint", headroom=0.6)  # checked before the headroom scales it into range
-    assert hand(100, 0, "joint", headroom=0.2).latency_ms <= 80.0 + 1e-9
+    assert hand(100, 0, "joint", headroom=0.2).predicted.latency_ms <= 80.0 + 1e-9
     for bad in (-0.1, 1.0, float("nan"), "x"):
         with pytest.raises(PlanError, match="headroom"):
             hand(200, 250, "joint", headroom=bad)
@@ -167,8 +170,8 @@ def test_embed_tokens_plans_the_embedding_read_for_fewer_rows_than_seq_len():
     dev = device(embed=(1.0, 0.5), seq_len=8)
     full = make_plan(dev, HAND_IMP, STORE, 1000, 250, seq_len=8, planner="joint")
     fewer = make_plan(dev, HAND_IMP, STORE, 1000, 250, seq_len=8, planner="joint", embed_tokens=2)
-    assert full.embed_ms == 5.0 and fewer.embed_ms == 2.0
-    assert fewer.latency_ms <= full.latency_ms - 3.0 + 1e-9
+    assert full.predicted.embed_ms == 5.0 and fewer.predicted.embed_ms == 2.0
+    assert fewer.predicted.latency_ms <= full.predicted.latency_ms - 3.0 + 1e-9
     assert Plan.from_json(fewer.to_json()) == fewer
     for bad in (0, 9, 2.5, True):
         with pytest.raises(PlanError, match="embed_tokens"):
@@ -179,8 +182,8 @@ def test_fixed_bytes_change_the_paper_pick():
     # with 100 fixed bytes, M = 250 leaves 150 for the preload: (3,2) and (2,2) need 200,
     # so the paper planner falls back to (3,1), whose first layer needs 100.
     p = hand(200, 250, "paper", fixed_bytes=100)
-    assert (p.n, p.m) == (3, 1) and p.preload_bytes == 100.0 and p.fixed_bytes == 100
-    assert p.resident_bytes == pytest.approx(p.preload_bytes + 100 + p.inflight_bytes + p.working_bytes)
+    assert (p.choice.n, p.choice.m) == (3, 1) and p.predicted.preload_bytes == 100.0 and p.request.fixed_bytes == 100
+    assert p.predicted.resident_bytes == pytest.approx(p.predicted.preload_bytes + 100 + p.predicted.inflight_bytes + p.predicted.working_bytes)
     with pytest.raises(PlanError, match="fixed bytes alone exceed it"):
         hand(200, 50, "joint", fixed_bytes=100)
 
@@ -199,7 +202,7 @@ def test_profile_id_is_a_stable_hash():
     assert a == b and re.fullmatch(r"[0-9a-f]{16}", a)
     assert profile_id(device(head=6.0)) != a
     p = hand(200, 250, "joint")
-    assert p.device_id == a and p.importance_id == profile_id(HAND_IMP)
+    assert p.request.device_id == a and p.request.importance_id == profile_id(HAND_IMP)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -219,7 +222,7 @@ def test_nonsense_requests(kw, match):
 
 def test_hidden_size_only_changes_the_working_set():
     a, b = hand(200, 250, "joint"), hand(200, 250, "joint", hidden=768)
-    assert a.bits == b.bits and b.working_bytes == 4 * 1 * 768 * 8
+    assert a.choice.bits == b.choice.bits and b.predicted.working_bytes == 4 * 1 * 768 * 8
     with pytest.raises(PlanError, match="hidden"):
         hand(200, 250, "joint", hidden=0)
 
@@ -244,10 +247,11 @@ def test_json_round_trip_and_tampering():
     assert Plan.from_dict(json.loads(p.to_json())) == p
     good = json.loads(p.to_json())
 
-    def broken(**change):
+    def broken(**change):  # a field changed in its group (kind, version, extra at the top)
         d = json.loads(json.dumps(good))
         for k, v in change.items():
-            d[k] = v
+            group = next((g for g in ("request", "choice", "predicted") if k in d[g]), None)
+            (d[group] if group else d)[k] = v
         return json.dumps(d)
 
     for text in [broken(n="3"), broken(n=True), broken(m=10**30), broken(bits=[[2, 2], [32, 2], [32, 7.5]]),
@@ -258,14 +262,17 @@ def test_json_round_trip_and_tampering():
                  broken(target_ms=100.0), broken(memory_bytes=50), broken(accuracy="high"),
                  broken(layers=[0, 2, 1]), broken(layers=[0, 1, 99]), broken(device_id="xyz"),
                  broken(planner="magic"), broken(kind="device"), broken(version=99), broken(extra=1),
-                 broken(timeline=good["timeline"][:2]), broken(resident_bytes=1.0),
-                 json.dumps({k: v for k, v in good.items() if k != "bits"}),
+                 broken(timeline=good["predicted"]["timeline"][:2]), broken(resident_bytes=1.0),
+                 json.dumps({**good, "choice": {k: v for k, v in good["choice"].items() if k != "bits"}}),
+                 json.dumps({k: v for k, v in good.items() if k != "predicted"}),
+                 broken(timeline=[dict(t, ready_ms=t["ready_ms"][:1]) for t in good["predicted"]["timeline"]]),
+                 broken(timeline=[dict(t, ready_ms=t["ready_ms"][::-1]) for t in good["predicted"]["timeline"]]),
                  p.to_json().replace('"latency_ms": 140.0', '"latency_ms": NaN'),
                  "[" * 100000 + "]" * 100000, "not json", '"a string"', "[]"]:
         with pytest.raises(PlanError):
             Plan.from_json(text)
     t = json.loads(p.to_json())
-    t["timeline"][1]["stall"] = 5.0
+    t["predicted"]["timeline"][1]["stall"] = 5.0
     with pytest.raises(PlanError, match="do not add up"):
         Plan.from_dict(t)
 
@@ -327,34 +334,34 @@ def plan_or_none(dev, imp, T, M, planner, fixed=0):
 
 def check_plan(p: Plan, dev: DeviceProfile, imp: ImportanceProfile, T: float, M: int, fixed: int) -> None:
     """Re-check a plan from scratch: the lanes, the constraints, the predicted accuracy."""
-    assert p.layers == depth_layers(len(imp.shard_kl), p.n)
-    assert f"{p.n},{p.m}" in imp.submodel_accuracy
-    assert all(b in dev.bits for row in p.bits for b in row) and all(len(r) == p.m for r in p.bits)
-    held = {(layer, j): b for layer, j, b in p.preload}
-    assert all(p.bits[p.layers.index(layer)][j] == b for (layer, j), b in held.items())
-    comp = dev.compute_ms(p.m, 1)
+    assert p.choice.layers == depth_layers(len(imp.shard_kl), p.choice.n)
+    assert f"{p.choice.n},{p.choice.m}" in imp.submodel_accuracy
+    assert all(b in dev.bits for row in p.choice.bits for b in row) and all(len(r) == p.choice.m for r in p.choice.bits)
+    held = {(layer, j): b for layer, j, b in p.choice.preload}
+    assert all(p.choice.bits[p.choice.layers.index(layer)][j] == b for (layer, j), b in held.items())
+    comp = dev.compute_ms(p.choice.m, 1)
     io_free = dev.embed_ms[0]               # the IO lane reads the embeddings first
     prev_end = io_free
-    for k, layer in enumerate(p.layers):
-        io = sum(dev.shard_read_ms[b] + dev.shard_decode_ms[b] for j, b in enumerate(p.bits[k])
+    for k, layer in enumerate(p.choice.layers):
+        io = sum(dev.shard_read_ms[b] + dev.shard_decode_ms[b] for j, b in enumerate(p.choice.bits[k])
                  if (layer, j) not in held)
         io_free += io
         start = max(prev_end, io_free)
         stall = start - prev_end
-        if k > 0 or p.planner == "paper":
+        if k > 0 or p.request.planner == "paper":
             assert stall <= 1e-6, f"layer {k} stalls {stall} ms"
-        t = p.timeline[k]
+        t = p.predicted.timeline[k]
         assert t.io_end == pytest.approx(io_free, abs=1e-6) and t.compute_start == pytest.approx(start, abs=1e-6)
         prev_end = start + comp
     latency = prev_end + dev.head_ms
-    assert p.latency_ms == pytest.approx(latency, abs=1e-6)
+    assert p.predicted.latency_ms == pytest.approx(latency, abs=1e-6)
     assert latency <= T + 1e-6
     preload = sum(dev.shard_bytes[b] for b in held.values())
-    assert p.preload_bytes == pytest.approx(preload) and preload + fixed <= M + 1e-6
-    acc = imp.submodel_accuracy[f"{p.n},{p.m}"] - sum(
+    assert p.predicted.preload_bytes == pytest.approx(preload) and preload + fixed <= M + 1e-6
+    acc = imp.submodel_accuracy[f"{p.choice.n},{p.choice.m}"] - sum(
         imp.kl_to_acc * imp.shard_kl[layer][j] * imp.bits_error[b]
-        for layer, row in zip(p.layers, p.bits) for j, b in enumerate(row))
-    assert p.accuracy == pytest.approx(acc, abs=1e-9)
+        for layer, row in zip(p.choice.layers, p.choice.bits) for j, b in enumerate(row))
+    assert p.predicted.accuracy == pytest.approx(acc, abs=1e-9)
 
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -379,7 +386,7 @@ def test_joint_is_never_worse_than_paper(prob):
     paper = plan_or_none(dev, imp, T, M, "paper", fixed)
     joint = plan_or_none(dev, imp, T, M, "joint", fixed)
     if paper is not None:
-        assert joint is not None and joint.accuracy >= paper.accuracy - 1e-9
+        assert joint is not None and joint.predicted.accuracy >= paper.predicted.accuracy - 1e-9
 
 
 @SETTINGS
@@ -391,7 +398,7 @@ def test_more_time_or_memory_never_lowers_accuracy(prob, dT, dM, planner):
         more = plan_or_none(dev, imp, T2, M2, planner, fixed)
         if base is not None:
             assert more is not None, f"feasible at ({T}, {M}) but not at ({T2}, {M2})"
-            assert more.accuracy >= base.accuracy - 1e-9
+            assert more.predicted.accuracy >= base.predicted.accuracy - 1e-9
 
 
 @SETTINGS
@@ -450,20 +457,21 @@ def test_bounds_are_valid_and_plans_are_optimal_or_below(prob):
     """The search prunes with two upper bounds; an invalid bound could hide the best submodel
     (and break monotonicity), so check them against exhaustive search on small cases."""
     dev, imp, T, M, fixed = prob
-    P = _Problem(dev, imp, STORE, T, M, 1, fixed, None)
-    cands = [c for c in P.cands if P.base(c[0], c[1]) <= T and c[0] * c[1] * len(dev.bits) <= 12]
+    P = Problem.of(dev, imp, STORE, T, M, 1, fixed, None)
+    fam = Families(P)
+    cands = [c for c in P.candidates if P.base(c[0], c[1]) <= T and c[0] * c[1] * len(dev.bits) <= 12]
     assume(cands)
-    ub = _upper_bounds(P, cands)
+    ub = grid_bounds(P, cands)
     joint = plan_or_none(dev, imp, T, M, "joint", fixed)
     for n, m, acc in cands:
         exact = brute_force(dev, imp, T, M, fixed, n, m)
         if exact is None:
             continue
         assert ub[(n, m)] >= exact - 1e-9
-        assert _lp_bound(P, n, m, acc) >= exact - 1e-9
+        assert lp_bound(P, fam.priced, fam.layer0(P.layers(n)[0], m), n, m, acc) >= exact - 1e-9
         assert joint is not None
-        if joint.n == n and joint.m == m:
-            assert joint.accuracy <= exact + 1e-9
+        if joint.choice.n == n and joint.choice.m == m:
+            assert joint.predicted.accuracy <= exact + 1e-9
 
 
 def test_a_model_sized_request_is_fast_enough():
@@ -487,5 +495,5 @@ def test_a_model_sized_request_is_fast_enough():
     joint = make_plan(dev, imp, STORE, 200.0, 5_000_000, seq_len=64, planner="joint")
     assert time.perf_counter() - t0 < 1.0
     for p in (paper, joint):
-        assert p.latency_ms <= 200.0 and p.preload_bytes <= 5_000_000 and math.isfinite(p.accuracy)
-    assert joint.accuracy > paper.accuracy
+        assert p.predicted.latency_ms <= 200.0 and p.predicted.preload_bytes <= 5_000_000 and math.isfinite(p.predicted.accuracy)
+    assert joint.predicted.accuracy > paper.predicted.accuracy

@@ -227,7 +227,7 @@ def test_helpers():
 def test_a_store_of_32_bit_shards_only_is_profiled_and_planned(tmp_path, fake_split):
     """No bitwidth to degrade to: every shard's importance is zero, the submodel grid is still
     measured, and the planner plans the whole model at 32 bits for a model that is not elastic."""
-    from sti.planner import make_plan
+    from sti.planning import make_plan
     from sti.profiles import DeviceProfile
     path = build_store(ModelWeights.random(PRESETS["tiny"], seed=5), tmp_path / "store", bits=(32,),
                        tokenizer_from=word_tokenizer(tmp_path / "tok"))
@@ -242,4 +242,4 @@ def test_a_store_of_32_bit_shards_only_is_profiled_and_planned(tmp_path, fake_sp
                                compute_coef=(0.05, 0.0, 0.0, 0.0), compute_fit_error=0.0, embed_ms=(0.01, 0.0),
                                head_ms=0.01)
         plan = make_plan(device, p, s.store_id, 10.0, 10**6, seq_len=8, prune=False)
-    assert (plan.n, plan.m) == (N, M) and {b for row in plan.bits for b in row} == {32}
+    assert (plan.choice.n, plan.choice.m) == (N, M) and {b for row in plan.choice.bits for b in row} == {32}

@@ -33,7 +33,7 @@ import sti.store
 from sti.api import check_targets, device_profile_path, importance_profile_path
 from sti.config import PRESETS
 from sti.errors import Cancelled, InputError, StiError, StoreError
-from sti.planner import Plan, PlanError, make_plan
+from sti.planning import Plan, PlanError, make_plan
 from sti.profiles import ProfileError, load_profile, save_profile
 from sti.runtime import Engine
 from sti.storage import WarmReader
@@ -319,8 +319,8 @@ def test_bit_flip_in_a_resident_record_refuses_the_engine(store_copy, which):
     store = Store(store_copy)
     device, importance = hand_profiles(store, read_ms=MIXED["read_ms"])
     plan = make_plan(device, importance, store.store_id, MIXED["target_ms"], MIXED["memory_bytes"], seq_len=16)
-    assert plan.preload
-    rec = {"preloaded shard": store.shard_record(*plan.preload[0]), "layer record": store.layers[plan.layers[0]],
+    assert plan.choice.preload
+    rec = {"preloaded shard": store.shard_record(*plan.choice.preload[0]), "layer record": store.layers[plan.choice.layers[0]],
            "head": store.singles["head"]}[which]
     flip_byte(store_copy / DATA, rec.offset + 5)
     with pytest.raises(StoreError, match=rf"record {rec.name} .*CRC"):
@@ -397,7 +397,7 @@ def test_plan_with_a_bitwidth_the_store_lacks_is_an_input_error(base):
     store = Store(path)
     device, importance = hand_profiles(store)
     d = make_plan(device, importance, store.store_id, 1e6, 0, seq_len=16).to_dict()
-    d["bits"][0][0] = 3  # a valid bitwidth, but this store holds only 2, 4 and 32
+    d["choice"]["bits"][0][0] = 3  # a valid bitwidth, but this store holds only 2, 4 and 32
     plan = Plan.from_json(json.dumps(d))
     with pytest.raises(InputError):
         Engine(store, plan, device)
@@ -491,7 +491,7 @@ def test_cli_run_works_on_the_tiny_store(cli_store, monkeypatch, capsys):
     assert json.loads(out)["label"] in ("negative", "positive")
     code, out, err = run_main(monkeypatch, capsys, "plan", cli_store, "--latency-ms", "1e6", "--memory-mb", "1",
                               "--storage", "warm", "--json")
-    assert code == 0 and Plan.from_json(out).target_ms == 1e6
+    assert code == 0 and Plan.from_json(out).request.target_ms == 1e6
 
 
 @pytest.mark.parametrize("command", ["plan", "run"])
@@ -836,7 +836,7 @@ def fuzz_plan(base):
     with Store(base[0]) as s:
         device, importance = hand_profiles(s, read_ms=MIXED["read_ms"])
         plan = make_plan(device, importance, s.store_id, MIXED["target_ms"], MIXED["memory_bytes"], seq_len=16)
-    assert plan.preload and plan.n >= 2
+    assert plan.choice.preload and plan.choice.n >= 2
     doc = plan.to_dict()
     assert Plan.from_json(json.dumps(doc)) == plan
     return doc, json_paths(doc)
@@ -861,7 +861,7 @@ def test_fuzz_plan_mutations(fuzz_plan, edits, how):
 @fuzz_settings(raw_share('plan'))
 @given(doc=st.one_of(st.binary(max_size=400), st.text(max_size=200), JSONISH.map(json.dumps),
                      st.dictionaries(st.text(max_size=12), JSONISH)
-                     .map(lambda v: json.dumps({"kind": "plan", "version": 1, **v}))))
+                     .map(lambda v: json.dumps({"kind": "plan", "version": 3, **v}))))
 def test_fuzz_plan_raw(doc):
     parse_fuzzed_plan(doc)
 
@@ -870,13 +870,13 @@ def test_plan_preload_entry_of_the_wrong_length_is_a_plan_error(fuzz_plan):
     """(Found by the fuzz test below: Plan.from_dict used to unpack entries without a length check.)"""
     doc, _ = fuzz_plan
     for entry in ([0, 1], [1, 0, 32, 0], []):
-        bad = dict(doc, preload=[entry])
+        bad = dict(doc, choice=dict(doc["choice"], preload=[entry]))
         with pytest.raises(PlanError, match="preload"):
             Plan.from_json(json.dumps(bad))
 
 
 def test_plan_from_json_refuses_pathological_text():
-    for text in ["[" * 100_000 + "]" * 100_000, "1" * 5000, '{"kind": "plan", "version": 1, "n": NaN}',
+    for text in ["[" * 100_000 + "]" * 100_000, "1" * 5000, '{"kind": "plan", "version": 3, "choice": {"n": NaN}}',
                  b"\xff\xfe\x00", " " * (9 << 20)]:
         with pytest.raises(PlanError):
             Plan.from_json(text)

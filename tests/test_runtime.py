@@ -10,9 +10,11 @@ import torch
 
 from sti.encoder import Submodel, encode, head_logits
 from sti.errors import InputError, StiError, StoreError
-from sti.planner import make_plan
+from sti.planning import make_plan
 from sti.profiles import DeviceProfile, ImportanceProfile
-from sti.runtime import Engine, Report, Step, _blob_bytes
+from sti.runtime import Engine, Report, Step
+from sti.runtime.guards import compute_guard, io_guard
+from sti.runtime.memory import blob_bytes
 from sti.storage import WarmReader
 from sti.store import Store, build_store
 from sti.weights import ATTN_PARTS
@@ -67,7 +69,7 @@ def engine_for(path, target_ms, memory_bytes, planner="joint", reader=None, guar
 def test_full_plan_equals_reference_encoder(tiny_store):
     weights, path = tiny_store
     engine, plan = engine_for(path, 1e6, 10**9)
-    assert plan.n == 3 and plan.m == 4 and all(b == 32 for row in plan.bits for b in row)
+    assert plan.choice.n == 3 and plan.choice.m == 4 and all(b == 32 for row in plan.choice.bits for b in row)
     for text in TEXTS:
         got = engine.run(text)
         batch = engine.tokenizer.encode([text])
@@ -89,8 +91,8 @@ def test_any_plan_equals_reference_on_its_submodel(tiny_store, planner, target, 
     engine, plan = engine_for(path, target, memory, planner=planner, read_ms=0.05, guard=False)
     for text in TEXTS:
         got = engine.run(text)
-        assert [r.layer for r in got.report.layers] == list(plan.layers)
-        assert [tuple(r.bits) for r in got.report.layers] == list(plan.bits)
+        assert [r.layer for r in got.report.layers] == list(plan.choice.layers)
+        assert [tuple(r.bits) for r in got.report.layers] == list(plan.choice.bits)
         ref = reference_logits(engine.store, got.report, text, engine.tokenizer)
         assert (got.logits - ref).abs().max() < 1e-5
     engine.close()
@@ -106,18 +108,18 @@ def test_report_predicts_each_request_at_its_own_length(tiny_store):
         ids = engine.tokenizer.encode(["good good film"]).input_ids[0].tolist()
         r = engine.run("good good film").report
         # a request as wide as the plan, every token distinct, is predicted as planned
-        assert engine._predicted_ms(plan.seq_len, plan.seq_len) == pytest.approx(plan.latency_ms, rel=1e-9)
+        assert engine._predicted_ms(plan.request.seq_len, plan.request.seq_len) == pytest.approx(plan.predicted.latency_ms, rel=1e-9)
         expected = engine._predicted_ms(len(ids), len(set(ids)))
-    assert r.planned_ms == plan.latency_ms
-    assert len(set(ids)) < len(ids) < plan.seq_len
-    assert r.predicted_ms == pytest.approx(expected, rel=1e-9) and r.predicted_ms < plan.latency_ms
+    assert r.planned_ms == plan.predicted.latency_ms
+    assert len(set(ids)) < len(ids) < plan.request.seq_len
+    assert r.predicted_ms == pytest.approx(expected, rel=1e-9) and r.predicted_ms < plan.predicted.latency_ms
 
 
 def test_plans_differ_across_targets(tiny_store):
     """The test above covers more than one kind of plan."""
     _, path = tiny_store
     plans = [engine_for(path, t, mem, read_ms=0.05)[1] for t, mem in POINTS]
-    assert len({(p.n, p.m, p.bits, p.preload) for p in plans}) >= 3
+    assert len({(p.choice.n, p.choice.m, p.choice.bits, p.choice.preload) for p in plans}) >= 3
 
 
 def test_preload_buffer_stays_within_budget(tiny_store):
@@ -131,7 +133,7 @@ def test_preload_buffer_stays_within_budget(tiny_store):
             continue
         engine = Engine(store, plan, device)
         assert engine.preload_bytes <= memory
-        assert engine.preload_bytes == sum(store.shard_record(l, s, b).length for l, s, b in plan.preload)
+        assert engine.preload_bytes == sum(store.shard_record(l, s, b).length for l, s, b in plan.choice.preload)
         r = engine.run(TEXTS[1]).report
         assert r.preload_bytes == engine.preload_bytes and r.peak_model_bytes >= r.preload_bytes
         engine.close()
@@ -144,8 +146,8 @@ def test_peak_model_bytes_counts_shards_in_flight(tiny_store):
     one_shard = engine.store.shard_record(0, 0, 32).length
     assert one_shard <= r.peak_model_bytes - engine.resident_bytes
     # the IO lane reads ahead no further than the plan's predicted in-flight bytes
-    assert r.peak_model_bytes - engine.resident_bytes <= plan.inflight_bytes
-    assert plan.inflight_bytes < 12 * one_shard  # (and that is less than the whole model)
+    assert r.peak_model_bytes - engine.resident_bytes <= plan.predicted.inflight_bytes
+    assert plan.predicted.inflight_bytes < 12 * one_shard  # (and that is less than the whole model)
     # after the request only the resident parts remain counted
     assert engine.bytes.now == engine.resident_bytes
     engine.close()
@@ -153,13 +155,13 @@ def test_peak_model_bytes_counts_shards_in_flight(tiny_store):
 
 def test_decoder_holds_at_most_a_few_heads_ahead_of_compute(tiny_store, monkeypatch):
     # packed shards and a slow compute lane: the decoder would run far ahead if unbounded
-    import sti.runtime as rt
+    import sti.runtime.engine as rt
     _, path = tiny_store
     store = Store(path, "warm")
     device, importance = profiles(store)
     device = dataclasses.replace(device, shard_read_ms={2: 0.001, 4: 50.0, 32: 50.0})
     plan = make_plan(device, importance, store.store_id, 2.0, 0, seq_len=16)
-    assert {b for row in plan.bits for b in row} == {2} and not plan.preload
+    assert {b for row in plan.choice.bits for b in row} == {2} and not plan.choice.preload
     real, held = rt.head_output, []
 
     def slow_head(*args):
@@ -169,7 +171,7 @@ def test_decoder_holds_at_most_a_few_heads_ahead_of_compute(tiny_store, monkeypa
     monkeypatch.setattr(rt, "head_output", slow_head)
     with Engine(store, plan, device, storage="warm", guard=False) as engine:
         got = engine.run(TEXTS[3])
-        head = _blob_bytes(store.shard_record(0, 0, 2), ATTN_PARTS)
+        head = blob_bytes(store.shard_record(0, 0, 2), ATTN_PARTS)
         assert engine.heads.limit == rt.HEADS_AHEAD * head
         assert max(held) <= rt.HEADS_AHEAD * head and max(held) > head  # bounded, and did run ahead
         ref = reference_logits(store, got.report, TEXTS[3], engine.tokenizer)
@@ -190,7 +192,7 @@ def test_preloaded_heads_are_decoded_off_the_compute_lane(tiny_store, monkeypatc
                      shard_decode_ms=only2(device.shard_decode_ms))
     importance = replace(importance, bits_error={2: 0.0, 4: 0.0, 32: 0.0})  # 2 bits costs nothing
     plan = make_plan(device, importance, store.store_id, 1e6, 10**9, seq_len=16)
-    assert plan.preload and {b for *_, b in plan.preload} == {2} and plan.m > 1
+    assert plan.choice.preload and {b for *_, b in plan.choice.preload} == {2} and plan.choice.m > 1
     engine = Engine(store, plan, device, storage="warm")
     real, calls = engine.store.decode_parts, []
 
@@ -203,7 +205,7 @@ def test_preloaded_heads_are_decoded_off_the_compute_lane(tiny_store, monkeypatc
         ref = reference_logits(engine.store, got.report, TEXTS[2], engine.tokenizer)
     assert (got.logits - ref).abs().max() < 1e-5
     heads = [who for who, names in calls if names == tuple(ATTN_PARTS)]
-    assert len(heads) == plan.n * plan.m and all(who.startswith("sti-io") for who in heads)
+    assert len(heads) == plan.choice.n * plan.choice.m and all(who.startswith("sti-io") for who in heads)
     main = threading.current_thread().name
     assert all(names != tuple(ATTN_PARTS) for who, names in calls if who == main)
     decoded = {name for lane, name, *_ in got.report.spans if lane == "decode"}
@@ -213,20 +215,21 @@ def test_preloaded_heads_are_decoded_off_the_compute_lane(tiny_store, monkeypatc
 def test_compute_guard_projects_the_lanes_pace_over_the_layers_left(tiny_store):
     # on time at the first layer's start, but the compute lane runs 2x slower than profiled:
     # the guard must drop shards now, more the slower the pace, and none at the profile's pace
-    from sti.runtime import _Mailbox
     _, path = tiny_store
     store = Store(path, "warm")
     device, importance = profiles(store, read_ms=0.001)
     device = dataclasses.replace(device, compute_coef=(0.0, 0.0, 0.0, 0.0, 0.05))  # 0.05 ms a shard
     plan = make_plan(device, importance, store.store_id, 0.7, 10**8, seq_len=16)
-    assert plan.n == 3 and plan.m == 4 and plan.target_ms - plan.latency_ms < 0.1
+    assert plan.choice.n == 3 and plan.choice.m == 4 and plan.request.target_ms - plan.predicted.latency_ms < 0.1
     with Engine(store, plan, device, storage="warm") as engine:
-        start = engine.due[0]
-        counts = {slow: len(engine._compute_guard(0, engine.steps[0], start, 16, _Mailbox(), Report(), slow))
-                  for slow in (1.0, 1.5, 3.0)}
-        late = engine._compute_guard(0, engine.steps[0], start + 1.0, 16, _Mailbox(), Report(), 1.0)
-    assert counts[1.0] == 0 and 0 < counts[1.5] <= counts[3.0] < plan.m
-    assert late and 0 not in {s.rank for s in engine.steps[0] if s.shard in late}  # never the first
+        steps, due = engine.steps, engine.due[0] + engine.spare_ms
+    start = engine.due[0]
+    counts = {slow: len(compute_guard(steps, 0, start, due, slow, device, 16, set())) for slow in (1.0, 1.5, 3.0)}
+    late = compute_guard(steps, 0, start + 1.0, due, 1.0, device, 16, set())
+    assert counts[1.0] == 0 and 0 < counts[1.5] <= counts[3.0] < plan.choice.m
+    assert late and 0 not in {s.rank for s in late}  # never the first
+    skipped = {s.shard_key for s in late}
+    assert not {s.shard_key for s in compute_guard(steps, 0, start + 1.0, due, 1.0, device, 16, skipped)} & skipped
 
 
 def test_the_compute_pace_carried_between_requests_leaves_out_the_first(tiny_store):
@@ -247,7 +250,7 @@ def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch)
     # the compute guard drops shards that come before others the compute lane still needs,
     # while the decoder, one head ahead, already holds a dropped shard's head: the compute
     # lane must let go of dropped shards in IO order (a regression: it once hung here)
-    import sti.runtime as rt
+    import sti.runtime.engine as rt
     from tests.test_reliability import run_with_timeout
     _, path = tiny_store
     monkeypatch.setattr(rt, "HEADS_AHEAD", 1)
@@ -256,13 +259,11 @@ def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch)
     device = dataclasses.replace(device, shard_read_ms={2: 0.001, 4: 50.0, 32: 50.0})
     importance = dataclasses.replace(importance, bits_error={2: 0.01, 4: 0.005, 32: 0.0})
     plan = make_plan(device, importance, store.store_id, 5.0, 0, seq_len=16)
-    assert plan.m >= 4 and not plan.preload and {b for row in plan.bits for b in row} == {2}
+    assert plan.choice.m >= 4 and not plan.choice.preload and {b for row in plan.choice.bits for b in row} == {2}
 
-    def drop_ranks_1_and_2(self, pos, steps, now_ms, width, box, report, slow=1.0):
-        out = [s for s in steps if s.rank in (1, 2)]
-        report.guard_changes.extend((s.layer, s.shard, s.bits, None) for s in out)
-        return {s.shard for s in out}
-    monkeypatch.setattr(rt.Engine, "_compute_guard", drop_ranks_1_and_2)
+    def drop_ranks_1_and_2(steps, pos, *args):
+        return [s for s in steps[pos] if s.rank in (1, 2)]
+    monkeypatch.setattr(rt, "compute_guard", drop_ranks_1_and_2)
     with Engine(store, plan, device, storage="warm") as engine:
         for text in TEXTS:
             got = run_with_timeout(lambda: engine.run(text), seconds=10.0)
@@ -316,7 +317,7 @@ def test_a_plan_that_may_not_prune_is_guarded_by_bits_only(tiny_store):
             got = engine.run(TEXTS[1])
             ref = reference_logits(engine.store, got.report, TEXTS[1], engine.tokenizer)
         c = engine.config
-        assert (plan.n, plan.m) == (c.num_layers, c.num_shards)
+        assert (plan.choice.n, plan.choice.m) == (c.num_layers, c.num_shards)
         assert all(new is not None for *_, new in got.report.guard_changes)
         assert all(len(r.shard_ids) == c.num_shards for r in got.report.layers)
         assert (got.logits - ref).abs().max() < 1e-5
@@ -327,7 +328,7 @@ def test_deadline_guard_drops_shards_when_compute_runs_late(tiny_store):
     # free: the compute lane runs late from the first layer and must leave shards out
     _, path = tiny_store
     engine, plan = engine_for(path, 0.3, 10**8, read_ms=10.0, compute_ms=0.001)
-    assert len(plan.preload) == plan.n * plan.m and plan.m > 1
+    assert len(plan.choice.preload) == plan.choice.n * plan.choice.m and plan.choice.m > 1
     with engine:
         got = engine.run(TEXTS[1])
         assert engine.bytes.now == engine.resident_bytes  # dropped shards hold nothing after
@@ -335,7 +336,7 @@ def test_deadline_guard_drops_shards_when_compute_runs_late(tiny_store):
         # a dropped shard the IO lane had already delivered gives back its bytes and windows;
         # a preloaded one gives back its decoded head and keeps its record in the buffer
         rec = engine.store.shard_record(0, 1, 2)
-        head = _blob_bytes(rec, ATTN_PARTS)
+        head = blob_bytes(rec, ATTN_PARTS)
         for preloaded in (False, True):
             step = Step(0, 0, 1, 2, preloaded, 0.0, 1)
             engine.window.acquire(rec.length)
@@ -363,7 +364,7 @@ def test_compute_guard_on_streamed_shards_frees_them_and_stays_exact(tiny_store)
     # and drops streamed shards, some before the reader reaches them, some after
     _, path = tiny_store
     engine, plan = engine_for(path, 0.3, 0, read_ms=0.001, compute_ms=0.001)
-    assert not plan.preload and plan.m > 1
+    assert not plan.choice.preload and plan.choice.m > 1
     with engine:
         for text in TEXTS:
             got = engine.run(text)
@@ -405,7 +406,7 @@ def test_io_error_fails_one_request_and_the_next_succeeds(tiny_store):
 def test_corrupt_record_is_detected_never_used(tiny_store):
     _, path = tiny_store
     engine, plan = engine_for(path, 1e6, 0)
-    rec = engine.store.shard_record(plan.layers[-1], 0, plan.bits[-1][0])
+    rec = engine.store.shard_record(plan.choice.layers[-1], 0, plan.choice.bits[-1][0])
     with open(path / "store.bin", "r+b") as f:
         f.seek(rec.offset + 7)
         byte = f.read(1)
@@ -473,3 +474,38 @@ def test_trace_and_timeline(tiny_store, tmp_path):
     png = draw_timeline(r, tmp_path / "t.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     engine.close()
+
+
+def _steps(bits, ranks=None, layer=0):
+    ranks = ranks or list(range(len(bits)))
+    return [Step(0, layer, j, b, False, 0.0, r) for j, (b, r) in enumerate(zip(bits, ranks))]
+
+
+def test_io_guard_lowers_least_important_first_then_skips_never_the_first():
+    dev = DeviceProfile(store_id="s", storage="warm", threads=1, seq_len=16, shard_bytes={2: 1.0, 32: 8.0},
+                        shard_read_ms={2: 1.0, 32: 4.0}, shard_decode_ms={2: 0.0, 32: 0.0}, layer_read_ms=0.0,
+                        compute_coef=(1.0, 0.0, 0.0, 0.0), compute_fit_error=0.0, embed_ms=(0.0, 0.0), head_ms=0.0)
+    steps = _steps([32, 32, 32])
+    bits = {s.shard: s.bits for s in steps}
+    assert io_guard(steps, bits, 0.0, 12.0, 1.0, dev, 2, True) == []  # 12 ms of IO fits exactly
+    # 2 ms short: the least important shard drops to 2 bits (saves 3 ms), nothing more
+    assert io_guard(steps, bits, 2.0, 12.0, 1.0, dev, 2, True) == [(0, 2, 32, 2)]
+    # far behind: all lowered, least important first, then the least important skipped, never rank 0
+    changes = io_guard(steps, bits, 10.5, 12.0, 1.0, dev, 2, True)
+    assert changes == [(0, 2, 32, 2), (0, 1, 32, 2), (0, 0, 32, 2), (0, 2, 2, None), (0, 1, 2, None)]
+    assert bits == {0: 32, 1: 32, 2: 32}  # pure: the caller's bits are untouched
+    # a plan that may not prune only lowers
+    assert all(new == 2 for *_, new in io_guard(steps, bits, 10.5, 12.0, 1.0, dev, 2, False))
+    # the pace scales the remaining IO: at 2x, 6 ms of 2-bit IO where 4 fit
+    assert io_guard(_steps([2, 2, 2]), {0: 2, 1: 2, 2: 2}, 0.0, 4.0, 2.0, dev, 2, True) == [(0, 2, 2, None)]
+
+
+def test_engine_refuses_a_device_profile_other_than_the_plans(tiny_store):
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store)
+    plan = make_plan(device, importance, store.store_id, 1e6, 0, seq_len=16)
+    other = dataclasses.replace(device, head_ms=device.head_ms * 2)
+    with pytest.raises(InputError, match="device profile"):
+        Engine(store, plan, other, storage="warm")
+    store.close()

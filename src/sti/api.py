@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from .errors import InputError
-from .planner import Plan, make_plan
+from .planning import Plan, make_plan
 from .profiles import DeviceProfile, ImportanceProfile, load_profile, save_profile
 from .storage import parse_storage
 from .store import Store

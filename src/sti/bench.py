@@ -51,9 +51,11 @@ from .data import OOD_SETS, load_split
 from .encoder import Submodel, classify, depth_layers, head_logits
 from .errors import InputError, StiError
 from .evaluate import accuracy
-from .planner import Plan, make_plan, profile_id, simulate
+from .planning import Plan, PlanChoice, PlanPrediction, PlanRequest, make_plan, simulate
+from .profiles import profile_id
 from .profile_device import measure_device
-from .runtime import Engine, _PeakRSS
+from .runtime import Engine
+from .runtime.memory import PeakRSS
 from .store import Store
 from .tokenizer import Tokenizer
 
@@ -134,13 +136,15 @@ def fixed_plan(device, importance, store_id: str, layers, m: int, bits, seq_len:
     working = 4.0 * seq_len * hidden * 8
     acc = importance.submodel_acc(len(layers), m) - sum(
         importance.shard_penalty(layer, j, b) for layer, row in zip(layers, bits) for j, b in enumerate(row))
-    return Plan(planner=name, store_id=store_id, device_id=profile_id(device), importance_id=profile_id(importance),
-                target_ms=latency, memory_bytes=fixed_bytes, seq_len=seq_len, model_layers=importance.num_layers,
-                model_shards=importance.num_shards, n=len(layers), m=m, layers=layers, bits=bits, preload=(),
-                fixed_bytes=fixed_bytes, embed_ms=device.embed_read_ms(seq_len), head_ms=device.head_ms,
-                latency_ms=latency, accuracy=acc, submodel_accuracy=importance.submodel_acc(len(layers), m),
-                full_accuracy=importance.full_accuracy, preload_bytes=0.0, inflight_bytes=float(inflight),
-                working_bytes=working, resident_bytes=fixed_bytes + inflight + working, timeline=timeline)
+    return Plan(
+        PlanRequest(planner=name, store_id=store_id, device_id=profile_id(device), importance_id=profile_id(importance),
+                    target_ms=latency, memory_bytes=fixed_bytes, seq_len=seq_len, fixed_bytes=fixed_bytes,
+                    model_layers=importance.num_layers, model_shards=importance.num_shards),
+        PlanChoice(n=len(layers), m=m, layers=layers, bits=bits, preload=()),
+        PlanPrediction(latency_ms=latency, accuracy=acc, submodel_accuracy=importance.submodel_acc(len(layers), m),
+                       full_accuracy=importance.full_accuracy, embed_ms=device.embed_read_ms(seq_len),
+                       head_ms=device.head_ms, preload_bytes=0.0, inflight_bytes=float(inflight), working_bytes=working,
+                       resident_bytes=fixed_bytes + inflight + working, timeline=timeline))
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -215,7 +219,7 @@ class Harness:
         return self._acc_cache[key]
 
     def plan_accuracy(self, plan: Plan) -> dict:
-        return self.accuracy_of(plan.layers, plan.shards, plan.bits)
+        return self.accuracy_of(plan.choice.layers, plan.shards, plan.choice.bits)
 
     # --- storage and device profiles ---
     def storage_spec(self, storage: str, seq_len: int) -> str:
@@ -289,7 +293,7 @@ def run_engine(store_dir: Path, plan: Plan, device, storage: str, pad_to, sets: 
         engine.run(first[0].text)  # warm-up: the first request pays for lazy initialisation
         out = {"served_accuracy": {}}
         for name, examples in sets.items():
-            rss = _PeakRSS()
+            rss = PeakRSS()
             lat, results = time_requests(engine.run, [e.text for e in examples])
             out["served_accuracy"][name] = served([r.label for r in results], examples, engine.config.labels)
             if name != "test":
@@ -316,7 +320,7 @@ def run_reference(tokenizer: Tokenizer, load, texts: list[str], pad_to) -> dict:
         batch = tokenizer.encode([text], pad_to=pad_to)
         return classify(weights, batch.input_ids, batch.attention_mask)
     one(texts[0])
-    rss = _PeakRSS()
+    rss = PeakRSS()
     lat, logits = time_requests(one, texts)
     return {"lat": lat, "peak_model_bytes": load()[1], "rss_growth_bytes": rss.growth(),
             "labels": [int(x.argmax()) for x in logits]}
@@ -397,7 +401,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
                     continue
                 m = run_engine(h.store_dir, plan, device, storage, pad_to, sets)
                 r = row(target_x=x, target_ms=target, memory_mb=mem, accuracy=h.plan_accuracy(plan),
-                        planned_ms=plan.latency_ms, **engine_fields(m, target))
+                        planned_ms=plan.predicted.latency_ms, **engine_fields(m, target))
                 if system == "sti-joint" and (x, mem) in cfg.no_guard_points:
                     free = run_engine(h.store_dir, plan, device, storage, pad_to, {"test": h.served_test}, guard=False)
                     r.served_accuracy_no_guard = free["served_accuracy"]["test"]
@@ -441,7 +445,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
         try:
             texts = h.sample if offload else h.sample[:cfg.slow_requests]
             one(texts[0])
-            rss = _PeakRSS()
+            rss = PeakRSS()
             lat, logits = time_requests(one, texts)
         finally:
             if tmp:

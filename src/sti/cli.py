@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import InputError, StiError
+from .present import print_grid, print_inspect
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sti: run BERT-family models within a latency target by streaming weight shards.")
@@ -45,22 +46,7 @@ def finetune(out: Optional[Path] = typer.Option(None, help="output model directo
         run(out=target, cfg=cfg, log=console.print)
     else:
         console.print(f"using the cached model in {target} (--force retrains)")
-    print_grid(read_metrics(target))
-
-
-def print_grid(metrics: dict) -> None:
-    console.print(f"teacher (full model, plain fine-tune) test accuracy: {metrics['teacher_test_accuracy']:.4f}"
-                  f"  [{metrics['test_size']} test snippets]")
-    table = Table("n layers", "m shards", "rewired only", "elastic", title="test accuracy per submodel")
-    for row in metrics["grid"]:
-        table.add_row(str(row["n"]), str(row["m"]), f"{row['rewired_only']:.4f}", f"{row['elastic']:.4f}")
-    console.print(table)
-    t = metrics["train_seconds"]
-    console.print("training time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in t.items())
-                  + f" (total {metrics['total_train_seconds'] / 60:.1f} min, {metrics['torch_threads']} threads)")
-    from .finetune import target_checks
-    for line, met in target_checks(metrics):
-        console.print(f"  {'met' if met else 'MISSED':6} {line}")
+    print_grid(read_metrics(target), console)
 
 
 def _bits(text: str) -> tuple[int, ...]:
@@ -85,42 +71,13 @@ def build(model_dir: Path = typer.Argument(..., help="a Hugging Face model direc
         build_store(model_dir, store_dir, bits=_bits(bits), codec=codec,
                     progress=lambda done, total: bar.update(task, completed=done, total=total) or True)
     console.print(f"wrote {store_dir} in {time.perf_counter() - t0:.1f} s")
-    _print_inspect(store_dir)
+    print_inspect(store_dir, console)
 
 
 @app.command()
 def inspect(store_dir: Path = typer.Argument(..., help="a store directory")) -> None:
     """Sizes per bitwidth and per part of a store, beside the fp32 model's size."""
-    _print_inspect(store_dir)
-
-
-def _print_inspect(store_dir: Path) -> None:
-    from .store import Store
-    with Store(store_dir) as s:
-        sizes, c = s.sizes(), s.config
-        fp32_layers = c.num_layers * c.layer_params * 4
-        head_params = (c.hidden_size + 1) * (c.num_labels + (c.hidden_size if c.head_act != "none" else 0))
-        fp32_total = fp32_layers + c.embedding_params * 4 + head_params * 4
-        console.print(f"store {store_dir}  id {s.store_id[:12]}  codec {s.codec}  bits {list(s.bits)}")
-        console.print(f"model: {c.family}, {c.num_layers} layers x {c.num_shards} shards, hidden {c.hidden_size}, "
-                      f"FFN {c.intermediate_size}, vocab {c.vocab_size}, up to {c.max_tokens} tokens")
-        dense = f" -> dense + {c.head_act}" if c.head_act != "none" else ""
-        console.print(f"head: {'mean of the tokens' if c.pooling == 'mean' else 'first token'}{dense} -> "
-                      f"{c.num_labels} labels ({', '.join(c.labels)}); "
-                      + ("elastic (submodels may run)" if c.elastic else "not elastic (runs whole; --allow-pruning "
-                                                                          "lets plans drop shards)"), highlight=False)
-        table = Table("part", "bytes", "MB", "vs fp32 of the part")
-        shard_fp32 = sizes["shards_by_bits"].get(32)
-        for b, n in sizes["shards_by_bits"].items():
-            ratio = f"{n / shard_fp32:.3f}" if shard_fp32 else "-"
-            table.add_row(f"encoder shards at {b} bits", f"{n:,}", f"{n / 1e6:.2f}", ratio)
-        for key in ("layer_shared", "embeddings_word", "embeddings_other", "head"):
-            table.add_row(key.replace("_", " "), f"{sizes[key]:,}", f"{sizes[key] / 1e6:.2f}", "1.000")
-        table.add_row("store.bin (all, with 4 KiB alignment)", f"{sizes['data_file']:,}",
-                      f"{sizes['data_file'] / 1e6:.2f}", f"{sizes['data_file'] / fp32_total:.2f} x whole fp32 model")
-        console.print(table)
-        console.print(f"fp32 model for comparison: {fp32_total / 1e6:.2f} MB "
-                      f"(encoder layers {fp32_layers / 1e6:.2f} MB)")
+    print_inspect(store_dir, console)
 
 
 profile_app = typer.Typer(no_args_is_help=True, help="Measure the device and the shards' importance.")
@@ -200,7 +157,7 @@ def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
          allow_pruning: bool = typer.Option(False, help=PRUNE_HELP),
          json_out: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
     """Plan which shards to run at which bitwidths, and what to preload."""
-    from .planner import explain
+    from .planning import explain
     p = _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, headroom, allow_pruning)
     print(p.to_json()) if json_out else console.print(explain(p), highlight=False)
 

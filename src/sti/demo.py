@@ -54,9 +54,9 @@ def run_demo(preset: str = "quick", console: Console | None = None) -> None:
     from . import api, data
     from .assets import ensure_data, ensure_model, sti_home
     from .bench import BenchConfig, markdown, run_bench, write_outputs
-    from .cli import print_grid
+    from .present import print_grid, print_inspect
     from .finetune import default_model_dir, finetune, read_metrics
-    from .planner import explain
+    from .planning import explain
 
     console = console or Console()
     log = console.print
@@ -72,12 +72,11 @@ def run_demo(preset: str = "quick", console: Console | None = None) -> None:
     if model_dir is None:
         model_dir = finetune(preset=preset, log=log)
     log(f"model: {model_dir}")
-    print_grid(read_metrics(model_dir))
+    print_grid(read_metrics(model_dir), console)
 
     console.rule("3. the shard store (built once)")
     store = demo_store(model_dir, console)
-    from .cli import _print_inspect
-    _print_inspect(store)
+    print_inspect(store, console)
 
     console.rule(f"4. profiles: this device ({DEMO_STORAGE}) and shard importance (measured once)")
     warm = api.device_profile(store, "warm", log=log)

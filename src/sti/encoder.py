@@ -8,6 +8,7 @@ attention scale stays 1/sqrt(head_dim) whatever the number of heads.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -57,6 +58,19 @@ class Submodel:
         return len(self.layers)
 
 
+
+def grid_key(n: int, m: int) -> str:
+    """The key of submodel (n layers, m shards) in profiles and metrics: "n,m"."""
+    return f"{n},{m}"
+
+
+def parse_grid_key(key) -> tuple[int, int]:
+    """(n, m) of a grid key; ValueError if it is not "n,m"."""
+    n, m = (int(x) for x in str(key).split(","))
+    return n, m
+
+
+@functools.lru_cache(maxsize=4096)
 def depth_layers(num_layers: int, n: int) -> tuple[int, ...]:
     """The n layers kept out of num_layers, dropping evenly spaced ones as DynaBERT does
     (for n = N/2 it keeps layers 0, 2, 4, ...): drop floor((k+1)*N/(N-n)) - 1, k < N-n."""

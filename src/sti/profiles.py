@@ -15,6 +15,7 @@ The measuring code is in profile_device.py and profile_importance.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_json
 from .errors import StiError
+from .untrusted import Checks
 
 PROFILE_VERSION = 1
 MAX_PROFILE_BYTES = 4 << 20
@@ -31,10 +33,11 @@ class ProfileError(StiError):
     """A profile file is missing, malformed, or made for another store."""
 
 
+CHECK = Checks(ProfileError)
+
+
 def _num(v, where: str, lo: float = 0.0, hi: float = 1e12) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise ProfileError(f"{where}: expected a finite number in {lo}..{hi}, got {v!r}")
-    return float(v)
+    return CHECK.num(v, where, lo, hi)
 
 
 def _bits_map(d, where: str, lo: float = 0.0) -> dict[int, float]:
@@ -127,7 +130,7 @@ class DeviceProfile:
             if len(coef) not in (4, 5) or len(embed) != 2:
                 raise ProfileError(f"{where}: compute_coef needs 4 or 5 numbers and embed_ms 2")
             p = DeviceProfile(
-                store_id=_str(d["store_id"], f"{where}.store_id"), storage=_str(d["storage"], f"{where}.storage"),
+                store_id=CHECK.text(d["store_id"], f"{where}.store_id"), storage=CHECK.text(d["storage"], f"{where}.storage"),
                 threads=int(_num(d["threads"], f"{where}.threads", 1, 1024)),
                 seq_len=int(_num(d["seq_len"], f"{where}.seq_len", 1, 1 << 16)),
                 shard_bytes=_bits_map(d["shard_bytes"], f"{where}.shard_bytes"),
@@ -198,11 +201,11 @@ class ImportanceProfile:
             if not isinstance(sub, dict) or len(sub) > 100_000:
                 raise ProfileError(f"{where}.submodel_accuracy: expected an object")
             return ImportanceProfile(
-                store_id=_str(d["store_id"], f"{where}.store_id"), method=_str(d["method"], f"{where}.method"),
-                split=_str(d["split"], f"{where}.split"), seed=int(_num(d["seed"], f"{where}.seed", 0, 2**32)),
+                store_id=CHECK.text(d["store_id"], f"{where}.store_id"), method=CHECK.text(d["method"], f"{where}.method"),
+                split=CHECK.text(d["split"], f"{where}.split"), seed=int(_num(d["seed"], f"{where}.seed", 0, 2**32)),
                 lowest_bits=int(_num(d["lowest_bits"], f"{where}.lowest_bits", 1, 32)),
                 full_accuracy=_num(d["full_accuracy"], f"{where}.full_accuracy", 0, 1),
-                submodel_accuracy={_str(k, where): _num(v, f"{where}.submodel_accuracy", 0, 1) for k, v in sub.items()},
+                submodel_accuracy={CHECK.text(k, where): _num(v, f"{where}.submodel_accuracy", 0, 1) for k, v in sub.items()},
                 shard_kl=kl, shard_acc_drop=drop,
                 bits_error=_bits_map(d["bits_error"], f"{where}.bits_error"),
                 kl_to_acc=_num(d["kl_to_acc"], f"{where}.kl_to_acc", 0, 1e6),
@@ -211,12 +214,6 @@ class ImportanceProfile:
             raise ProfileError(f"{where}: missing field {exc}") from None
         except TypeError as exc:
             raise ProfileError(f"{where}: malformed ({exc})") from None
-
-
-def _str(v, where: str) -> str:
-    if not isinstance(v, str) or len(v) > 256:
-        raise ProfileError(f"{where}: expected a short string")
-    return v
 
 
 def _table(rows, where: str, lo: float = 0.0) -> tuple[tuple[float, ...], ...]:
@@ -231,8 +228,7 @@ def _table(rows, where: str, lo: float = 0.0) -> tuple[tuple[float, ...], ...]:
 
 
 def _check_header(d, kind: str, where: str) -> None:
-    if not isinstance(d, dict):
-        raise ProfileError(f"{where}: expected a JSON object")
+    CHECK.obj(d, where)
     if d.get("kind") != kind:
         raise ProfileError(f"{where}: this is not a {kind} profile (kind={d.get('kind')!r})")
     if d.get("version") != PROFILE_VERSION:
@@ -248,14 +244,7 @@ def save_profile(profile: DeviceProfile | ImportanceProfile, path: str | Path) -
 def load_profile(path: str | Path, store_id: str | None = None):
     """Read a device or importance profile; refuse one made for another store."""
     path = Path(path)
-    if not path.is_file():
-        raise ProfileError(f"no profile at {path}: measure one with `sti profile`")
-    if path.stat().st_size > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{path} is larger than {MAX_PROFILE_BYTES >> 20} MiB: not a profile")
-    try:
-        d = json.loads(path.read_bytes())
-    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd numbers, deep nesting
-        raise ProfileError(f"{path} is not valid JSON: {str(exc)[:200]}") from None
+    d = CHECK.read(path, MAX_PROFILE_BYTES, f"no profile at {path}: measure one with `sti profile`")
     kind = d.get("kind") if isinstance(d, dict) else None
     kind = kind if isinstance(kind, str) else None
     cls = {"device": DeviceProfile, "importance": ImportanceProfile}.get(kind)
@@ -266,3 +255,21 @@ def load_profile(path: str | Path, store_id: str | None = None):
         raise ProfileError(f"{path} was measured for store {profile.store_id[:12]}, not {store_id[:12]}: "
                            "profile this store with `sti profile`")
     return profile
+
+
+_IDS: dict[int, tuple[object, str]] = {}
+
+
+def profile_id(profile: "DeviceProfile | ImportanceProfile") -> str:
+    """First 16 hex digits of the sha256 of the profile's canonical JSON: what a plan names
+    its profiles by. Profiles are frozen, so the id of one object is remembered (holding the
+    object, so its id() is not reused)."""
+    hit = _IDS.get(id(profile))
+    if hit is not None and hit[0] is profile:
+        return hit[1]
+    text = json.dumps(profile.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if len(_IDS) >= 64:
+        _IDS.clear()
+    _IDS[id(profile)] = (profile, digest)
+    return digest

@@ -1,0 +1,22 @@
+"""Elastic pipeline planning: which submodel, which bitwidth per shard, what to preload.
+
+    plan.py     the Plan (request, choice, prediction), its JSON, `simulate`, `explain`
+    problem.py  one request's inputs, validated once; a decision assembled into a Plan
+    paper.py    the paper's planner (STI's two stages), made monotone
+    joint.py    our joint planner: families of plans independent of T and M
+    bounds.py   upper bounds that make the joint search exact over its families
+    kernels.py  the numba inner loops both planners share
+    make.py     `make_plan`: the entry point, headroom, infeasibility reports
+
+Both planners are monotone (a larger T or M never lowers the predicted accuracy): each
+result is the best member, among those that fit (T, M), of a set of plans that does not
+depend on (T, M). The execution model they predict is in docs/DESIGN.md; the planners'
+long form in docs/PLANNER.md.
+"""
+
+from .make import make_plan
+from .plan import (PLAN_VERSION, PLANNERS, LayerTiming, Plan, PlanChoice, PlanError, PlanPrediction,
+                   PlanRequest, explain, simulate)
+
+__all__ = ["LayerTiming", "PLANNERS", "PLAN_VERSION", "Plan", "PlanChoice", "PlanError", "PlanPrediction",
+           "PlanRequest", "explain", "make_plan", "simulate"]

@@ -1,0 +1,55 @@
+"""What the CLI and the demo print about a model and a store (shared, so that neither
+imports the other)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_grid(metrics: dict, console: Console) -> None:
+    """The fine-tuned model's accuracy per submodel, its training time and target checks."""
+    console.print(f"teacher (full model, plain fine-tune) test accuracy: {metrics['teacher_test_accuracy']:.4f}"
+                  f"  [{metrics['test_size']} test snippets]")
+    table = Table("n layers", "m shards", "rewired only", "elastic", title="test accuracy per submodel")
+    for row in metrics["grid"]:
+        table.add_row(str(row["n"]), str(row["m"]), f"{row['rewired_only']:.4f}", f"{row['elastic']:.4f}")
+    console.print(table)
+    t = metrics["train_seconds"]
+    console.print("training time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in t.items())
+                  + f" (total {metrics['total_train_seconds'] / 60:.1f} min, {metrics['torch_threads']} threads)")
+    from .finetune import target_checks
+    for line, met in target_checks(metrics):
+        console.print(f"  {'met' if met else 'MISSED':6} {line}")
+
+
+def print_inspect(store_dir: Path, console: Console) -> None:
+    """Sizes per bitwidth and per part of a store, beside the fp32 model's size."""
+    from .store import Store
+    with Store(store_dir) as s:
+        sizes, c = s.sizes(), s.config
+        fp32_layers = c.num_layers * c.layer_params * 4
+        head_params = (c.hidden_size + 1) * (c.num_labels + (c.hidden_size if c.head_act != "none" else 0))
+        fp32_total = fp32_layers + c.embedding_params * 4 + head_params * 4
+        console.print(f"store {store_dir}  id {s.store_id[:12]}  codec {s.codec}  bits {list(s.bits)}")
+        console.print(f"model: {c.family}, {c.num_layers} layers x {c.num_shards} shards, hidden {c.hidden_size}, "
+                      f"FFN {c.intermediate_size}, vocab {c.vocab_size}, up to {c.max_tokens} tokens")
+        dense = f" -> dense + {c.head_act}" if c.head_act != "none" else ""
+        console.print(f"head: {'mean of the tokens' if c.pooling == 'mean' else 'first token'}{dense} -> "
+                      f"{c.num_labels} labels ({', '.join(c.labels)}); "
+                      + ("elastic (submodels may run)" if c.elastic else "not elastic (runs whole; --allow-pruning "
+                                                                          "lets plans drop shards)"), highlight=False)
+        table = Table("part", "bytes", "MB", "vs fp32 of the part")
+        shard_fp32 = sizes["shards_by_bits"].get(32)
+        for b, n in sizes["shards_by_bits"].items():
+            ratio = f"{n / shard_fp32:.3f}" if shard_fp32 else "-"
+            table.add_row(f"encoder shards at {b} bits", f"{n:,}", f"{n / 1e6:.2f}", ratio)
+        for key in ("layer_shared", "embeddings_word", "embeddings_other", "head"):
+            table.add_row(key.replace("_", " "), f"{sizes[key]:,}", f"{sizes[key] / 1e6:.2f}", "1.000")
+        table.add_row("store.bin (all, with 4 KiB alignment)", f"{sizes['data_file']:,}",
+                      f"{sizes['data_file'] / 1e6:.2f}", f"{sizes['data_file'] / fp32_total:.2f} x whole fp32 model")
+        console.print(table)
+        console.print(f"fp32 model for comparison: {fp32_total / 1e6:.2f} MB "
+                      f"(encoder layers {fp32_layers / 1e6:.2f} MB)")

@@ -1,0 +1,15 @@
+"""The runtime: execute a plan on real storage and answer by the deadline.
+
+    engine.py    the Engine: resident parts, the three lanes of a request
+    request.py   one request in flight: clock, hand-off between lanes, report
+    guards.py    the deadline guards as pure functions of (schedule, clock, pace)
+    schedule.py  a plan as the engine walks it (steps in IO order, due times)
+    memory.py    model-bytes accounting, peak RSS, the read-ahead windows
+    report.py    what a request returns: the answer and how it was reached
+"""
+
+from .engine import Engine
+from .report import LayerReport, Report, Result
+from .schedule import Step, schedule
+
+__all__ = ["Engine", "LayerReport", "Report", "Result", "Step", "schedule"]

@@ -1,0 +1,60 @@
+"""What the engine tells about each request: the answer, and how it was reached."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    shards: int = 0
+    shard_ids: list[int] = field(default_factory=list)  # the shards actually used (after the guard)
+    bits: list[int] = field(default_factory=list)
+    io_ms: float = 0.0        # IO lane: reading this layer's streamed shards
+    decode_ms: float = 0.0    # IO lane: decoding the heads of its shards (streamed and preloaded)
+    compute_ms: float = 0.0
+    stall_ms: float = 0.0     # compute lane waiting for the IO lane
+    start_ms: float = 0.0
+    end_ms: float = 0.0
+
+
+@dataclass
+class Report:
+    latency_ms: float = 0.0
+    planned_ms: float = 0.0        # the plan's prediction at its sequence length (plan.request.seq_len)
+    predicted_ms: float = 0.0      # the same plan's prediction at this request's length
+    target_ms: float = 0.0
+    tokens: int = 0
+    truncated: bool = False
+    embed_ms: float = 0.0
+    head_ms: float = 0.0
+    layers: list[LayerReport] = field(default_factory=list)
+    guard_changes: list[tuple] = field(default_factory=list)  # (layer, shard, planned bits, bits or None)
+    peak_model_bytes: int = 0      # our accounting: preload + resident parts + shards in flight
+    preload_bytes: int = 0
+    rss_growth_bytes: int = 0      # process peak RSS during the request minus RSS before
+    spans: list[tuple] = field(default_factory=list)  # (lane, name, start_ms, end_ms) for traces
+
+    @property
+    def stall_ms(self) -> float:
+        return sum(r.stall_ms for r in self.layers)
+
+    @property
+    def met_deadline(self) -> bool:
+        return self.latency_ms <= self.target_ms
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(stall_ms=self.stall_ms, met_deadline=self.met_deadline)
+        return d
+
+
+@dataclass
+class Result:
+    label: str
+    probs: list[float]
+    logits: torch.Tensor
+    report: Report
