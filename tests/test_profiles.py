@@ -152,3 +152,27 @@ def test_embedding_read_model_for_padded_requests(r):
         assert distinct <= e <= width  # fewer rows than the padded width, never fewer than read
         assert d.embed_read_ms(e) >= d.embed_rows_ms(width, distinct, r) - 1e-9
         assert d.embed_read_ms(e - 1) < d.embed_rows_ms(width, distinct, r)
+
+
+def test_the_default_importance_profile_is_the_best_saved_else_the_cheap_one(tiny_weights, tmp_path, monkeypatch):
+    # the demo's first run measures the cheap gradient profile; a saved degrade profile (the
+    # paper's method) wins whenever there is one; an explicit method is always that method
+    import dataclasses
+    import sti.profile_importance as pi
+    from sti import api
+    from tests.test_runtime import profiles
+    store = build_store(tiny_weights, tmp_path / "store", bits=(2, 32), tokenizer_from=word_tokenizer(tmp_path / "t"))
+    with Store(store) as s:
+        _, degrade = profiles(s)
+    gradient = dataclasses.replace(degrade, method="gradient", kl_to_acc=0.25)
+    measured = []
+    monkeypatch.setattr(pi, "measure_importance", lambda path, method: measured.append(method) or gradient)
+    assert api.importance_profile(store, log=lambda *a: None) == gradient and measured == ["gradient"]
+    assert api.importance_profile(store) == gradient and measured == ["gradient"]  # saved, not measured again
+    save_profile(degrade, api.importance_profile_path(store, "degrade"))
+    assert api.importance_profile(store) == degrade
+    assert api.importance_profile(store, "gradient") == gradient
+    api.importance_profile_path(store, "degrade").unlink()
+    api.importance_profile_path(store, "gradient").unlink()
+    with pytest.raises(ProfileError, match="no profile"):
+        api.importance_profile(store, measure=False)

@@ -1,28 +1,46 @@
 """sti: Speedy Transformer Inference on memory-starved devices.
 
 Data flows one way: model -> shards -> store -> profiles -> plan -> pipeline -> results.
+
+    import sti
+    sti.build_store("path/to/hf-model", "store")                  # shards at every bitwidth
+    with sti.open_engine("store", latency_ms=30, memory_mb=2) as engine:   # profiles, plan, engine
+        print(engine.run("a gripping, beautifully acted film").label)
+
 The public API is re-exported here; the CLI (`sti`) is a thin layer over it.
 """
 
-from .api import classify_exact, open_engine, plan
+from .api import classify_exact, device_profile, importance_profile, open_engine, plan
 from .assets import ensure_data, ensure_model, sti_home
 from .config import PRESETS, ModelConfig
 from .data import Example, load_split
+from .demo import demo_store_path
 from .encoder import Submodel, classify, depth_layers, encode
-from .errors import AssetError, Cancelled, ConfigError, DataError, InputError, StiError
+from .errors import AssetError, Cancelled, ConfigError, DataError, InputError, StiError, StoreError
 from .evaluate import accuracy, predict_logits
 from .finetune import FinetuneConfig, finetune
+from .planning import Plan, PlanError, explain, make_plan, simulate
+from .profiles import DeviceProfile, ImportanceProfile, ProfileError, load_profile, save_profile
 from .rewire import rewire, taylor_importance
+from .runtime import Engine, Report, Result
+from .store import Store, build_store
 from .tokenizer import Tokenizer
 from .weights import LayerWeights, ModelWeights, ShardWeights, load_model_dir, save_model_dir
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AssetError", "Cancelled", "ConfigError", "DataError", "Example", "FinetuneConfig", "InputError",
-    "classify_exact", "open_engine", "plan",
-    "LayerWeights", "ModelConfig", "ModelWeights", "PRESETS", "ShardWeights", "StiError", "Submodel",
-    "Tokenizer", "accuracy", "classify", "depth_layers", "encode", "ensure_data", "ensure_model",
-    "finetune", "load_model_dir", "load_split", "predict_logits", "rewire", "save_model_dir",
-    "sti_home", "taylor_importance",
+    # the short path: store -> profiles -> plan -> engine
+    "build_store", "Store", "device_profile", "importance_profile", "DeviceProfile", "ImportanceProfile",
+    "load_profile", "save_profile", "plan", "make_plan", "Plan", "explain", "simulate", "open_engine", "Engine",
+    "Result", "Report", "classify_exact", "demo_store_path",
+    # models and training
+    "ModelConfig", "PRESETS", "ModelWeights", "LayerWeights", "ShardWeights", "load_model_dir", "save_model_dir",
+    "Submodel", "depth_layers", "encode", "classify", "Tokenizer", "finetune", "FinetuneConfig", "rewire",
+    "taylor_importance", "accuracy", "predict_logits",
+    # data and assets
+    "Example", "load_split", "ensure_data", "ensure_model", "sti_home",
+    # errors
+    "StiError", "AssetError", "Cancelled", "ConfigError", "DataError", "InputError", "PlanError", "ProfileError",
+    "StoreError",
 ]

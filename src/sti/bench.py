@@ -48,7 +48,7 @@ import torch
 from . import api
 from .atomic import atomic_write_json, atomic_write_text
 from .data import OOD_SETS, load_split
-from .encoder import Submodel, classify, depth_layers, head_logits
+from .encoder import Submodel, classify, depth_layers, head_logits, parse_grid_key
 from .errors import InputError, StiError
 from .evaluate import accuracy
 from .planning import Plan, PlanChoice, PlanPrediction, PlanRequest, make_plan, simulate
@@ -412,8 +412,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
     fields, note = {}, ""
     if system in FIXED:
         n, mm, b = {"stdpl-fp32": (c.num_layers, c.num_shards, 32), "stdpl-4bit": (c.num_layers, c.num_shards, 4),
-                    "small-submodel": (min(int(k.split(",")[0]) for k in h.importance.submodel_accuracy),
-                                       min(int(k.split(",")[1]) for k in h.importance.submodel_accuracy), 32)}[system]
+                    "small-submodel": (*map(min, zip(*map(parse_grid_key, h.importance.submodel_accuracy))), 32)}[system]
         layers = depth_layers(c.num_layers, n)
         plan = fixed_plan(device, h.importance, h.store_id, layers, mm, [[b] * mm for _ in layers],
                           seq_len=plan_len, fixed_bytes=h.fixed, hidden=c.hidden_size, name=system)

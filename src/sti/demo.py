@@ -38,6 +38,20 @@ def demo_store(model_dir: Path, console: Console) -> Path:
     return path
 
 
+def demo_store_path() -> Path:
+    """The store `sti demo` built and uses (of the full preset's model if one is cached,
+    else of the quick preset's), ready for `sti.open_engine`."""
+    from .assets import sti_home
+    from .errors import InputError
+    from .finetune import default_model_dir
+    from .store import MANIFEST
+    for name in ("full", "quick"):
+        path = sti_home() / "stores" / f"{default_model_dir(name).name}-linear"
+        if (path / MANIFEST).exists():
+            return path
+    raise InputError(f"no demo store in {sti_home() / 'stores'} yet: run `make demo` (or `sti demo`) first")
+
+
 def _built_from(store: Path) -> tuple[str | None, object]:
     """(the sha256 of the model a store was built from, if its manifest says; its format
     version). Read loosely rather than through `Store`, whose validation refuses stores of

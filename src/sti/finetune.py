@@ -201,9 +201,9 @@ def train_elastic(student: ModelWeights, teacher: ModelWeights, tokenizer, train
     return student
 
 
-def grid_accuracy(weights: ModelWeights, tokenizer: Tokenizer, examples) -> dict[str, float]:
-    """Accuracy of every (n, m) of the grid, keyed "n{n}m{m}"."""
-    return {f"n{n}m{m}": accuracy(weights, tokenizer, examples, Submodel.of(weights.config, n, m))
+def grid_accuracy(weights: ModelWeights, tokenizer: Tokenizer, examples) -> dict[tuple[int, int], float]:
+    """Accuracy of every (n, m) of the grid."""
+    return {(n, m): accuracy(weights, tokenizer, examples, Submodel.of(weights.config, n, m))
             for n, m in grid()}
 
 
@@ -282,8 +282,8 @@ def finetune(out: str | Path | None = None, preset: str = "quick", cfg: Finetune
         metrics = {
             "preset": cfg.preset, "config": asdict(cfg), "anchors": [list(a) for a in ANCHORS],
             "split": "test", "test_size": len(test), "teacher_test_accuracy": teacher_acc,
-            "grid": [{"n": n, "m": m, "rewired_only": rewired_grid[f"n{n}m{m}"],
-                      "elastic": elastic_grid[f"n{n}m{m}"]} for n, m in grid()],
+            "grid": [{"n": n, "m": m, "rewired_only": rewired_grid[(n, m)],
+                      "elastic": elastic_grid[(n, m)]} for n, m in grid()],
             "train_seconds": times, "total_train_seconds": sum(times.values()),
             "torch_threads": torch.get_num_threads(),
         }

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .data import load_split
-from .encoder import Submodel, attention_keep, encode, head_logits, layer_forward
+from .encoder import Submodel, attention_keep, encode, grid_key, head_logits, layer_forward
 from .errors import Cancelled, InputError, StiError
 from .profiles import ImportanceProfile
 from .store import MATRICES, Store
@@ -185,14 +185,14 @@ class _Session:
             self.sub_acc = {}
             for n, m in grid(c.num_layers, c.num_shards):
                 if (n, m) == (c.num_layers, c.num_shards):
-                    self.sub_acc[f"{n},{m}"] = self.full_acc
+                    self.sub_acc[grid_key(n, m)] = self.full_acc
                     continue
                 sub = Submodel.of(c, n, m)
                 # the layers cut to their first m shards once, not once per batch
                 ws = ModelWeights(config=c, embeddings=w.embeddings, head=w.head,
                                   layers=[w.submodel_layer(i, range(m)) if i in sub.layers else w.layers[i]
                                           for i in range(c.num_layers)])
-                self.sub_acc[f"{n},{m}"] = self._score(lambda b: _logits(ws, b, sub))[1]
+                self.sub_acc[grid_key(n, m)] = self._score(lambda b: _logits(ws, b, sub))[1]
             self.kl_by_bits, self.acc_by_bits = {32: 0.0}, {32: self.full_acc}
             for bits in sorted(self.store.bits):
                 if bits != 32:

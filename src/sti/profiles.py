@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_json
+from .encoder import grid_key
 from .errors import StiError
 from .untrusted import Checks
 
@@ -177,7 +178,7 @@ class ImportanceProfile:
         return len(self.shard_kl[0])
 
     def submodel_acc(self, n: int, m: int) -> float:
-        return self.submodel_accuracy.get(f"{n},{m}", 0.0)
+        return self.submodel_accuracy.get(grid_key(n, m), 0.0)
 
     def shard_penalty(self, layer: int, shard: int, bits: int) -> float:
         """Predicted accuracy lost by holding this shard at `bits` rather than 32."""

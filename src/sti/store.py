@@ -27,6 +27,7 @@ from .config import ModelConfig
 from .hf import checkpoint_sha256
 from .errors import Cancelled, ConfigError, StiError, StoreError
 from .storage import PAGE, open_reader
+from .untrusted import Checks
 from .weights import (LAYER_PARTS, Embeddings, Head, LayerShared, LayerWeights, ModelWeights,
                       ShardWeights, load_model_dir)
 
@@ -227,21 +228,15 @@ class Record:
     block: int = -1
 
 
+CHECK = Checks(StoreError)
+
+
 def _field(d: dict, key: str, kind, where: str):
-    if not isinstance(d, dict) or key not in d:
-        raise StoreError(f"{where}: missing field {key!r}")
-    value = d[key]
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if not ok:
-        raise StoreError(f"{where}: field {key!r} has the wrong type ({type(value).__name__})")
-    return value
+    return CHECK.typed(CHECK.key(d, key, where), kind, f"{where}: field {key!r}")
 
 
 def _int(d: dict, key: str, where: str, lo: int = 0, hi: int = 1 << 62) -> int:
-    v = _field(d, key, int, where)
-    if not lo <= v <= hi:
-        raise StoreError(f"{where}: {key}={v} is outside {lo}..{hi}")
-    return v
+    return CHECK.int(CHECK.key(d, key, where), f"{where}: field {key!r}", lo, hi)
 
 
 def _parse_part(p: dict, rec_len: int, where: str) -> Part:
@@ -354,14 +349,7 @@ class Store:
 
     def _load_manifest(self) -> dict:
         f = self.path / MANIFEST
-        if not f.exists():
-            raise StoreError(f"no {MANIFEST} in {self.path}: not an sti store (build one with `sti build`)")
-        if f.stat().st_size > MAX_MANIFEST:
-            raise StoreError(f"{f} is larger than {MAX_MANIFEST >> 20} MiB: refusing to parse it")
-        try:
-            m = json.loads(f.read_bytes())
-        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd numbers, deep nesting
-            raise StoreError(f"{f} is not valid JSON: {str(exc)[:200]}") from None
+        m = CHECK.read(f, MAX_MANIFEST, f"no {MANIFEST} in {self.path}: not an sti store (build one with `sti build`)")
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise StoreError(f"{f} is not an sti store manifest (format != {FORMAT!r})")
         if m.get("version") != VERSION:

@@ -10,8 +10,8 @@
 
 Both planners are monotone (a larger T or M never lowers the predicted accuracy): each
 result is the best member, among those that fit (T, M), of a set of plans that does not
-depend on (T, M). The execution model they predict is in docs/DESIGN.md; the planners'
-long form in docs/PLANNER.md.
+depend on (T, M). The execution model they predict, and both planners in full, are in
+docs/PLANNER.md (docs/DESIGN.md tells the story once, for users).
 """
 
 from .make import make_plan

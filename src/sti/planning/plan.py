@@ -4,7 +4,7 @@ A `Plan` is a frozen, serialisable value in three groups: the `request` (what wa
 target, budget, the profiles and store it was made with), the `choice` (the submodel, the
 bitwidth of every shard, the preload buffer) and the `predicted` outcome (latency,
 accuracy, memory, and the two-lane timeline with the time each shard should be ready).
-The timeline follows the execution model of docs/DESIGN.md; `simulate` computes it.
+The timeline follows the execution model of docs/PLANNER.md; `simulate` computes it.
 Times are in ms, sizes in bytes.
 """
 

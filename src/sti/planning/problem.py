@@ -1,7 +1,7 @@
 """One planning request, validated once, with the tables both planners read; and the
 assembly of a decision into a checked `Plan`.
 
-Both planners see the execution model of docs/DESIGN.md through these numbers: a shard's IO
+Both planners see the execution model of docs/PLANNER.md through these numbers: a shard's IO
 time and bytes at each bitwidth, a layer's compute time with m shards, the embedding read,
 the head, and the accuracy model (the submodel's accuracy minus each kept shard's penalty
 kl_to_acc * shard_kl * bits_error[bits]).
