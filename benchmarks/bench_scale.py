@@ -51,7 +51,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from sti import api
 from sti.assets import ensure_model, sti_home
-from sti.bench import full_compute_ms, model_bytes, percentile, run_engine, run_reference, write_json
+from sti.bench import full_compute_ms, model_bytes, percentile, run_engine, run_reference
+from sti.results import write_json
 from sti.config import PRESETS, ModelConfig
 from sti.data import load_split
 from sti.encoder import classify

@@ -5,7 +5,8 @@ from dataclasses import asdict
 
 import pytest
 
-from sti.bench import BenchConfig, Row, markdown, save_results, write_outputs
+from sti.bench import BenchConfig, Row
+from sti.results import markdown, save_results, write_outputs
 from sti.cli import _numbers
 from sti.errors import InputError
 
@@ -60,7 +61,7 @@ def test_a_system_keeps_its_colour_in_every_panel(tmp_path, monkeypatch):
     # a panel without some system's points must not shift the others' colours (the legend
     # is drawn once, from the first panel)
     import matplotlib.axes
-    from sti.bench import plot
+    from sti.results import plot
     drawn = []
     real = matplotlib.axes.Axes.plot
 
@@ -142,7 +143,8 @@ def test_served_accuracy_is_that_of_the_labels_the_engine_returned(tiny_bench, m
 
 def test_the_report_reproduces_the_results_file(tiny_bench, tmp_path):
     from typer.testing import CliRunner
-    from sti.bench import run_bench, write_outputs
+    from sti.bench import run_bench
+    from sti.results import write_outputs
     from sti.cli import app
     store, cfg, _ = tiny_bench
     out = tmp_path / "res"

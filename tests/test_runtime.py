@@ -12,7 +12,7 @@ from sti.encoder import Submodel, encode, head_logits
 from sti.errors import InputError, StiError, StoreError
 from sti.planning import make_plan
 from sti.profiles import DeviceProfile, ImportanceProfile
-from sti.runtime import Engine, Report, Step
+from sti.runtime import Engine, Step
 from sti.runtime.guards import compute_guard, io_guard
 from sti.runtime.memory import blob_bytes
 from sti.storage import WarmReader

@@ -145,9 +145,12 @@ def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
 
 def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "cold", planner: str = "joint",
                 seq_len: int = DEFAULT_SEQ_LEN, guard: bool = True, method: str | None = None, log=print,
-                headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False, max_length: int | None = None):
+                headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False, max_length: int | None = None,
+                warmup: bool = True):
     """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer;
-    requests longer than `max_length` tokens are truncated."""
+    requests longer than `max_length` tokens are truncated. With `warmup`, one throwaway
+    request runs first, so that the caller's first answer is not slowed (and cut by the
+    deadline guard) by lazy initialisation."""
     from .runtime import Engine
     store = Store(store_dir, storage)
     try:
@@ -155,7 +158,10 @@ def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "
         p = plan(store_dir, latency_ms, memory_mb, planner, storage, min(seq_len, max_length), method, log,
                  headroom, allow_pruning)
         device = device_profile(store_dir, storage, log=log)
-        return Engine(store, p, device, storage=storage, guard=guard, max_length=max_length)
+        engine = Engine(store, p, device, storage=storage, guard=guard, max_length=max_length)
+        if warmup:  # an engine's first request pays for lazy initialisation: not the caller's
+            engine.run("warm up")
+        return engine
     except BaseException:
         store.close()
         raise

@@ -240,7 +240,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
                                                   "(default: the full sweep's 300)")) -> None:
     """Measure sti against the baselines and peers: accuracy, latency, deadline hits, memory."""
     from dataclasses import replace
-    from .bench import BenchConfig, markdown, run_bench, save_results, write_outputs
+    from .bench import BenchConfig, run_bench
+    from .results import markdown, save_results, write_outputs
     cfg = BenchConfig.quick() if quick else BenchConfig()
     if systems:
         cfg = replace(cfg, systems=tuple(s.strip() for s in systems.split(",")))
@@ -272,7 +273,7 @@ def report(results_dir: Path = typer.Argument(..., help="a directory `sti bench`
     """Write the results document (headline table, served against planned accuracy, plots) from results.json."""
     import json
     from .atomic import atomic_write_text
-    from .bench import report as make_report
+    from .results import report as make_report
     f = results_dir / "results.json"
     try:
         results = json.loads(f.read_text())

@@ -67,7 +67,8 @@ def _built_from(store: Path) -> tuple[str | None, object]:
 def run_demo(preset: str = "quick", console: Console | None = None) -> None:
     from . import api, data
     from .assets import ensure_data, ensure_model, sti_home
-    from .bench import BenchConfig, markdown, run_bench, write_outputs
+    from .bench import BenchConfig, run_bench
+    from .results import markdown, write_outputs
     from .present import print_grid, print_inspect
     from .finetune import default_model_dir, finetune, read_metrics
     from .planning import explain
