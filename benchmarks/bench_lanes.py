@@ -32,13 +32,14 @@ import torch
 from sti import api
 from sti.atomic import atomic_write_json
 from sti.data import load_split
-from sti.encoder import attention_keep, layer_by_shards
+from sti.encoder import attention_keep
+from sti.groups import layer_by_groups
 from sti.planning import make_plan
-from sti.profile_device import Background, machine, measure_device, median_ms
+from sti.profile_device import Background, first_shards, layer_groups, machine, measure_device, median_ms
 from sti.runtime import Engine
 from sti.storage import _fine_timer_slack
 from sti.store import Store
-from sti.weights import ATTN_PARTS, FFN_PARTS
+from sti.weights import ATTN_PARTS
 
 OUT = Path(__file__).parent / "results" / "lanes.json"
 
@@ -74,18 +75,14 @@ def sleep_overshoot_us(fine: bool, count: int = 300) -> float:
 def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
     """Median ms of one layer alone and beside each background load."""
     x, keep = torch.randn(1, 28, store.config.hidden_size), attention_keep(torch.ones(1, 28))
-    layers = []
-    for i in range(4):
-        recs = [store.shard_record(i, j, 4) for j in range(6)]
-        bufs = [store.read(r) for r in recs]
-        layers.append(([store.decode_parts(r, b, ATTN_PARTS) for r, b in zip(recs, bufs)], store.layer_shared(i),
-                       [lambda r=r, b=b: store.decode_parts(r, b, FFN_PARTS) for r, b in zip(recs, bufs)]))
+    layers = layer_groups(store, range(4), "float32")
     turn = itertools.cycle(layers)
 
     def layer() -> None:
         with torch.inference_mode():
-            heads, shared, ffns = next(turn)
-            layer_by_shards(x, keep, heads, shared, store.config, ffns)
+            attn, ffn, shared = next(turn)
+            layer_by_groups(x, keep, first_shards(attn, 6, len(attn[0].shards)), first_shards(ffn, 6, len(ffn[0].shards)),
+                            shared, store.config)
     rec = store.shard_record(5, 0, 4)
     buf = store.read(rec)
     decode = lambda: store.decode_parts(rec, buf, ATTN_PARTS)  # noqa: E731

@@ -296,7 +296,7 @@ def slow_storage(args, store_path: Path, texts, device, importance, plan) -> dic
         # overhead is not in the profile)
         base_plan = make_plan(device, importance, store_id, 1e6, 0, seq_len=16)
         probe = deadline_run(store_path, base_plan, device, bandwidth, latency, False, texts, 60, 10)
-        setup.update(full_precision_planned_ms=base_plan.latency_ms,
+        setup.update(full_precision_planned_ms=base_plan.predicted.latency_ms,
                      full_precision_measured_ms=probe["latency_ms_median"], memory_bytes=0)
         plans = [(f, make_plan(device, importance, store_id, f * probe["latency_ms_median"], 0, seq_len=16))
                  for f in args.target_factors]

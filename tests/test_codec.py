@@ -184,3 +184,16 @@ def test_mutated_blobs_decode_or_raise_codec_error(name, pos, value, cut):
         assert out.shape == (8, 8)
     except CodecError:
         pass
+
+
+@pytest.mark.parametrize("name", ["linear", "gobo"])
+def test_decode_to_bfloat16_rounds_like_torch(name):
+    # the bfloat16 kernels (the engine's bfloat16 shard groups) round each float32 value the
+    # codec decodes to the nearest bfloat16, ties to even: exactly torch's conversion
+    import torch
+    w = np.random.default_rng(3).standard_normal((64, 40)).astype(np.float32) * 0.1
+    for bits in (2, 3, 4, 6):
+        blob = encode(w, bits, name, fit(w, bits, name) if name == "gobo" else None)
+        out = torch.empty(w.shape, dtype=torch.bfloat16)
+        decode(blob, w.shape, out=out.view(torch.int16).numpy().view(np.uint16))
+        assert torch.equal(out, torch.from_numpy(decode(blob, w.shape)).to(torch.bfloat16)), bits

@@ -1,6 +1,8 @@
 """Our encoder against Hugging Face transformers, and submodels against weight surgery."""
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from transformers import BertConfig, BertModel
 
@@ -100,14 +102,47 @@ def test_bad_submodels_are_refused(tiny_weights, tiny_config, sub):
         encode(tiny_weights, ids, mask, sub)
 
 
-def test_layer_by_shards_equals_stacked_layer(tiny_weights):
-    from sti.encoder import attention_keep, layer_by_shards, layer_forward
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_a_layer_by_groups_equals_the_stacked_layer_for_any_shards_sizes_and_order(tiny_weights, data):
+    # the engine's compute path: shards packed into groups in arrival order, each group using
+    # a prefix of its slots; equal to the reference layer on the same shards (any subset, any
+    # order, any group size) to 1e-5 in float32, and within bfloat16's rounding in bfloat16
+    from sti.encoder import attention_keep, layer_forward
+    from sti.groups import ATTN, FFN, ShardGroup, layer_by_groups
     c = tiny_weights.config
     ids, mask = random_ids(c)
     x = torch.randn(ids.shape[0], ids.shape[1], c.hidden_size)
     keep = attention_keep(mask)
-    layer = tiny_weights.layers[1]
-    for shards in ([0, 1, 2, 3], [3, 1], [2]):
-        ref = layer_forward(x, keep, tiny_weights.submodel_layer(1, tuple(shards)), c)
-        got = layer_by_shards(x, keep, [vars(layer.shard(j, c)) for j in shards], layer.shared, c)
-        assert (ref - got).abs().max() < 1e-5
+    layer_id = data.draw(st.integers(0, c.num_layers - 1))
+    layer = tiny_weights.layers[layer_id]
+    shards = data.draw(st.permutations(range(c.num_shards)).map(lambda p: p[:max(1, len(p) - 1)]))
+    shards = shards[:data.draw(st.integers(1, len(shards)))]
+    size = data.draw(st.integers(1, c.num_shards))
+    spare = data.draw(st.integers(0, 1))       # a group may hold a dropped shard after its used ones
+    ref = layer_forward(x, keep, tiny_weights.submodel_layer(layer_id, tuple(sorted(shards))), c)
+    for dtype, bound in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
+        groups = {ATTN: [], FFN: []}
+        order = list(shards) + [s for s in range(c.num_shards) if s not in shards][:spare]
+        for k, j in enumerate(order):
+            parts = vars(layer.shard(j, c))
+            for phase in (ATTN, FFN):
+                if k % size == 0:
+                    groups[phase].append(ShardGroup(phase, size, c, dtype))
+                groups[phase][-1].add(j, parts)
+        used = [[(g, sum(1 for s in g.shards if s in shards)) for g in groups[p]] for p in (ATTN, FFN)]
+        with torch.no_grad():
+            got = layer_by_groups(x, keep, used[0], used[1], layer.shared, c)
+        assert (ref - got).abs().max() < bound, dtype
+
+
+def test_group_runs_cover_exactly_the_used_slots(tiny_config):
+    from sti.groups import FFN, ShardGroup
+    g = ShardGroup(FFN, 4, tiny_config)
+    g.shards = [0, 1, 2, 3]
+    assert g.runs(lambda s: True) == [(0, 4)]
+    assert g.runs(lambda s: s < 2) == [(0, 2)]              # the guard's drops: the last to arrive
+    assert g.runs(lambda s: s in (0, 3)) == [(0, 1), (3, 1)]
+    assert g.runs(lambda s: False) == []
+    g.shards = [5, 6]
+    assert g.runs(lambda s: s != 5) == [(1, 1)]

@@ -132,7 +132,7 @@ def test_background_load_runs_beside_a_measurement_and_stops(tiny_weights, tmp_p
         count = len(calls)
         time.sleep(0.01)
         assert len(calls) == count  # stopped with the measurement
-        for make in (lambda: compute_load(store, 8), lambda: io_load(store)):
+        for make in (lambda: compute_load(store, 8, "float32"), lambda: io_load(store, "bfloat16")):
             with make() as bg:  # the real loads run the real work without error
                 time.sleep(0.05)
                 seen.append(bg._thread.is_alive())

@@ -34,7 +34,7 @@ from sti.api import check_targets, device_profile_path, importance_profile_path
 from sti.config import PRESETS
 from sti.errors import Cancelled, InputError, StiError, StoreError
 from sti.planning import Plan, PlanError, make_plan
-from sti.profiles import ProfileError, load_profile, save_profile
+from sti.profiles import VERSIONS, ProfileError, load_profile, save_profile
 from sti.runtime import Engine
 from sti.storage import WarmReader
 from sti.store import DATA, MANIFEST, Store, build_store, compute_store_id
@@ -192,28 +192,39 @@ def test_os_error_mid_request_is_a_store_error(base):
 
 
 def test_fault_in_the_compute_lane_stops_the_io_lane(base, monkeypatch):
-    """A failure while the compute lane decodes an FFN slice (the IO lane may be blocked on
-    its read-ahead window) fails the request without hanging; the next one is exact."""
+    """A failure in the compute lane (the reader may be blocked on its read-ahead window, the
+    decoder on a free group), or in the decoder while it decodes an FFN slice, fails the
+    request without hanging; the next one is exact."""
+    from sti.groups import ShardGroup
     path = base[0]
     engine = make_engine(path, memory_bytes=0, target_ms=1e6)  # everything streamed
     text = TEXTS[4]
     good = engine.run(text).logits.clone()
-    real = engine.store.decode_parts
+    real_compute, real_decode = ShardGroup.compute, engine.store.decode_jobs
     for nth in (1, 4, 9):
         calls = {"n": 0}
 
-        def failing(rec, buf, names=None):
-            if names == FFN_PARTS:
+        def failing_compute(group, *args):
+            calls["n"] += 1
+            if calls["n"] == nth:
+                raise StoreError("injected compute failure")
+            return real_compute(group, *args)
+
+        def failing_decode(rec, buf, key, targets, *rest):
+            if "i_w" in targets:
                 calls["n"] += 1
                 if calls["n"] == nth:
                     raise StoreError(f"injected decode failure in {rec.name}")
-            return real(rec, buf, names)
-        monkeypatch.setattr(engine.store, "decode_parts", failing)
-        with pytest.raises(StoreError, match="injected decode failure"):
-            run_with_timeout(lambda: engine.run(text))
-        monkeypatch.setattr(engine.store, "decode_parts", real)
-        assert engine.bytes.now == engine.resident_bytes
-        assert torch.equal(run_with_timeout(lambda: engine.run(text)).logits, good)
+            return real_decode(rec, buf, key, targets, *rest)
+        for target, name, fake, what in ((ShardGroup, "compute", failing_compute, "compute"),
+                                         (engine.store, "decode_jobs", failing_decode, "decode")):
+            calls["n"] = 0
+            monkeypatch.setattr(target, name, fake)
+            with pytest.raises(StoreError, match=f"injected {what} failure"):
+                run_with_timeout(lambda: engine.run(text))
+            monkeypatch.undo()
+            assert engine.bytes.now == engine.resident_bytes and engine.pool.all_free
+            assert torch.equal(run_with_timeout(lambda: engine.run(text)).logits, good)
     engine.close()
 
 
@@ -810,7 +821,7 @@ def test_fuzz_profile_mutations(fuzz_profiles, which, edits, how, check_store):
 @fuzz_settings(raw_share('profile'))
 @given(doc=st.one_of(st.binary(max_size=400), JSONISH.map(lambda v: json.dumps(v).encode()),
                      st.tuples(st.sampled_from(["device", "importance"]), st.dictionaries(st.text(max_size=12), JSONISH))
-                     .map(lambda kv: json.dumps({"kind": kv[0], "version": 1, **kv[1]}).encode())))
+                     .map(lambda kv: json.dumps({"kind": kv[0], "version": VERSIONS[kv[0]], **kv[1]}).encode())))
 def test_fuzz_profile_raw(fuzz_profiles, doc):
     load_fuzzed_profile(fuzz_profiles[0] / "raw.json", doc, None)
 

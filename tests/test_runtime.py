@@ -14,10 +14,9 @@ from sti.planning import make_plan
 from sti.profiles import DeviceProfile, ImportanceProfile
 from sti.runtime import Engine, Step
 from sti.runtime.guards import compute_guard, io_guard
-from sti.runtime.memory import blob_bytes
 from sti.storage import WarmReader
 from sti.store import Store, build_store
-from sti.weights import ATTN_PARTS
+from sti.weights import ATTN_PARTS, FFN_PARTS
 from tests.conftest import word_tokenizer
 
 TEXTS = ["w1 w2 w3", "w5 w9 w33 w7 w100 w2", "w11", "w4 w4 w4 w4 w90 w3 w8 w8 w1 w2 w3 w4"]
@@ -153,35 +152,40 @@ def test_peak_model_bytes_counts_shards_in_flight(tiny_store):
     engine.close()
 
 
-def test_decoder_holds_at_most_a_few_heads_ahead_of_compute(tiny_store, monkeypatch):
-    # packed shards and a slow compute lane: the decoder would run far ahead if unbounded
-    import sti.runtime.engine as rt
+def pools_free(engine) -> bool:
+    return engine.pool.all_free
+
+
+def test_the_decoder_runs_ahead_only_as_far_as_its_group_pools(tiny_store, monkeypatch):
+    # packed shards and a slow compute lane: the decoder would run far ahead if unbounded;
+    # it fills the next group while one is computed, and no more
+    from sti.groups import ShardGroup
     _, path = tiny_store
     store = Store(path, "warm")
     device, importance = profiles(store)
     device = dataclasses.replace(device, shard_read_ms={2: 0.001, 4: 50.0, 32: 50.0})
+    importance = dataclasses.replace(importance, bits_error={2: 0.01, 4: 0.005, 32: 0.0})
     plan = make_plan(device, importance, store.store_id, 2.0, 0, seq_len=16)
     assert {b for row in plan.choice.bits for b in row} == {2} and not plan.choice.preload
-    real, held = rt.head_output, []
+    real, ahead = ShardGroup.compute, []
 
-    def slow_head(*args):
+    def slow_compute(group, *args):
         time.sleep(0.002)
-        held.append(engine.heads.used)
-        return real(*args)
-    monkeypatch.setattr(rt, "head_output", slow_head)
+        ahead.append(len(engine.pool.slabs) - len(engine.pool.free))  # out: this one + filled ahead
+        return real(group, *args)
+    monkeypatch.setattr(ShardGroup, "compute", slow_compute)
     with Engine(store, plan, device, storage="warm", guard=False) as engine:
         got = engine.run(TEXTS[3])
-        head = blob_bytes(store.shard_record(0, 0, 2), ATTN_PARTS)
-        assert engine.heads.limit == rt.HEADS_AHEAD * head
-        assert max(held) <= rt.HEADS_AHEAD * head and max(held) > head  # bounded, and did run ahead
+        assert plan.choice.m > max(engine.group_sizes)  # several groups of each phase a layer
+        assert max(ahead) == 2 and pools_free(engine)  # bounded (the pool holds 2), and did run ahead
         ref = reference_logits(store, got.report, TEXTS[3], engine.tokenizer)
     assert (got.logits - ref).abs().max() < 1e-5
-    assert any(lane == "decode" for lane, *_ in got.report.spans)
+    assert got.report.peak_model_bytes >= engine.pool.nbytes + engine.preload_bytes  # groups are model bytes too
 
 
-def test_preloaded_heads_are_decoded_off_the_compute_lane(tiny_store, monkeypatch):
+def test_shards_are_decoded_off_the_compute_lane(tiny_store, monkeypatch):
     # shards at 2 bits, some preloaded: the decoder thread, not the caller's thread, decodes
-    # every head (the compute lane decodes only FFN_PARTS slices, just before use)
+    # every head and every FFN slice
     import threading
     from dataclasses import replace
     _, path = tiny_store
@@ -194,22 +198,23 @@ def test_preloaded_heads_are_decoded_off_the_compute_lane(tiny_store, monkeypatc
     plan = make_plan(device, importance, store.store_id, 1e6, 10**9, seq_len=16)
     assert plan.choice.preload and {b for *_, b in plan.choice.preload} == {2} and plan.choice.m > 1
     engine = Engine(store, plan, device, storage="warm")
-    real, calls = engine.store.decode_parts, []
+    real, calls = engine.store.decode_jobs, []
 
-    def spy(rec, buf, names=None):
-        calls.append((threading.current_thread().name, tuple(names or ())))
-        return real(rec, buf, names)
-    monkeypatch.setattr(engine.store, "decode_parts", spy)
+    def spy(rec, buf, key, targets, *rest):
+        calls.append((threading.current_thread().name, tuple(sorted(targets))))
+        return real(rec, buf, key, targets, *rest)
+    monkeypatch.setattr(engine.store, "decode_jobs", spy)
     with engine:
         got = engine.run(TEXTS[2])
         ref = reference_logits(engine.store, got.report, TEXTS[2], engine.tokenizer)
     assert (got.logits - ref).abs().max() < 1e-5
-    heads = [who for who, names in calls if names == tuple(ATTN_PARTS)]
-    assert len(heads) == plan.choice.n * plan.choice.m and all(who.startswith("sti-io") for who in heads)
-    main = threading.current_thread().name
-    assert all(names != tuple(ATTN_PARTS) for who, names in calls if who == main)
+    heads = [who for who, names in calls if names == tuple(sorted(ATTN_PARTS))]
+    ffns = [who for who, names in calls if names == tuple(sorted(FFN_PARTS))]
+    assert len(heads) == len(ffns) == plan.choice.n * plan.choice.m and len(calls) == 2 * len(heads)
+    assert all(who.startswith("sti-io") for who in heads + ffns)  # none on the compute lane
     decoded = {name for lane, name, *_ in got.report.spans if lane == "decode"}
-    assert decoded == {f"decode L{r.layer}.S{s}" for r in got.report.layers for s in r.shard_ids}
+    assert decoded == {f"decode L{r.layer}.S{s} {part}" for r in got.report.layers for s in r.shard_ids
+                       for part in ("head", "ffn")}
 
 
 def test_compute_guard_projects_the_lanes_pace_over_the_layers_left(tiny_store):
@@ -253,7 +258,7 @@ def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch)
     import sti.runtime.engine as rt
     from tests.test_reliability import run_with_timeout
     _, path = tiny_store
-    monkeypatch.setattr(rt, "HEADS_AHEAD", 1)
+    monkeypatch.setattr(rt, "SLABS", 1)
     store = Store(path, "warm")
     device, importance = profiles(store)
     device = dataclasses.replace(device, shard_read_ms={2: 0.001, 4: 50.0, 32: 50.0})
@@ -267,7 +272,7 @@ def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch)
     with Engine(store, plan, device, storage="warm") as engine:
         for text in TEXTS:
             got = run_with_timeout(lambda: engine.run(text), seconds=10.0)
-            assert engine.bytes.now == engine.resident_bytes and engine.heads.used == 0
+            assert engine.bytes.now == engine.resident_bytes and pools_free(engine)
             ref = reference_logits(store, got.report, text, engine.tokenizer)
             assert (got.logits - ref).abs().max() < 1e-5
 
@@ -333,18 +338,16 @@ def test_deadline_guard_drops_shards_when_compute_runs_late(tiny_store):
         got = engine.run(TEXTS[1])
         assert engine.bytes.now == engine.resident_bytes  # dropped shards hold nothing after
         ref = reference_logits(engine.store, got.report, TEXTS[1], engine.tokenizer)
-        # a dropped shard the IO lane had already delivered gives back its bytes and windows;
-        # a preloaded one gives back its decoded head and keeps its record in the buffer
+        # a dropped shard the reader had already delivered gives back its bytes and window;
+        # a preloaded one keeps its record in the buffer
         rec = engine.store.shard_record(0, 1, 2)
-        head = blob_bytes(rec, ATTN_PARTS)
         for preloaded in (False, True):
             step = Step(0, 0, 1, 2, preloaded, 0.0, 1)
             engine.window.acquire(rec.length)
-            engine.heads.acquire(head)
-            engine.bytes.add(rec.length + head)
-            engine._discard(step, (rec, engine.store.read(rec), None))
+            engine.bytes.add(rec.length)
+            engine._let_go(step, (rec, engine.store.read(rec)))
             assert engine.bytes.now == engine.resident_bytes + (rec.length if preloaded else 0)
-            assert engine.heads.used == 0 and engine.window.used == (rec.length if preloaded else 0)
+            assert engine.window.used == (rec.length if preloaded else 0)
             engine.window.reset()
             engine.bytes.sub(engine.bytes.now - engine.resident_bytes)
     changes = got.report.guard_changes
@@ -369,7 +372,7 @@ def test_compute_guard_on_streamed_shards_frees_them_and_stays_exact(tiny_store)
         for text in TEXTS:
             got = engine.run(text)
             assert engine.bytes.now == engine.resident_bytes
-            assert engine.window.used == 0 and engine.heads.used == 0
+            assert engine.window.used == 0 and pools_free(engine)
             dropped = {(layer, shard) for layer, shard, _, new in got.report.guard_changes if new is None}
             used = {(r.layer, s) for r in got.report.layers for s in r.shard_ids}
             assert dropped and not dropped & used
@@ -399,7 +402,7 @@ def test_io_error_fails_one_request_and_the_next_succeeds(tiny_store):
         engine.run(TEXTS[0])
     assert engine.bytes.now == engine.resident_bytes
     assert (engine.run(TEXTS[0]).logits - good).abs().max() == 0
-    assert engine.window.used == 0 and engine.heads.used == 0
+    assert engine.window.used == 0 and pools_free(engine)
     engine.close()
 
 

@@ -343,3 +343,26 @@ def test_the_manifest_says_how_the_model_pools_and_the_head_record_holds_its_den
     edit_manifest(path, lambda m: m["model"].update(pooling="mean", head_act="none"))
     with pytest.raises(StoreError, match="record head: parts"):  # the dense parts are now unexpected
         Store(path)
+
+
+@pytest.mark.parametrize("codec", ["linear", "gobo"])
+def test_a_shard_decoded_into_a_group_equals_its_decoded_parts(tiny_weights, tmp_path, codec):
+    # the engine's one-call decode (every part of a shard straight into its group slot, the
+    # output columns transposed, in float32 or bfloat16) against decode_parts, bit for bit
+    from sti.groups import ATTN, FFN, ShardGroup
+    from tests.conftest import word_tokenizer
+    path = build_store(tiny_weights, tmp_path / "s", bits=(2, 3, 32), codec=codec,
+                       tokenizer_from=word_tokenizer(tmp_path / "t"))
+    c = tiny_weights.config
+    with Store(path) as s:
+        for bits in (2, 3, 32):
+            for dtype in (torch.float32, torch.bfloat16):
+                for phase in (ATTN, FFN):
+                    fast, ref = ShardGroup(phase, 3, c, dtype), ShardGroup(phase, 3, c, dtype)
+                    for g, j in enumerate((2, 0, 3)):
+                        rec = s.shard_record(1, j, bits)
+                        buf = s.read(rec)
+                        fast.fill(j, s, rec, buf)
+                        ref.add(j, s.decode_parts(rec, buf))
+                        for t_fast, t_ref in ((fast.w, ref.w), (fast.b, ref.b), (fast.out, ref.out)):
+                            assert torch.equal(t_fast[g], t_ref[g]), (bits, dtype, phase, g)

@@ -23,7 +23,7 @@ from .store import Store
 
 DEFAULT_SEQ_LEN = 48  # plans assume this many tokens: the test split's 95th percentile is 47
 # The share of T a plan keeps back: the profiles are medians on a shared, noisy machine, and
-# the deadline guard spends this when a request runs late (see runtime.py).
+# the deadline guard spends this when a request runs late (see runtime/guards.py).
 DEFAULT_HEADROOM = 0.1
 
 
@@ -53,16 +53,28 @@ def device_profile(store_dir, storage: str = "cold", measure: bool = True, log=p
     """The saved device profile for this store and storage; measured if missing."""
     path = device_profile_path(store_dir, storage)
     store_id = store_id_of(store_dir)
-    if path.exists() or not measure:
+    if not measure or (path.exists() and not _outdated(path, "device")):
         return load_profile(path, store_id)
     from .profile_device import measure_device
-    log(f"measuring the device profile ({storage}) once; saved to {path}")
+    log(f"measuring the device profile ({storage}) once; saved to {path}"
+        + (" (the saved one is of an older sti)" if path.exists() else ""))
     profile = measure_device(store_dir, storage=storage)
     save_profile(profile, path)
     return profile
 
 
 IMPORTANCE_METHODS = ("degrade", "gradient")  # the paper's first: preferred when both are saved
+
+
+def _outdated(path: Path, kind: str) -> bool:
+    """A saved profile in an older format version (measured again rather than refused:
+    profiles are measurements, not user data)."""
+    import json
+    from .profiles import VERSIONS
+    try:
+        return json.loads(path.read_bytes()).get("version") != VERSIONS[kind]
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: load_profile says why
 
 
 def importance_profile(store_dir, method: str | None = None, measure: bool = True, log=print) -> ImportanceProfile:

@@ -512,7 +512,7 @@ def conditions(h: Harness, units: dict, command: str = "") -> dict:
     from .profile_device import machine
     return {"machine": machine(), "threads": torch.get_num_threads(), "store_id": h.store_id, "command": command,
             "store": str(h.store_dir), "model": str(h.model_dir), "full_compute_ms": units,
-            "device_profiles": h.profiles,
+            "device_profiles": h.profiles, "importance_method": h.importance.method,
             "fp32_model_bytes": model_bytes(h.weights32), "test_size": len(h.test),
             "ood_sizes": {k: len(v) for k, v in h.ood.items()}, "latency_sample": len(h.sample),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}

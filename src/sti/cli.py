@@ -89,7 +89,9 @@ STORAGE_HELP = "cold (O_DIRECT), warm (page cache) or emulate:BANDWIDTH[,LATENCY
 @profile_app.command("device")
 def profile_device(store_dir: Path = typer.Argument(..., help="a store directory"),
                    storage: str = typer.Option("cold", help=STORAGE_HELP),
-                   seq_len: int = typer.Option(64, help="sequence length the figures are centred on")) -> None:
+                   seq_len: int = typer.Option(64, help="sequence length the figures are centred on"),
+                   compute_dtype: str = typer.Option("float32", help="float32, or bfloat16 (shard groups held and "
+                                                     "multiplied in bfloat16: faster, not exact)")) -> None:
     """Time reads, decodes and layer compute on this machine; save the profile beside the store."""
     from rich.progress import Progress as Bar
     from .api import device_profile_path
@@ -97,7 +99,7 @@ def profile_device(store_dir: Path = typer.Argument(..., help="a store directory
     from .profiles import save_profile
     with Bar(console=console, transient=True) as bar:
         task = bar.add_task("profiling the device", total=None)
-        p = measure_device(store_dir, storage=storage, seq_len=seq_len,
+        p = measure_device(store_dir, storage=storage, seq_len=seq_len, compute_dtype=compute_dtype,
                            progress=lambda d, t: bar.update(task, completed=d, total=t) or True)
     path = save_profile(p, device_profile_path(store_dir, storage))
     table = Table("bits", "shard KB", "read ms", "read MB/s", "decode ms", "decode MB/s (out)")

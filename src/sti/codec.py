@@ -156,42 +156,70 @@ def packed_size(n: int, bits: int) -> int:
 # One kernel per (codec, bits): with `bits` a compile-time constant the byte gathering and
 # the shifts unroll, which is 3-5x faster than one kernel taking bits as an argument.
 # numba's cache keys closures by the values they capture, so the per-bits kernels cache safely.
-def _make_linear(bits: int):
+@numba.njit(nogil=True, cache=True, inline="always")
+def _bf16_bits(u):
+    """The bfloat16 nearest (ties to even) to the float32 whose bits are u, as its 16 bits."""
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+# With `bf16`, a kernel writes bfloat16 (the engine's shard groups may hold weights in
+# bfloat16): each decoded float32 value rounded and stored as its 16 high bits, so the
+# float32 matrix is never written out (half the memory traffic). `bf16` is a compile-time
+# constant like `bits`: the float32 kernels are unchanged.
+def _make_linear(bits: int, bf16: bool = False):
     mask = np.uint64((1 << bits) - 1)
 
     @numba.njit(nogil=True, cache=True)
     def kernel(packed, scale, zero, group, out):
         n = out.size
         per_group = group // 8
+        tmp = np.empty(8, np.float32)
+        tmpu = tmp.view(np.uint32)
         for c in range((n + 7) // 8):
             v = np.uint64(0)
             for k in range(bits):  # 8 codes of b bits are exactly b bytes
                 v |= np.uint64(packed[c * bits + k]) << np.uint64(8 * k)
             s, z = scale[c // per_group], zero[c // per_group]
             for t in range(min(8, n - c * 8)):
-                out[c * 8 + t] = np.float32((v >> np.uint64(t * bits)) & mask) * s + z
+                value = np.float32((v >> np.uint64(t * bits)) & mask) * s + z
+                if bf16:
+                    tmp[t] = value
+                    out[c * 8 + t] = _bf16_bits(tmpu[t])
+                else:
+                    out[c * 8 + t] = value
     return kernel
 
 
-def _make_gobo(bits: int):
+def _make_gobo(bits: int, bf16: bool = False):
     mask = np.uint64((1 << bits) - 1)
 
     @numba.njit(nogil=True, cache=True)
     def kernel(packed, centroids, index, values, out):
         n = out.size
+        if bf16:  # look-ups into the bfloat16 patterns of the centroids and outliers
+            cent, vals = centroids.copy().view(np.uint32), values.copy().view(np.uint32)
         for c in range((n + 7) // 8):
             v = np.uint64(0)
             for k in range(bits):
                 v |= np.uint64(packed[c * bits + k]) << np.uint64(8 * k)
             for t in range(min(8, n - c * 8)):
-                out[c * 8 + t] = centroids[(v >> np.uint64(t * bits)) & mask]
+                q = (v >> np.uint64(t * bits)) & mask
+                if bf16:
+                    out[c * 8 + t] = _bf16_bits(cent[q])
+                else:
+                    out[c * 8 + t] = centroids[q]
         for k in range(index.size):  # outliers overwrite their placeholder code
-            out[index[k]] = values[k]
+            if bf16:
+                out[index[k]] = _bf16_bits(vals[k])
+            else:
+                out[index[k]] = values[k]
     return kernel
 
 
 _LINEAR = {b: _make_linear(b) for b in PACKED_BITS}
 _GOBO = {b: _make_gobo(b) for b in PACKED_BITS}
+_LINEAR_BF16 = {b: _make_linear(b, True) for b in PACKED_BITS}
+_GOBO_BF16 = {b: _make_gobo(b, True) for b in PACKED_BITS}
 
 
 def read_header(blob) -> tuple[str, int, int, int, int]:
@@ -252,19 +280,101 @@ def check(blob, shape: tuple[int, ...]) -> Layout:
     return lay
 
 
+# --- decoding a whole shard in one call ------------------------------------------------------
+# The engine decodes every shard into its shard groups on a thread beside the compute lane.
+# Decoded part by part from Python, a shard holds the GIL for about 80 us of bookkeeping,
+# which the compute lane (which needs the GIL between every torch op) then waits for. So a
+# shard's parts are described once in a job table and decoded by one nogil call that runs
+# the kernels above. A row: kind, codes, a, b, c (section offsets in the record's bytes), n,
+# param, dst (element offset), rows, cols, transpose (element (r, col) of a transposed
+# [rows, cols] part lands at dst + col * rows + r).
+JOB_F32, JOB_LINEAR, JOB_GOBO = 0, 1, 2
+JOB_FIELDS = 11
+
+
+def job_row(layout: Layout | None, part_offset: int, n: int, dst: int, rows: int, cols: int,
+            transpose: bool) -> list[int]:
+    """The job of one part: `layout` None for a float32 part (its bytes at part_offset)."""
+    if layout is None:
+        return [JOB_F32, 0, part_offset, 0, 0, n, 0, dst, rows, cols, int(transpose)]
+    sec = [part_offset + x for x in layout.sections]
+    if layout.codec == "linear":
+        return [JOB_LINEAR, sec[2], sec[0], sec[1], 0, n, layout.param, dst, rows, cols, int(transpose)]
+    return [JOB_GOBO, sec[3], sec[0], sec[1], sec[2], n, layout.param, dst, rows, cols, int(transpose)]
+
+
+def _make_driver(bits: int, bf16: bool):
+    linear = (_LINEAR_BF16 if bf16 else _LINEAR)[bits]
+    gobo = (_GOBO_BF16 if bf16 else _GOBO)[bits]
+    centroids = 1 << bits
+
+    # not cached on disk: numba's cache cannot tell apart closures that capture different
+    # kernels (a cached driver of one bitwidth was found calling another's), so each
+    # process compiles the drivers it uses, once (Engine does it when it opens)
+    @numba.njit(nogil=True)
+    def driver(raw, jobs, dst, scratch):
+        f32 = raw[:raw.size - raw.size % 4].view(np.float32)
+        u32 = f32.view(np.uint32)
+        for j in range(jobs.shape[0]):
+            kind, codes, a, b, c, n = jobs[j, 0], jobs[j, 1], jobs[j, 2] // 4, jobs[j, 3] // 4, jobs[j, 4] // 4, jobs[j, 5]
+            param, base, rows, cols, tr = jobs[j, 6], jobs[j, 7], jobs[j, 8], jobs[j, 9], jobs[j, 10]
+            out = scratch[:n] if tr else dst[base:base + n]
+            if kind == 0:
+                for i in range(n):
+                    if bf16:
+                        out[i] = _bf16_bits(u32[a + i])
+                    else:
+                        out[i] = f32[a + i]
+            elif kind == 1:
+                groups = (n + param - 1) // param
+                linear(raw[codes:], f32[a:a + groups], f32[b:b + groups], param, out)
+            else:
+                gobo(raw[codes:], f32[a:a + centroids], u32[b:b + param], f32[c:c + param], out)
+            if tr:  # written in order, read across (cheaper than the other way round)
+                for col in range(cols):
+                    for r in range(rows):
+                        dst[base + col * rows + r] = scratch[r * cols + col]
+    return driver
+
+
+_DRIVERS = {(b, bf16): _make_driver(b, bf16) for b in PACKED_BITS for bf16 in (False, True)}
+
+
+def prepare_jobs(bits: int, bf16: bool) -> None:
+    """Compile the driver `run_jobs` uses for these now (about a second each), rather than
+    inside a request."""
+    kind = np.uint16 if bf16 else np.float32
+    run_jobs(np.zeros(8, np.uint8), np.zeros((0, JOB_FIELDS), np.int64), bits, np.zeros(0, kind), np.zeros(0, kind))
+
+
+def run_jobs(raw: np.ndarray, jobs: np.ndarray, bits: int, dst: np.ndarray, scratch: np.ndarray) -> None:
+    """Decode every part of `jobs` from the record bytes `raw` (uint8) into `dst`: a flat
+    float32 array, or uint16 for bfloat16 bit patterns (`scratch`, of dst's dtype, holds a
+    transposed part on its way). `bits` is the record's bitwidth (any packed one for a
+    record of float32 parts only)."""
+    driver = _DRIVERS[(bits if bits in PACKED_BITS else PACKED_BITS[0], dst.dtype == np.uint16)]
+    driver(raw, jobs, dst, scratch)
+
+
 def decode(blob, shape: tuple[int, ...], out: np.ndarray | None = None, layout: Layout | None = None) -> np.ndarray:
-    """Decode one blob into a float32 array of `shape` (into `out` if given). `layout` is
-    the blob's `check` result when the caller has already checked these very bytes."""
+    """Decode one blob into a float32 array of `shape` (into `out` if given: a C-contiguous
+    float32 array, or a uint16 one that receives bfloat16 bit patterns). `layout` is the
+    blob's `check` result when the caller has already checked these very bytes."""
     lay = layout or check(blob, shape)
     raw = np.frombuffer(blob, dtype=np.uint8)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
+    if not out.flags.c_contiguous or out.dtype not in (np.float32, np.uint16) or out.size != math.prod(shape):
+        raise CodecError(f"decode target must be a C-contiguous float32 or uint16 array of {shape}")
+    bf16 = out.dtype == np.uint16
     flat, sec, p = out.reshape(-1), lay.sections, lay.param
     if lay.codec == "linear":
-        _LINEAR[lay.bits](raw[sec[2]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<f4"), p, flat)
+        kernel = (_LINEAR_BF16 if bf16 else _LINEAR)[lay.bits]
+        kernel(raw[sec[2]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<f4"), p, flat)
     else:
-        _GOBO[lay.bits](raw[sec[3]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<u4"),
-                        raw[sec[2]:sec[3]].view("<f4"), flat)
+        kernel = (_GOBO_BF16 if bf16 else _GOBO)[lay.bits]
+        kernel(raw[sec[3]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<u4"),
+               raw[sec[2]:sec[3]].view("<f4"), flat)
     return out
 
 

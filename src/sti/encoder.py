@@ -119,43 +119,6 @@ def ffn(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
     return F.linear(F.gelu(F.linear(x, layer.i_w, layer.i_b)), layer.f_w)
 
 
-def head_output(x: torch.Tensor, keep: torch.Tensor, p: dict, head_dim: int) -> torch.Tensor:
-    """One head's contribution to the attention output (before the layer's output bias):
-    the attention output is a sum over heads, so heads can be computed one at a time."""
-    b, s, _ = x.shape
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(b, s, 1, head_dim).transpose(1, 2)
-
-    q = split(F.linear(x, p["q_w"], p["q_b"]))
-    k = split(F.linear(x, p["k_w"], p["k_b"]))
-    v = split(F.linear(x, p["v_w"], p["v_b"]))
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0 / math.sqrt(head_dim))
-    return F.linear(ctx.transpose(1, 2).reshape(b, s, head_dim), p["o_w"])
-
-
-def ffn_slice(x: torch.Tensor, p: dict) -> torch.Tensor:
-    """One shard's FFN slice's contribution to the FFN output (before the output bias)."""
-    return F.linear(F.gelu(F.linear(x, p["i_w"], p["i_b"])), p["f_w"])
-
-
-def layer_by_shards(x: torch.Tensor, keep: torch.Tensor, shards: list[dict], shared,
-                    config: ModelConfig, ffns: list | None = None) -> torch.Tensor:
-    """A layer computed one shard at a time (heads, then FFN slices), as the runtime does:
-    equal to `layer_forward` on the stacked shards up to float rounding. `ffns`, if given,
-    are zero-argument callables returning each shard's FFN tensors just in time (the
-    runtime decodes FFN slices at the moment of use)."""
-    h = config.hidden_size
-    attn = torch.zeros_like(x)
-    for p in shards:
-        attn += head_output(x, keep, p, config.head_dim)
-    x = F.layer_norm(x + attn + shared.o_b, (h,), shared.ln1_w, shared.ln1_b, config.layer_norm_eps)
-    out = torch.zeros_like(x)
-    for p in (ffns or shards):
-        out += ffn_slice(x, p() if callable(p) else p)
-    return F.layer_norm(x + out + shared.f_b, (h,), shared.ln2_w, shared.ln2_b, config.layer_norm_eps)
-
-
 def layer_forward(x: torch.Tensor, keep: torch.Tensor, layer: LayerWeights, config: ModelConfig,
                   dropout: float = 0.0) -> torch.Tensor:
     sh, h, eps = layer.shared, config.hidden_size, config.layer_norm_eps

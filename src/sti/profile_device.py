@@ -1,8 +1,9 @@
 """Measuring the device profile: how fast this machine reads, decodes and computes.
 
 Everything is timed with the code the engine runs (the store's reader in the chosen storage
-mode, the codec's kernels, the runtime's head-by-head layer), and each figure is a median of
-repeated measurements, because the machines we run on are shared and noisy.
+mode, the decoder filling shard groups in the compute dtype, the compute lane's group-by-group
+layer), and each figure is a median of repeated measurements, because the machines we run on
+are shared and noisy.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from .encoder import attention_keep, head_logits, layer_by_shards
+from .encoder import attention_keep, head_logits
+from .groups import ATTN, DTYPES, FFN, ShardGroup, group_sizes, layer_by_groups
 from .errors import Cancelled, InputError
 from .profiles import DeviceProfile
 from .store import Store
-from .weights import ATTN_PARTS, FFN_PARTS
 
 
 Progress = Callable[[int, int], bool]
@@ -79,37 +80,51 @@ class Background:
             raise self._error
 
 
-def compute_load(store: Store, seq_len: int) -> Background:
-    """The compute lane's work: every layer in turn, shard by shard."""
-    layers = _layer_inputs(store, range(store.config.num_layers))
+def compute_load(store: Store, seq_len: int, dtype: str) -> Background:
+    """The compute lane's work: every layer in turn, group by group."""
+    layers = layer_groups(store, range(store.config.num_layers), dtype)
     x = torch.randn(1, seq_len, store.config.hidden_size)
     keep = attention_keep(torch.ones(1, seq_len))
     turn = itertools.cycle(layers)
 
     def one() -> None:
-        heads, shared, ffns = next(turn)
-        layer_by_shards(x, keep, heads, shared, store.config, ffns)
+        attn, ffn, shared = next(turn)
+        layer_by_groups(x, keep, _whole(attn), _whole(ffn), shared, store.config)
     return Background(one)
 
 
-def io_load(store: Store) -> Background:
-    """The IO lane's work: read shards in turn, verify and decode their heads."""
+def io_load(store: Store, dtype: str) -> Background:
+    """The IO side's work: read shards in turn, verify them and decode them into a group."""
     c, bits = store.config, compute_bits(store)
     turn = itertools.cycle([store.shard_record(i, j, bits) for i in range(c.num_layers) for j in range(c.num_shards)])
+    groups = _scratch_groups(c, dtype)
 
     def one() -> None:
         rec = next(turn)
-        store.decode_parts(rec, store.read(rec), ATTN_PARTS)
+        _fill_groups(store, rec, store.read(rec), groups)
     return Background(one)
 
 
-def measure_io(store: Store, count: int, load: Background | None = None) -> tuple[dict, dict, dict]:
-    """Per bitwidth: record bytes, median read time, and median time to decode the shard's
-    head (the IO lane's share of decoding: the FFN_PARTS slice is decoded by the compute lane,
-    and `measure_compute` includes it). With `load`, the timing runs beside it."""
+def _scratch_groups(config, dtype: str) -> dict:
+    return {phase: ShardGroup(phase, 1, config, DTYPES[dtype]) for phase in (ATTN, FFN)}
+
+
+def _fill_groups(store: Store, rec, buf, groups: dict) -> None:
+    """What the engine's decoder does with one shard: its head, then its FFN slice, each
+    decoded into a group slot."""
+    for phase in (ATTN, FFN):
+        groups[phase].clear()
+        groups[phase].fill(None, store, rec, buf)
+
+
+def measure_io(store: Store, count: int, load: Background | None = None,
+               dtype: str = "float32") -> tuple[dict, dict, dict]:
+    """Per bitwidth: record bytes, median read time, and median time to decode the whole
+    shard into groups in `dtype` (the decoder's work). With `load`, the timing runs beside it."""
     if load is not None:
         with load:
-            return measure_io(store, count)
+            return measure_io(store, count, dtype=dtype)
+    groups = _scratch_groups(store.config, dtype)
     sizes, reads, decodes = {}, {}, {}
     pairs = sample_shards(store, count)
     for b in store.bits:
@@ -122,7 +137,7 @@ def measure_io(store: Store, count: int, load: Background | None = None) -> tupl
             t0 = time.perf_counter()
             buf = store.read(r)
             t1 = time.perf_counter()
-            store.decode_parts(r, buf, ATTN_PARTS)
+            _fill_groups(store, r, buf, groups)
             t2 = time.perf_counter()
             read_t.append((t1 - t0) * 1e3)
             dec_t.append((t2 - t1) * 1e3)
@@ -132,8 +147,8 @@ def measure_io(store: Store, count: int, load: Background | None = None) -> tupl
 
 
 def compute_bits(store: Store) -> int:
-    """The bitwidth whose FFN_PARTS decoding is folded into the compute figures: the middle of
-    the packed bitwidths (decode time hardly depends on it; 32 bits needs none)."""
+    """The bitwidth of the shards the compute figures use: the middle of the packed bitwidths
+    (the groups hold decoded weights, so compute does not depend on it)."""
     packed = [b for b in store.bits if b != 32]
     return packed[len(packed) // 2] if packed else 32
 
@@ -143,29 +158,44 @@ def compute_bits(store: Store) -> int:
 COMPUTE_LAYERS = 4
 
 
-def _layer_inputs(store: Store, layer_ids) -> list[tuple]:
-    """(heads, shared, FFN decoders) of the given layers at `compute_bits`, ready for
-    `layer_by_shards` (heads already decoded, FFN_PARTS slices decoded when called)."""
-    bits, out = compute_bits(store), []
+def layer_groups(store: Store, layer_ids, dtype: str) -> list[tuple]:
+    """(attention groups, FFN groups, shared) of the given layers at `compute_bits`, each
+    group with the engine's group size, ready for `layer_by_groups` with any shard count."""
+    bits, out, c = compute_bits(store), [], store.config
+    sizes = dict(zip((ATTN, FFN), group_sizes(c, DTYPES[dtype])))
     for i in list(layer_ids)[:COMPUTE_LAYERS]:
-        recs = [store.shard_record(i, j, bits) for j in range(store.config.num_shards)]
-        bufs = [store.read(r) for r in recs]
-        heads = [store.decode_parts(r, b, ATTN_PARTS) for r, b in zip(recs, bufs)]
-        ffns = [lambda r=r, b=b: store.decode_parts(r, b, FFN_PARTS) for r, b in zip(recs, bufs)]
-        out.append((heads, store.layer_shared(i), ffns))
+        recs = [store.shard_record(i, j, bits) for j in range(c.num_shards)]
+        groups = {ATTN: [], FFN: []}
+        for j, r in enumerate(recs):
+            buf = store.read(r)
+            for phase in (ATTN, FFN):
+                if j % sizes[phase] == 0:
+                    groups[phase].append(ShardGroup(phase, sizes[phase], c, DTYPES[dtype]))
+                groups[phase][-1].fill(j, store, r, buf)
+        out.append((groups[ATTN], groups[FFN], store.layer_shared(i)))
     return out
 
 
+def _whole(groups: list) -> list:
+    return [(g, len(g.shards)) for g in groups]
+
+
+def first_shards(groups: list, m: int, size: int) -> list:
+    """(group, shards used) covering the first m shards."""
+    return [(g, min(size, m - k * size)) for k, g in enumerate(groups) if k * size < m]
+
+
 def measure_compute(store: Store, ms: list[int], lengths: tuple[int, ...], repeat: int,
-                    tick, load: Background | None = None) -> list[tuple[int, int, float]]:
+                    tick, load: Background | None = None, dtype: str = "float32") -> list[tuple[int, int, float]]:
     """(m, L, median ms) of one layer with m shards at sequence length L, as the compute
-    lane runs it (heads from decoded tensors, FFN_PARTS slices decoded just in time), cycling
-    through layers so the caches are as cold as in the engine. With `load`, beside it."""
+    lane runs it (group by group from decoded groups), cycling through layers so the caches
+    are as cold as in the engine. With `load`, beside it."""
     if load is not None:
         with load:
-            return measure_compute(store, ms, lengths, repeat, tick)
+            return measure_compute(store, ms, lengths, repeat, tick, dtype=dtype)
     c = store.config
-    layers = _layer_inputs(store, range(c.num_layers))
+    size_a, size_f = group_sizes(c, DTYPES[dtype])
+    layers = layer_groups(store, range(c.num_layers), dtype)
     out = []
     with torch.inference_mode():
         for length in lengths:
@@ -175,8 +205,8 @@ def measure_compute(store: Store, ms: list[int], lengths: tuple[int, ...], repea
                 turn = itertools.cycle(layers)
 
                 def run():
-                    heads, shared, ffns = next(turn)
-                    layer_by_shards(x, keep, heads[:m], shared, c, ffns[:m])
+                    attn, ffn, shared = next(turn)
+                    layer_by_groups(x, keep, first_shards(attn, m, size_a), first_shards(ffn, m, size_f), shared, c)
                 run()  # warm-up
                 out.append((m, length, median_ms(run, repeat)))
                 tick()
@@ -235,12 +265,15 @@ def machine() -> dict:
 def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 64,
                    threads: int | None = None, samples: int = 24, repeat: int = 7,
                    progress: Progress | None = None, compute_from: DeviceProfile | None = None,
-                   under_load: bool = True) -> DeviceProfile:
+                   under_load: bool = True, compute_dtype: str = "float32") -> DeviceProfile:
     """Measure this machine for the store at `store_dir` with the given storage mode.
     `compute_from`, a profile of the same store and threads, lends its compute figures, so
     profiling another storage only times the IO (with `under_load`, those figures were taken
     beside the lending profile's storage, not this one's).
-    `under_load` times each lane beside the other's work, as the engine runs them."""
+    `under_load` times each lane beside the other's work, as the engine runs them.
+    `compute_dtype` is what the engine will decode into and multiply in (float32 or bfloat16)."""
+    if compute_dtype not in DTYPES:
+        raise InputError(f"compute dtype must be one of {', '.join(DTYPES)}, got {compute_dtype!r}")
     if not isinstance(seq_len, int) or not 1 <= seq_len <= 4096:
         raise InputError(f"seq_len must be an integer in 1..4096, got {seq_len!r}")
     threads = threads or max(1, (os.cpu_count() or 2) - 1)
@@ -257,17 +290,20 @@ def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 
             if progress is not None and progress(done, total) is False:
                 raise Cancelled("device profiling cancelled; nothing was saved")
 
-        sizes, reads, decodes = measure_io(store, samples, compute_load(store, seq_len) if under_load else None)
+        sizes, reads, decodes = measure_io(store, samples, compute_load(store, seq_len, compute_dtype)
+                                           if under_load else None, compute_dtype)
         layer_recs = [store.layers[i] for i in sorted(store.layers)]
         layer_ms = float(np.median([median_ms(lambda r=r: store.read(r), 3) for r in layer_recs]))
         tick()
         embed_ms = measure_embed(store, repeat)
         tick()
-        if compute_from is not None and compute_from.store_id == store.store_id and compute_from.threads == threads:
+        if compute_from is not None and compute_from.store_id == store.store_id and compute_from.threads == threads \
+                and compute_from.compute_dtype == compute_dtype:
             coef, fit_err, head_ms = compute_from.compute_coef, compute_from.compute_fit_error, compute_from.head_ms
             tick(total - done)
         else:
-            points = measure_compute(store, ms, lengths, repeat, tick, io_load(store) if under_load else None)
+            points = measure_compute(store, ms, lengths, repeat, tick, io_load(store, compute_dtype) if under_load else None,
+                                     compute_dtype)
             coef, fit_err = fit_compute(points)
             head_ms = measure_head(store, seq_len, repeat)
             tick()
@@ -275,4 +311,4 @@ def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 
             store_id=store.store_id, storage=store.reader.mode, threads=threads, seq_len=seq_len,
             shard_bytes=sizes, shard_read_ms=reads, shard_decode_ms=decodes, layer_read_ms=layer_ms,
             compute_coef=coef, compute_fit_error=fit_err, embed_ms=embed_ms, head_ms=head_ms,
-            io_under_load=under_load, machine=machine(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            io_under_load=under_load, compute_dtype=compute_dtype, machine=machine(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

@@ -26,7 +26,9 @@ from .encoder import grid_key
 from .errors import StiError
 from .untrusted import Checks
 
-PROFILE_VERSION = 1
+# device 2: decode covers the whole shard (heads and FFN), compute runs in shard groups
+VERSIONS = {"device": 2, "importance": 1}
+COMPUTE_DTYPES = ("float32", "bfloat16")
 MAX_PROFILE_BYTES = 4 << 20
 
 
@@ -39,6 +41,12 @@ CHECK = Checks(ProfileError)
 
 def _num(v, where: str, lo: float = 0.0, hi: float = 1e12) -> float:
     return CHECK.num(v, where, lo, hi)
+
+
+def _dtype(v, where: str) -> str:
+    if v not in COMPUTE_DTYPES:
+        raise ProfileError(f"{where}: expected one of {', '.join(COMPUTE_DTYPES)}, got {v!r}")
+    return v
 
 
 def _bits_map(d, where: str, lo: float = 0.0) -> dict[int, float]:
@@ -78,9 +86,10 @@ class DeviceProfile:
     embed_ms: tuple[float, float]     # reading the embedding rows: fixed + per token (ms)
     head_ms: float                    # embeddings LayerNorm + pooling + classifier (ms)
     io_under_load: bool = False       # IO timed beside a running compute lane (as in the engine)
+    compute_dtype: str = "float32"    # the dtype the engine decodes into and multiplies in (groups.py)
     machine: dict = field(default_factory=dict)
     created: str = ""
-    version: int = PROFILE_VERSION
+    version: int = VERSIONS["device"]
 
     def io_ms(self, bits: int) -> float:
         """IO-lane time of one shard at `bits`: read it, then decode it."""
@@ -141,6 +150,7 @@ class DeviceProfile:
                 compute_coef=coef, compute_fit_error=_num(d["compute_fit_error"], f"{where}.compute_fit_error"),
                 embed_ms=embed, head_ms=_num(d["head_ms"], f"{where}.head_ms"),
                 io_under_load=d.get("io_under_load", False) is True,
+                compute_dtype=_dtype(d.get("compute_dtype", "float32"), f"{where}.compute_dtype"),
                 machine=d.get("machine") if isinstance(d.get("machine"), dict) else {},
                 created=str(d.get("created", ""))[:64])
         except KeyError as exc:
@@ -167,7 +177,7 @@ class ImportanceProfile:
     kl_to_acc: float                   # accuracy lost per unit of summed shard_kl (calibrated)
     cost_s: float = 0.0
     created: str = ""
-    version: int = PROFILE_VERSION
+    version: int = VERSIONS["importance"]
 
     @property
     def num_layers(self) -> int:
@@ -232,8 +242,8 @@ def _check_header(d, kind: str, where: str) -> None:
     CHECK.obj(d, where)
     if d.get("kind") != kind:
         raise ProfileError(f"{where}: this is not a {kind} profile (kind={d.get('kind')!r})")
-    if d.get("version") != PROFILE_VERSION:
-        raise ProfileError(f"{where}: profile version {d.get('version')!r}, this sti reads {PROFILE_VERSION}; "
+    if d.get("version") != VERSIONS[kind]:
+        raise ProfileError(f"{where}: {kind} profile version {d.get('version')!r}, this sti reads {VERSIONS[kind]}; "
                            "measure it again")
 
 

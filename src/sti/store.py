@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -338,6 +339,7 @@ class Store:
                              "the file is truncated or was modified; rebuild the store")
         self._index_records()
         self._layouts: dict[tuple[int, int], codecs.Layout] = {}
+        self._jobs: dict[tuple, np.ndarray] = {}  # decode job tables, by (record offset, target layout)
         if compute_store_id(m) != self.store_id:
             raise StoreError(f"{self._where}: store_id does not match the records; the manifest was edited")
         # `reader` replaces the storage reader (tests inject faults through it)
@@ -478,6 +480,36 @@ class Store:
                 raise StoreError(f"{self.data_path}: record {rec.name}, part {p.name}: {exc}") from None
             out[p.name] = torch.from_numpy(arr)
         return out
+
+    def decode_jobs(self, rec: Record, buf, key, targets: dict, dst: np.ndarray, scratch: np.ndarray) -> None:
+        """Decode the record's parts named in `targets` (name -> (element offset in the flat
+        `dst`, transposed?)) in one GIL-free call (codec.run_jobs). The job table is built
+        once per record and `key` (the caller's name for the layout of `targets`)."""
+        jobs = self._jobs.get((rec.offset, key))
+        if jobs is None:
+            rows = []
+            for p in rec.parts:
+                if p.name not in targets:
+                    continue
+                at, transpose = targets[p.name]
+                layout = None
+                if p.encoding == "blob":
+                    layout = self._layout(rec, p, buf[p.offset:p.offset + p.length])
+                r, c = p.shape if len(p.shape) == 2 else (1, math.prod(p.shape))
+                rows.append(codecs.job_row(layout, p.offset, math.prod(p.shape), at, r, c, transpose))
+            jobs = self._jobs[(rec.offset, key)] = np.array(rows, dtype=np.int64).reshape(-1, codecs.JOB_FIELDS)
+        codecs.run_jobs(np.frombuffer(buf, dtype=np.uint8), jobs, rec.bits, dst, scratch)
+
+    def _layout(self, rec: Record, p, view) -> "codecs.Layout":
+        """A blob's checked layout; checked the first time it is decoded (later reads of the
+        record pass the same CRC, so they hold the same bytes and reuse the check)."""
+        key = (rec.offset, p.offset)
+        if key not in self._layouts:
+            try:
+                self._layouts[key] = codecs.check(view, p.shape)
+            except StiError as exc:
+                raise StoreError(f"{self.data_path}: record {rec.name}, part {p.name}: {exc}") from None
+        return self._layouts[key]
 
     def load(self, rec: Record) -> dict[str, torch.Tensor]:
         return self.decode_parts(rec, self.read(rec))

@@ -226,7 +226,7 @@ class Layer0:
         self.p_value = pr.vhold[:, ids].sum(axis=1)[:, None] + np.concatenate(
             [zero, np.cumsum(np.where(ok, dv, 0.0), axis=1)], axis=1)
 
-    def configs(self) -> "_Layer0":
+    def configs(self) -> "Layer0":
         if self.cfg_p is not None:
             return self
         P, layer, m = self.fam.P, self.layer, self.m

@@ -11,6 +11,7 @@ Times are in ms, sizes in bytes.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 
 from ..encoder import Submodel
@@ -55,7 +56,7 @@ class LayerTiming:
     io_ms: float       # IO lane time of this layer's streamed shards
     compute_ms: float
     slack: float       # due - io_end, where due = end of the previous layer (or of the embeddings)
-    ready_ms: tuple[float, ...] = ()  # per shard, in IO order: when the IO lane has it (read and decoded)
+    ready_ms: tuple[float, ...]  # per shard, in IO order: when the IO lane has it (read and decoded)
 
 
 def simulate(layers, m: int, bits, preload, device: DeviceProfile,
@@ -276,7 +277,7 @@ def _read_prediction(d, c: PlanChoice) -> PlanPrediction:
 
 
 _RANGES = {"latency_ms": (0.0, MAX_MS), "embed_ms": (0.0, MAX_MS), "head_ms": (0.0, MAX_MS),
-           "accuracy": (-1e9, 1.0), "submodel_accuracy": (0.0, 1.0), "full_accuracy": (0.0, 1.0)}
+           "accuracy": (-math.inf, 1.0), "submodel_accuracy": (0.0, 1.0), "full_accuracy": (0.0, 1.0)}
 
 
 def _read_timing(t, c: PlanChoice, k: int, where: str) -> LayerTiming:

@@ -3,16 +3,16 @@
 Per request, three lanes run side by side (the execution model of docs/DESIGN.md):
   - the reader (an IO thread) reads the request's embedding rows, then every streamed shard
     in plan order (read the record, verify its CRC), at most `window` packed bytes ahead;
-  - the decoder (a second IO thread) decodes the attention head of every shard, streamed
-    or preloaded, in plan order, at most HEADS_AHEAD heads ahead of the compute lane;
-  - the compute lane (the caller's thread) embeds, then runs each layer shard by shard as
-    soon as the shard it needs is ready: every shard's head, the layer's first LayerNorm,
-    then every shard's FFN slice (decoded just before use).
-Decoding in the reader would hold a layer or two of fp32 heads whenever IO runs ahead;
-decoding in the compute lane would put it on the critical path. A shard's tensors are
-dropped as soon as they have been used, so the model bytes resident are the preload buffer
-plus the shards in flight, never a whole fp32 layer. The preload buffer holds packed,
-CRC-verified records across requests. The deadline guards are in guards.py.
+  - the decoder (a second IO thread) decodes every shard, streamed or preloaded, into
+    shard groups (groups.py): a layer's heads first, group by group, then its FFN slices,
+    each group handed to the compute lane when full. A pool of preallocated groups bounds
+    how far it runs ahead; a shard's packed record is let go once it is decoded;
+  - the compute lane (the caller's thread) embeds, then runs each layer a group at a time:
+    every attention group, the layer's first LayerNorm, every FFN group, the second.
+Decoding is off the critical path, and a group computes several shards in a few large ops.
+The model bytes resident are the preload buffer, the groups and the packed records in
+flight, never a whole fp32 layer. The preload buffer holds packed, CRC-verified records
+across requests. The deadline guards are in guards.py.
 """
 
 from __future__ import annotations
@@ -27,21 +27,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..encoder import attention_keep, embed, ffn_slice, head_logits, head_output
+from ..encoder import attention_keep, embed, head_logits
+from ..groups import ATTN, DTYPES, FFN, group_sizes
+from .. import codec as codecs
 from ..errors import InputError
 from ..planning import Plan, simulate
 from ..profiles import DeviceProfile, profile_id
 from ..store import Record, Store
 from ..tokenizer import Tokenizer
-from ..weights import ATTN_PARTS, FFN_PARTS, Embeddings
+from ..weights import Embeddings
 from .guards import GUARD_SHARE, Pace, compute_guard, io_guard
-from .memory import ModelBytes, PeakRSS, Window, blob_bytes, nbytes
+from .memory import GroupPool, ModelBytes, PeakRSS, Window, nbytes
 from .report import LayerReport, Report, Result
 from .request import PRELOADED, SKIPPED, Request
 from .schedule import Step, schedule
 
 PACE_MEMORY = 5            # recent requests whose compute pace seeds the next one's guard
-HEADS_AHEAD = 4            # decoded heads the decoder may hold ahead of the compute lane
+SLABS = 2                  # shard groups in the pool: one being computed, one being filled
 
 
 class Engine:
@@ -100,16 +102,18 @@ class Engine:
                              f"budget of {self.plan.request.memory_bytes}")
 
     def _size_windows(self) -> None:
-        """Decoded sizes of every record the plan may read (at any bitwidth: the guard may
-        lower one), and the windows bounding the packed and decoded bytes in flight."""
-        records = [self.store.shard_record(s.layer, s.shard, b) for steps in self.steps for s in steps
-                   for b in self.store.bits]
-        self.head_bytes = {r.offset: blob_bytes(r, ATTN_PARTS) for r in records}
-        self.ffn_bytes = {r.offset: blob_bytes(r, FFN_PARTS) for r in records}
+        """The window bounding the packed bytes in flight, and the pool of shard groups (in
+        the device profile's compute dtype) bounding the decoded ones."""
         biggest = max([self.store.shard_record(s.layer, s.shard, s.bits).length
                        for steps in self.steps for s in steps if not s.preloaded] or [0])
         self.window = Window(max(int(self.plan.predicted.inflight_bytes), 2 * biggest))
-        self.heads = Window(HEADS_AHEAD * max(self.head_bytes.values(), default=0))
+        dtype = DTYPES[self.device.compute_dtype]
+        for bits in {s.bits for steps in self.steps for s in steps} | {self.lowest_bits}:
+            codecs.prepare_jobs(bits, dtype == torch.bfloat16)  # the decoder's kernels, compiled now
+        self.group_sizes = group_sizes(self.config, dtype, SLABS)
+        self.pool = GroupPool(SLABS, self.group_sizes, self.config, dtype)
+        self.bytes.add(self.pool.nbytes)
+        self.resident_bytes = self.bytes.now
 
     def close(self) -> None:
         self.closed = True
@@ -144,7 +148,7 @@ class Engine:
         rss = PeakRSS()
         self.bytes.reset_peak()
         self.window.reset()
-        self.heads.reset()
+        self.pool.reset()
         req = Request(self._new_report(batch))
         read = queue.SimpleQueue()
         lanes = [self._io.submit(self._read_lane, batch.input_ids[0], req, read),
@@ -154,10 +158,12 @@ class Engine:
         except BaseException:
             req.cancelled = True
             self.window.cancel()
-            self.heads.cancel()
+            self.pool.cancel()
             for lane in lanes:
                 lane.exception()  # wait for the IO side to stop before the next request
             self.bytes.now = self.resident_bytes  # what the failed request held is garbage now
+            self.window.reset()
+            self.pool.reset()
             raise
         for lane in lanes:
             lane.result()
@@ -256,23 +262,50 @@ class Engine:
     # --- the decoder ------------------------------------------------------------------------
     def _decode_lane(self, req: Request, inbox: queue.SimpleQueue) -> None:
         try:
-            while (item := inbox.get()) is not None:
-                step, got = item
-                if got is SKIPPED or req.cancelled:
-                    req.put(step.shard_key, SKIPPED)
-                    continue
-                rec, buf = self.preload[step.shard_key] if got is PRELOADED else got
-                head_bytes = self.head_bytes[rec.offset]
-                self.heads.acquire(head_bytes)
-                a = req.now()
-                parts = self.store.decode_parts(rec, buf, ATTN_PARTS)
-                b = req.now()
-                self.bytes.add(head_bytes)
-                req.add_decode(step.pos, b - a)
-                req.span("decode", f"decode L{step.layer}.S{step.shard}", a, b)
-                req.put(step.shard_key, (rec, buf, parts))
+            for pos, steps in enumerate(self.steps):
+                kept = self._decode_heads(pos, steps, req, inbox)
+                if kept is None:
+                    return  # the reader stopped (cancelled, or failed: the compute lane re-raises)
+                self._decode_ffns(pos, kept, req)
         except BaseException as exc:
             req.fail(exc)
+
+    def _decode_heads(self, pos: int, steps: list[Step], req: Request, inbox: queue.SimpleQueue):
+        """The layer's heads into attention groups, in arrival order; returns the shards
+        decoded (step, record, bytes) for their FFN slices, or None if the reader stopped."""
+        kept, groups = [], _Groups(self, req, ATTN, pos)
+        for _ in steps:
+            item = inbox.get()
+            if item is None:
+                return None
+            step, got = item
+            if got is SKIPPED or req.cancelled or step.shard_key in req.dropped:
+                self._let_go(step, got)
+                continue
+            rec, buf = self.preload[step.shard_key] if got is PRELOADED else got
+            if not groups.add(step, rec, buf):
+                return None
+            kept.append((step, rec, buf))
+        groups.finish()
+        return kept
+
+    def _decode_ffns(self, pos: int, kept: list, req: Request) -> None:
+        """The kept shards' FFN slices into FFN groups; each packed record is let go once
+        its slice is decoded."""
+        groups = _Groups(self, req, FFN, pos)
+        for step, rec, buf in kept:
+            if not (req.cancelled or step.shard_key in req.dropped):
+                groups.add(step, rec, buf)  # (if the request was cancelled, nothing more is used)
+            self._let_go(step, (rec, buf))
+        groups.finish()
+
+    def _let_go(self, step: Step, got) -> None:
+        """Free a shard's packed record the reader handed on (one in the preload buffer stays)."""
+        if got is SKIPPED or got is PRELOADED or step.preloaded:
+            return
+        rec, _ = got
+        self.bytes.sub(rec.length)
+        self.window.release(rec.length)
 
     # --- the compute lane -------------------------------------------------------------------
     def _compute_lane(self, batch, req: Request) -> torch.Tensor:
@@ -310,76 +343,79 @@ class Engine:
         return {s.shard for s in out}
 
     def _layer(self, x, keep, pos: int, dropped: set[int], req: Request) -> torch.Tensor:
-        """One layer, shard by shard: every head, the first LayerNorm, then every FFN slice.
-        Each shard's tensors are dropped, and un-counted, as soon as they have been used."""
-        steps, lr = self.steps[pos], req.report.layers[pos]
-        c, sh = self.config, self.shared[steps[0].layer]
+        """One layer, a group at a time: the attention groups, the first LayerNorm, the FFN
+        groups, the second; in each group, the shards the compute guard kept."""
+        lr = req.report.layers[pos]
+        c, sh = self.config, self.shared[self.steps[pos][0].layer]
         lr.start_ms = req.now()
-        held, attn = [], torch.zeros_like(x)
-        for step in steps:
-            if step.shard in dropped:
-                # let go of it in IO order: the decoder may be holding heads for it, and a
-                # later shard the compute lane waits for may be queued behind them
-                self._discard(step, req.take(step.shard_key))
-                continue
-            got = self._ready(step, req, lr)
-            if got is None:
-                continue
-            rec, buf, head = got
-            a = req.now()
-            attn += head_output(x, keep, head, c.head_dim)
-            del head
-            self.bytes.sub(self.head_bytes[rec.offset])
-            self.heads.release(self.head_bytes[rec.offset])
-            held.append((step, rec, buf))
-            lr.compute_ms += req.now() - a
-            lr.shard_ids.append(step.shard)
-            lr.bits.append(rec.bits)
-        lr.shards = len(held)
-        a = req.now()
+        attn = self._phase(ATTN, pos, x, keep, dropped, req, lr)
         x = F.layer_norm(x + attn + sh.o_b, (c.hidden_size,), sh.ln1_w, sh.ln1_b, c.layer_norm_eps)
-        x = F.layer_norm(x + self._ffn(x, held) + sh.f_b, (c.hidden_size,), sh.ln2_w, sh.ln2_b, c.layer_norm_eps)
-        lr.compute_ms += req.now() - a
+        ffn = self._phase(FFN, pos, x, None, dropped, req, lr)
+        x = F.layer_norm(x + ffn + sh.f_b, (c.hidden_size,), sh.ln2_w, sh.ln2_b, c.layer_norm_eps)
+        lr.shards = len(lr.shard_ids)
         lr.end_ms = req.now()
-        req.span("compute", f"layer {steps[0].layer}", lr.start_ms, lr.end_ms)
+        req.span("compute", f"layer {lr.layer}", lr.start_ms, lr.end_ms)
         return x
 
-    def _ffn(self, x, held: list) -> torch.Tensor:
-        """The sum of the held shards' FFN slices, each decoded just before use and freed
-        after (at most one decoded slice exists at a time)."""
-        out = torch.zeros_like(x)
-        while held:
-            step, rec, buf = held.pop(0)
-            ffn_bytes = self.ffn_bytes[rec.offset]
-            self.bytes.add(ffn_bytes)
-            out += ffn_slice(x, self.store.decode_parts(rec, buf, FFN_PARTS))
-            self.bytes.sub(ffn_bytes + (0 if step.preloaded else rec.length))
-            if not step.preloaded:
-                self.window.release(rec.length)
-            del buf
-        return out
+    def _phase(self, phase: str, pos: int, x, keep, dropped: set[int], req: Request, lr: LayerReport):
+        """The sum of one phase's groups of layer `pos`, each group released once computed."""
+        total, count = torch.zeros_like(x), 0
+        while (group := self._ready(req, (phase, pos, count), lr)) is not None:
+            a = req.now()
+            for start, n in group.runs(lambda shard: shard[0].shard not in dropped):
+                total += group.compute(x, keep, n, start)
+                if phase == ATTN:
+                    lr.shard_ids.extend(s.shard for s, _ in group.shards[start:start + n])
+                    lr.bits.extend(b for _, b in group.shards[start:start + n])
+            lr.compute_ms += req.now() - a
+            self.pool.release(group)
+            count += 1
+        return total
 
-    def _ready(self, step: Step, req: Request, lr: LayerReport):
-        """(record, bytes, head tensors) of the shard, waiting for the IO side if need be;
-        None if the deadline guard skipped it."""
+    def _ready(self, req: Request, key, lr: LayerReport):
+        """The next group of a phase from the decoder, waiting for it if need be (None: the
+        phase is done)."""
         a = req.now()
-        got = req.take(step.shard_key)
+        got = req.take(key)
         waited = req.now() - a
         lr.stall_ms += waited
         if waited > 0.05:
-            req.span("compute", f"wait L{step.layer}.S{step.shard}", a, a + waited)
-        return None if got is SKIPPED else got
+            req.span("compute", f"wait L{lr.layer} {key[0]} {key[2]}", a, a + waited)
+        return got
 
-    def _discard(self, step: Step, got) -> None:
-        """Free a shard the IO side delivered after the compute lane dropped it (a preloaded
-        record stays in the preload buffer; only its decoded head goes)."""
-        if got is SKIPPED:
-            return
-        rec, buf, head = got
-        self.bytes.sub(self.head_bytes[rec.offset] + (0 if step.preloaded else rec.length))
-        self.heads.release(self.head_bytes[rec.offset])
-        if not step.preloaded:
-            self.window.release(rec.length)
+
+class _Groups:
+    """The decoder filling one phase of one layer: shards go into groups from the pool in
+    order, and each group is handed to the compute lane, under (phase, layer position,
+    count), when it is full; `finish` hands on the last and then None (no more)."""
+
+    def __init__(self, engine: Engine, req: Request, phase: str, pos: int):
+        self.engine, self.req, self.phase, self.pos = engine, req, phase, pos
+        self.group, self.count = None, 0
+
+    def add(self, step: Step, rec: Record, buf) -> bool:
+        """Decode one shard into the current group; False if the request was cancelled."""
+        req = self.req
+        self.group = self.group or self.engine.pool.acquire(self.phase)
+        if self.group is None:
+            return False
+        a = req.now()
+        self.group.fill((step, rec.bits), self.engine.store, rec, buf)
+        b = req.now()
+        req.add_decode(step.pos, b - a)
+        req.span("decode", f"decode L{step.layer}.S{step.shard} {'head' if self.phase == ATTN else 'ffn'}", a, b)
+        if self.group.full:
+            self._hand_on()
+        return True
+
+    def finish(self) -> None:
+        if self.group is not None:
+            self._hand_on()
+        self.req.put((self.phase, self.pos, self.count), None)
+
+    def _hand_on(self) -> None:
+        self.req.put((self.phase, self.pos, self.count), self.group)
+        self.group, self.count = None, self.count + 1
 
 
 def _check_plan(plan: Plan, store: Store, device: DeviceProfile) -> None:
@@ -387,9 +423,13 @@ def _check_plan(plan: Plan, store: Store, device: DeviceProfile) -> None:
     if plan.request.store_id != store.store_id:
         raise InputError(f"the plan was made for store {plan.request.store_id[:12]}, not {store.store_id[:12]}: "
                          "make a new plan for this store")
-    if profile_id(device) != plan.request.device_id:
+    try:
+        device_id = profile_id(device)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"the device profile cannot be written as JSON ({exc}): load it from a file") from None
+    if device_id != plan.request.device_id:
         raise InputError(f"the plan was made with device profile {plan.request.device_id}, not this one "
-                         f"({profile_id(device)}): plan again with the profile the engine runs with")
+                         f"({device_id}): plan again with the profile the engine runs with")
     missing = {b for row in plan.choice.bits for b in row} | {b for _, _, b in plan.choice.preload}
     missing -= set(store.bits) & set(device.bits)
     if missing:

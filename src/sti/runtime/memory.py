@@ -4,12 +4,11 @@ ahead of the compute lane."""
 
 from __future__ import annotations
 
-import math
 import threading
 
 import psutil
+import torch
 
-from ..store import Record
 
 
 class ModelBytes:
@@ -35,12 +34,6 @@ class ModelBytes:
 
 def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def blob_bytes(rec: Record, names) -> int:
-    """Bytes decoded out of the record's packed blobs among `names` (float32 parts are
-    views into the record's buffer, counted with the buffer)."""
-    return sum(4 * math.prod(p.shape) for p in rec.parts if p.name in names and p.encoding == "blob")
 
 
 class PeakRSS:
@@ -88,6 +81,55 @@ class Window:
     def reset(self) -> None:
         with self.cond:
             self.used, self.cancelled = 0, False
+
+    def cancel(self) -> None:
+        with self.cond:
+            self.cancelled = True
+            self.cond.notify_all()
+
+
+class GroupPool:
+    """The engine's shard groups, handed from the decoder to the compute lane and back. A
+    few slabs are allocated once; each serves as an attention group or an FFN group,
+    whichever the decoder fills next (it fills them in the order the compute lane takes
+    them), so what it decodes ahead is bounded by the slabs."""
+
+    def __init__(self, slabs: int, sizes: tuple[int, int], config, dtype):
+        from ..groups import ATTN, FFN, ShardGroup, phase_elements
+        n = max(phase_elements(ATTN, sizes[0], config), phase_elements(FFN, sizes[1], config))
+        self.slabs = [torch.empty(n, dtype=dtype) for _ in range(slabs)]
+        scratch = torch.empty(config.hidden_size * max(config.head_dim, config.ffn_slice), dtype=dtype)
+        self.views = [{phase: ShardGroup(phase, size, config, dtype, slab, scratch)
+                       for phase, size in zip((ATTN, FFN), sizes)} for slab in self.slabs]
+        self.nbytes = sum(t.numel() * t.element_size() for t in [*self.slabs, scratch])
+        self.free = list(range(slabs))
+        self.cond = threading.Condition()
+        self.cancelled = False
+
+    def acquire(self, phase: str):
+        """An empty group of `phase` on a free slab; None if the request was cancelled meanwhile."""
+        with self.cond:
+            while not self.free and not self.cancelled:
+                self.cond.wait()
+            return None if self.cancelled else self.views[self.free.pop()][phase]
+
+    def release(self, group) -> None:
+        group.clear()
+        slab = next(i for i, v in enumerate(self.views) if v[group.phase] is group)
+        with self.cond:
+            self.free.append(slab)
+            self.cond.notify_all()
+
+    @property
+    def all_free(self) -> bool:
+        return len(self.free) == len(self.slabs)
+
+    def reset(self) -> None:
+        with self.cond:
+            for views in self.views:
+                for g in views.values():
+                    g.clear()
+            self.free, self.cancelled = list(range(len(self.slabs))), False
 
     def cancel(self) -> None:
         with self.cond:

@@ -1,0 +1,169 @@
+"""Shard groups: the decoded weights of several shards of one layer, packed side by side so
+that the compute lane runs them in a few large ops instead of a dozen small ones per shard.
+
+A layer's attention output is a sum over its heads and its FFN output a sum over its
+slices, so any set of shards can be computed together: stack the heads' q, k and v rows
+into one projection, run one attention call over all of them, and multiply by their
+output columns at once (likewise the FFN slices' in rows and out columns). Shards are
+packed in arrival order, so a shard the deadline guard skipped before it was decoded leaves
+no hole; one it dropped after is left out by computing the runs of slots around it.
+
+The weights are held in `dtype`: float32, or bfloat16, which this CPU multiplies about
+twice as fast (activations are cast for the multiplications only; residuals and
+LayerNorms stay float32). Which one a store runs with is measured into its device profile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+ATTN, FFN = "attn", "ffn"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """The array the codec's kernels write: the tensor's own memory, float32 or, for
+    bfloat16, its 16-bit patterns."""
+    return t.numpy() if t.dtype == torch.float32 else t.view(torch.int16).numpy().view(np.uint16)
+
+
+def phase_elements(phase: str, size: int, config: ModelConfig) -> int:
+    """Weights (and biases) a group of `size` shards of a phase holds."""
+    hd, fs, h = config.head_dim, config.ffn_slice, config.hidden_size
+    return size * (4 * hd * h + 3 * hd) if phase == ATTN else size * (2 * fs * h + fs)
+
+
+class ShardGroup:
+    """Room for `size` shards' weights of one phase (attention or FFN), filled in order; in
+    its own memory, or in a `slab` it shares with a group of the other phase (never both in
+    use at once: see `runtime.memory.GroupPool`)."""
+
+    def __init__(self, phase: str, size: int, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 slab: torch.Tensor | None = None, scratch: torch.Tensor | None = None):
+        hd, fs, h = config.head_dim, config.ffn_slice, config.hidden_size
+        self.phase, self.size, self.head_dim = phase, size, hd
+        n = phase_elements(phase, size, config)
+        self.slab = torch.empty(n, dtype=dtype) if slab is None else slab
+        rows = (3, hd) if phase == ATTN else (fs,)
+        # per head: q, k, v rows [3, hd, h] and biases, the output projection's columns as
+        # rows [hd, h]; per FFN slice: FFN-in rows [fs, h] and bias, FFN-out columns as rows
+        shapes = [(size, *rows, h), (size, *rows), (size, rows[-1], h)]
+        views, at = [], 0
+        for shape in shapes:
+            count = math.prod(shape)
+            views.append(self.slab[at:at + count].view(shape))
+            at += count
+        self.w, self.b, self.out = views
+        # the output projection's (or FFN-out's) columns decode here, then go in as rows
+        # (`scratch`, if given, is shared: one decoder fills one group at a time)
+        self.scratch = torch.empty(h * rows[-1], dtype=dtype) if scratch is None else scratch
+        self.flat, self.flat_scratch = _bits(self.slab), _bits(self.scratch)
+        self.shards: list = []   # what fills each slot, in order (the caller's records)
+        self._targets: dict[int, dict] = {}
+
+    @property
+    def full(self) -> bool:
+        return len(self.shards) == self.size
+
+    def add(self, shard, parts: dict[str, torch.Tensor]) -> None:
+        """Copy one shard's decoded tensors into the next slot (converting the dtype)."""
+        g = len(self.shards)
+        if self.phase == ATTN:
+            for i, name in enumerate("qkv"):
+                self.w[g, i].copy_(parts[f"{name}_w"])
+                self.b[g, i].copy_(parts[f"{name}_b"])
+            self.out[g].copy_(parts["o_w"].T)
+        else:
+            self.w[g].copy_(parts["i_w"])
+            self.b[g].copy_(parts["i_b"])
+            self.out[g].copy_(parts["f_w"].T)
+        self.shards.append(shard)
+
+    def fill(self, shard, store, rec, buf) -> None:
+        """Decode one shard's record straight into the next slot, in the group's dtype, in
+        one GIL-free call (the output columns go in transposed, as rows)."""
+        g = len(self.shards)
+        if g not in self._targets:
+            self._targets[g] = self.targets(g)
+        store.decode_jobs(rec, buf, (self.phase, self.size, g), self._targets[g], self.flat, self.flat_scratch)
+        self.shards.append(shard)
+
+    def targets(self, g: int) -> dict:
+        """Where slot g's parts go in the slab: part name -> (element offset, transposed?)."""
+        at = lambda t: (t.data_ptr() - self.slab.data_ptr()) // self.slab.element_size()  # noqa: E731
+        if self.phase == ATTN:
+            out = {f"{n}_{k}": (at(t[g, i]), False) for i, n in enumerate("qkv") for k, t in (("w", self.w), ("b", self.b))}
+            out["o_w"] = (at(self.out[g]), True)
+            return out
+        return {"i_w": (at(self.w[g]), False), "i_b": (at(self.b[g]), False), "f_w": (at(self.out[g]), True)}
+
+    def clear(self) -> None:
+        self.shards = []
+
+    def compute(self, x: torch.Tensor, keep: torch.Tensor | None, n: int, start: int = 0) -> torch.Tensor:
+        """The contribution of slots start..start+n-1 (before the layer's output bias), float32."""
+        w, b, out = (t[start:start + n] for t in (self.w, self.b, self.out))
+        if self.phase == ATTN:
+            return heads_output(x, keep, w, b, out)
+        return ffn_slices(x, w, b, out)
+
+    def runs(self, used) -> list[tuple[int, int]]:
+        """(start, count) of each run of consecutive slots whose shard satisfies `used`: one
+        run when the left-out shards are the last to arrive, as the deadline guard's are."""
+        out, start = [], None
+        for i, shard in enumerate(self.shards + [None]):
+            if shard is not None and used(shard):
+                start = i if start is None else start
+            elif start is not None:
+                out.append((start, i - start))
+                start = None
+        return out
+
+
+def heads_output(x: torch.Tensor, keep: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+    """Attention output of g heads at once: w [g, 3, hd, h] (q, k, v rows), b [g, 3, hd],
+    out [g, hd, h] (the output projection's columns of each head, as rows)."""
+    bsz, s, h = x.shape
+    g, _, hd, _ = w.shape
+    y = F.linear(x.to(w.dtype), w.reshape(g * 3 * hd, h), b.reshape(-1)).view(bsz, s, g, 3, hd)
+    q, k, v = (y[:, :, :, i].transpose(1, 2) for i in range(3))         # [bsz, g, s, hd]
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0 / math.sqrt(hd))
+    return torch.matmul(ctx.transpose(1, 2).reshape(bsz, s, g * hd), out.reshape(g * hd, h)).float()
+
+
+def ffn_slices(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """FFN output of g slices at once: w [g, fs, h] (in rows), b [g, fs], out [g, fs, h]."""
+    g, fs, h = w.shape
+    hidden = F.gelu(F.linear(x.to(w.dtype), w.reshape(g * fs, h), b.reshape(-1)))
+    return torch.matmul(hidden, out.reshape(g * fs, h)).float()
+
+
+def layer_by_groups(x: torch.Tensor, keep: torch.Tensor, attn: list[tuple[ShardGroup, int]],
+                    ffn: list[tuple[ShardGroup, int]], shared, config: ModelConfig) -> torch.Tensor:
+    """A layer computed group by group, as the engine does: `attn` and `ffn` hold (group,
+    shards used) in order. Equal to `encoder.layer_forward` on the same shards up to float
+    rounding (and bfloat16's, for bfloat16 groups)."""
+    h, eps = config.hidden_size, config.layer_norm_eps
+    a = sum((grp.compute(x, keep, n) for grp, n in attn if n), torch.zeros_like(x))
+    x = F.layer_norm(x + a + shared.o_b, (h,), shared.ln1_w, shared.ln1_b, eps)
+    f = sum((grp.compute(x, None, n) for grp, n in ffn if n), torch.zeros_like(x))
+    return F.layer_norm(x + f + shared.f_b, (h,), shared.ln2_w, shared.ln2_b, eps)
+
+
+def group_sizes(config: ModelConfig, dtype: torch.dtype, slabs: int = 2) -> tuple[int, int]:
+    """(heads per attention group, slices per FFN group) when `slabs` slabs, each holding
+    one group of either phase, fit a quarter of one float32 layer's weights (the decoded
+    working set the engine allows itself): as many FFN slices as fit (at least one), and
+    as many heads as take the same room."""
+    quarter = config.layer_params          # bytes: a quarter of the layer's 4 bytes a weight
+    width = torch.finfo(dtype).bits // 8
+    ffn = max(1, min(config.num_shards, quarter // (slabs * width * phase_elements(FFN, 1, config))))
+    attn = max(1, min(config.num_shards, round(phase_elements(FFN, ffn, config) / phase_elements(ATTN, 1, config))))
+    return attn, ffn
