@@ -98,8 +98,7 @@ BLOCK = 20  # requests per turn: engine and fused models take turns in blocks, n
             # would evict the engine's preload buffer from the caches, which no user sees)
 
 
-def measure(store_dir: Path, bits: int, texts: list[str], pad_to: int | None, weights, hf) -> dict:
-    device = measure_device(store_dir, storage="warm", seq_len=48, threads=1, samples=8, repeat=5)
+def measure(store_dir: Path, bits: int, texts: list[str], pad_to: int | None, weights, hf, device) -> dict:
     plan = whole_plan(store_dir, bits, device, 48)
     tok = Tokenizer(store_dir)
     batches = [tok.encode([t], pad_to=pad_to) for t in texts]
@@ -160,15 +159,17 @@ def main() -> None:
     with Store(args.store) as s:
         weights = s.load_model(32)
     hf = hf_models(args.model if args.model.exists() else None, weights)
+    device = measure_device(args.store, storage="warm", seq_len=48, threads=1, samples=8, repeat=5)
     for bits, pad in ((32, None), (4, None), (32, 128), (4, 128)):
-        rows.append({"model": "minilm", **measure(args.store, bits, texts, pad, weights, hf)})
+        rows.append({"model": "minilm", **measure(args.store, bits, texts, pad, weights, hf, device)})
         print(json.dumps(rows[-1]), flush=True)
     if not args.no_bert_base:
         store = bert_base_store()
         with Store(store) as s:
             weights = s.load_model(32)
+        device = measure_device(store, storage="warm", seq_len=48, threads=1, samples=8, repeat=5)
         for bits in (32, 4):
-            rows.append({"model": "bert-base (random)", **measure(store, bits, texts[:60], None, weights, None)})
+            rows.append({"model": "bert-base (random)", **measure(store, bits, texts[:60], None, weights, None, device)})
             print(json.dumps(rows[-1]), flush=True)
     key = {(r["model"], r["bits"], r["seq"]): r["ratio"] for r in rows}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
