@@ -222,7 +222,8 @@ def test_nonsense_requests(kw, match):
 
 def test_hidden_size_only_changes_the_working_set():
     a, b = hand(200, 250, "joint"), hand(200, 250, "joint", hidden=768)
-    assert a.choice.bits == b.choice.bits and b.predicted.working_bytes == 4 * 1 * 768 * 8
+    groups = 1000.0 * 2 / 4  # the shard groups: a quarter of an fp32 layer (2 shards of 1000 B)
+    assert a.choice.bits == b.choice.bits and b.predicted.working_bytes == 4 * 1 * 768 * 8 + groups
     with pytest.raises(PlanError, match="hidden"):
         hand(200, 250, "joint", hidden=0)
 

@@ -177,7 +177,7 @@ def test_the_decoder_runs_ahead_only_as_far_as_its_group_pools(tiny_store, monke
     with Engine(store, plan, device, storage="warm", guard=False) as engine:
         got = engine.run(TEXTS[3])
         assert plan.choice.m > max(engine.group_sizes)  # several groups of each phase a layer
-        assert max(ahead) == 2 and pools_free(engine)  # bounded (the pool holds 2), and did run ahead
+        assert max(ahead) == 2 and pools_free(engine)  # the decoder did fill the next group ahead
         ref = reference_logits(store, got.report, TEXTS[3], engine.tokenizer)
     assert (got.logits - ref).abs().max() < 1e-5
     assert got.report.peak_model_bytes >= engine.pool.nbytes + engine.preload_bytes  # groups are model bytes too
@@ -251,17 +251,22 @@ def test_the_compute_pace_carried_between_requests_leaves_out_the_first(tiny_sto
     assert engine.compute_slowdown == statistics.median(paces)
 
 
-def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch):
+@pytest.mark.parametrize("sizes,slabs,dtype", [(None, 1, "float32"), ((3, 2), 2, "float32"), ((3, 2), 2, "bfloat16")],
+                         ids=["one-slot groups, one slab", "multi-slot groups", "multi-slot bfloat16"])
+def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch, sizes, slabs, dtype):
     # the compute guard drops shards that come before others the compute lane still needs,
-    # while the decoder, one head ahead, already holds a dropped shard's head: the compute
-    # lane must let go of dropped shards in IO order (a regression: it once hung here)
+    # while the decoder may already hold them in a group: the compute lane computes the runs
+    # of slots around them (a group slot after a hole: start > 0), and nothing hangs (a
+    # regression: it once did). Exact in float32, within bfloat16's rounding in bfloat16.
     import sti.runtime.engine as rt
     from tests.test_reliability import run_with_timeout
     _, path = tiny_store
-    monkeypatch.setattr(rt, "SLABS", 1)
+    monkeypatch.setattr(rt, "SLABS", slabs)
+    if sizes:
+        monkeypatch.setattr(rt, "group_sizes", lambda *a: sizes)
     store = Store(path, "warm")
     device, importance = profiles(store)
-    device = dataclasses.replace(device, shard_read_ms={2: 0.001, 4: 50.0, 32: 50.0})
+    device = dataclasses.replace(device, shard_read_ms={2: 0.001, 4: 50.0, 32: 50.0}, compute_dtype=dtype)
     importance = dataclasses.replace(importance, bits_error={2: 0.01, 4: 0.005, 32: 0.0})
     plan = make_plan(device, importance, store.store_id, 5.0, 0, seq_len=16)
     assert plan.choice.m >= 4 and not plan.choice.preload and {b for row in plan.choice.bits for b in row} == {2}
@@ -270,11 +275,14 @@ def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch)
         return [s for s in steps[pos] if s.rank in (1, 2)]
     monkeypatch.setattr(rt, "compute_guard", drop_ranks_1_and_2)
     with Engine(store, plan, device, storage="warm") as engine:
+        if sizes:
+            assert engine.group_sizes == sizes
         for text in TEXTS:
             got = run_with_timeout(lambda: engine.run(text), seconds=10.0)
             assert engine.bytes.now == engine.resident_bytes and pools_free(engine)
+            assert all(1 not in r.shard_ids and 2 not in r.shard_ids and 3 in r.shard_ids for r in got.report.layers)
             ref = reference_logits(store, got.report, text, engine.tokenizer)
-            assert (got.logits - ref).abs().max() < 1e-5
+            assert (got.logits - ref).abs().max() < (1e-5 if dtype == "float32" else 0.05)
 
 
 class SlowReader(WarmReader):

@@ -491,6 +491,9 @@ class Store:
             for p in rec.parts:
                 if p.name not in targets:
                     continue
+                if p.offset % 4:  # the decoder reads float32 sections in place (sti writes 8-aligned parts)
+                    raise StoreError(f"{self.data_path}: record {rec.name}, part {p.name}: offset {p.offset} "
+                                     "is not a multiple of 4")
                 at, transpose = targets[p.name]
                 layout = None
                 if p.encoding == "blob":

@@ -248,7 +248,10 @@ def assemble(P: Problem, planner: str, n: int, m: int, bits, held: dict) -> Plan
                 for layer, row in zip(layers, bits)]
     pairs = [streamed[k] + streamed[k + 1] for k in range(len(streamed) - 1)] or streamed
     inflight = float(max(pairs) + P.fp32_bytes if any(streamed) else 0.0)
-    working = 4.0 * P.seq_len * P.hidden * 8
+    # activations, and the engine's shard groups: a quarter of an fp32 layer's weights (half
+    # that in bfloat16), allocated when it opens (runtime/engine.py, groups.group_sizes)
+    groups = P.fp32_bytes * P.n_shards / 4 * (0.5 if P.device.compute_dtype == "bfloat16" else 1.0)
+    working = 4.0 * P.seq_len * P.hidden * 8 + groups
     plan = Plan(
         PlanRequest(planner=planner, store_id=P.device.store_id, device_id=P.device_id,
                     importance_id=P.importance_id, target_ms=P.target_ms, memory_bytes=P.memory_bytes,

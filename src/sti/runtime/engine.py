@@ -349,9 +349,13 @@ class Engine:
         c, sh = self.config, self.shared[self.steps[pos][0].layer]
         lr.start_ms = req.now()
         attn = self._phase(ATTN, pos, x, keep, dropped, req, lr)
+        a = req.now()
         x = F.layer_norm(x + attn + sh.o_b, (c.hidden_size,), sh.ln1_w, sh.ln1_b, c.layer_norm_eps)
+        lr.compute_ms += req.now() - a
         ffn = self._phase(FFN, pos, x, None, dropped, req, lr)
+        a = req.now()
         x = F.layer_norm(x + ffn + sh.f_b, (c.hidden_size,), sh.ln2_w, sh.ln2_b, c.layer_norm_eps)
+        lr.compute_ms += req.now() - a  # the LayerNorms too: the profile's layer includes them
         lr.shards = len(lr.shard_ids)
         lr.end_ms = req.now()
         req.span("compute", f"layer {lr.layer}", lr.start_ms, lr.end_ms)
