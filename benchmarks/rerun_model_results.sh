@@ -17,6 +17,7 @@ stamp build;      rm -rf "$S"; $B/sti build "$M" "$S"
 stamp importance; $B/sti profile importance "$S"
 for st in warm cold emulate:100MB/s; do stamp "device $st"; $B/sti profile device "$S" --storage "$st"; done
 stamp store;      $B/python benchmarks/bench_store.py
+stamp compute;    $B/python benchmarks/bench_engine_compute.py
 stamp sweep;      $B/sti bench "$S" "$M" --out $R/pipeline "${SWEEP[@]}"
 stamp report;     $B/sti report $R/pipeline --out docs/RESULTS.md
 stamp timeline;   $B/sti run "$S" --latency-ms 37 --memory-mb 1.8 --storage emulate:100MB/s --timeline docs/timeline.png \
