@@ -466,16 +466,12 @@ class Store:
             if names is not None and p.name not in names:
                 continue
             view = buf[p.offset:p.offset + p.length]
+            if p.encoding == "f32":
+                out[p.name] = torch.from_numpy(np.frombuffer(view, dtype="<f4").reshape(p.shape))
+                continue
+            layout = self._layout(rec, p, view)
             try:
-                if p.encoding == "f32":
-                    arr = np.frombuffer(view, dtype="<f4").reshape(p.shape)
-                else:
-                    # a blob is checked the first time it is decoded; later reads of the record
-                    # pass the same CRC, so they hold the same bytes and reuse the check
-                    key = (rec.offset, p.offset)
-                    if key not in self._layouts:
-                        self._layouts[key] = codecs.check(view, p.shape)
-                    arr = codecs.decode(view, p.shape, layout=self._layouts[key])
+                arr = codecs.decode(view, p.shape, layout=layout)
             except StiError as exc:
                 raise StoreError(f"{self.data_path}: record {rec.name}, part {p.name}: {exc}") from None
             out[p.name] = torch.from_numpy(arr)

@@ -77,7 +77,7 @@ class Engine:
         self.closed = False
         self.bytes = ModelBytes()
         self._load_resident()
-        self._size_windows()
+        self._size_buffers()
         self._lock = threading.Lock()
         self._predictions: dict[tuple[int, int], float] = {}
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sti-io")  # the reader, the decoder
@@ -101,7 +101,7 @@ class Engine:
             raise InputError(f"the preload buffer needs {self.preload_bytes} bytes, more than the plan's "
                              f"budget of {self.plan.request.memory_bytes}")
 
-    def _size_windows(self) -> None:
+    def _size_buffers(self) -> None:
         """The window bounding the packed bytes in flight, and the pool of shard groups (in
         the device profile's compute dtype) bounding the decoded ones."""
         biggest = max([self.store.shard_record(s.layer, s.shard, s.bits).length
