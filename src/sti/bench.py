@@ -51,6 +51,7 @@ from .encoder import Submodel, classify, depth_layers, head_logits, parse_grid_k
 from .errors import InputError, StiError
 from .evaluate import accuracy
 from .planning import Plan, PlanChoice, PlanPrediction, PlanRequest, make_plan, simulate
+from .planning.problem import predicted_memory
 from .profiles import profile_id
 from .profile_device import measure_device
 from .runtime import Engine
@@ -130,9 +131,8 @@ def fixed_plan(device, importance, store_id: str, layers, m: int, bits, seq_len:
     timeline = simulate(layers, m, bits, (), device, seq_len)
     latency = timeline[-1].compute_end + device.head_ms
     streamed = [sum(device.shard_bytes[b] for b in row) for row in bits]
-    pairs = [a + b for a, b in zip(streamed, streamed[1:])] or streamed
-    inflight = max(pairs) + device.shard_bytes[32]
-    working = 4.0 * seq_len * hidden * 8
+    inflight, working = predicted_memory(streamed, device.shard_bytes[32], importance.num_shards, seq_len, hidden,
+                                         device.compute_dtype)
     acc = importance.submodel_acc(len(layers), m) - sum(
         importance.shard_penalty(layer, j, b) for layer, row in zip(layers, bits) for j, b in enumerate(row))
     return Plan(
