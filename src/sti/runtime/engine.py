@@ -162,9 +162,7 @@ class Engine:
             for lane in lanes:
                 lane.exception()  # wait for the IO side to stop before the next request
             self.bytes.now = self.resident_bytes  # what the failed request held is garbage now
-            self.window.reset()
-            self.pool.reset()
-            raise
+            raise  # (the window and the pool are reset when the next request starts)
         for lane in lanes:
             lane.result()
         report = req.report
