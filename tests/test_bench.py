@@ -102,6 +102,7 @@ def tiny_bench(tmp_path, monkeypatch, tiny_weights):
         device, importance = profiles(s)
     save_profile(importance, api.importance_profile_path(store, "degrade"))
     splits = {"test": [Example(str(i), t, i % 2, 1.0) for i, t in enumerate(WORDS_TEXTS)]}
+    splits["dev"] = splits["test"][::-1]
     splits.update({name: [Example(f"{name}{i}", t, 1 - i % 2, 1.0) for i, t in enumerate(WORDS_TEXTS[:4])]
                    for name in OOD_SETS})
     monkeypatch.setattr(bench, "load_split", lambda name: splits[name])
@@ -167,3 +168,33 @@ def test_the_report_reproduces_the_results_file(tiny_bench, tmp_path):
 def dataclass_replace(cfg, **kw):
     from dataclasses import replace
     return replace(cfg, **kw)
+
+
+def test_length_aware_plan_accuracy_scores_each_example_with_the_plan_of_its_length(tiny_bench):
+    """The batch accuracy of length-aware plans against a per-example reference: each example
+    classified by the reference encoder on the weights of the plan its length selects."""
+    import dataclasses
+    import torch
+    from sti.bench import Harness
+    from sti.encoder import classify
+    from sti.planning import make_plan_set
+    from sti.store import Store
+    from tests.test_runtime import profiles
+    store, cfg, splits = tiny_bench
+    h = Harness(store, store, cfg, log=lambda *a: None)
+    with Store(store) as s:
+        device, importance = profiles(s, read_ms=0.05)
+        device = dataclasses.replace(device, compute_coef=(0.0, 0.0, 0.004, 0.0))
+        plans = make_plan_set(device, importance, s.store_id, 0.45, 2500, [4, 4, 12, 12], 16, bucket_tokens=4)
+        assert len({id(p) for p in plans.plans}) > 1 and len({plans.index_for(n) for n in h.lengths("test")}) > 1
+        hits = 0
+        for e, n in zip(splits["test"], h.lengths("test")):
+            plan = plans.plan_for(n)
+            w = s.load_model(32)
+            for layer, row in zip(plan.choice.layers, plan.choice.bits):
+                w.layers[layer] = s.layer(layer, list(range(plan.choice.m)), list(row))
+            batch = h.tokenizer.encode([e.text])
+            with torch.no_grad():
+                logits = classify(w, batch.input_ids, batch.attention_mask, plan.submodel)
+            hits += int(logits[0].argmax()) == e.label
+    assert h.plan_accuracy(plans)["test"] == pytest.approx(hits / len(splits["test"]))

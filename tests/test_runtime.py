@@ -13,7 +13,7 @@ from sti.errors import InputError, StiError, StoreError
 from sti.planning import make_plan
 from sti.profiles import DeviceProfile, ImportanceProfile
 from sti.runtime import Engine, Step
-from sti.runtime.guards import compute_guard, io_guard
+from sti.runtime.guards import GUARD_SHARE, compute_guard, io_guard
 from sti.storage import WarmReader
 from sti.store import Store, build_store
 from sti.weights import ATTN_PARTS, FFN_PARTS
@@ -107,8 +107,8 @@ def test_report_predicts_each_request_at_its_own_length(tiny_store):
         ids = engine.tokenizer.encode(["good good film"]).input_ids[0].tolist()
         r = engine.run("good good film").report
         # a request as wide as the plan, every token distinct, is predicted as planned
-        assert engine._predicted_ms(plan.request.seq_len, plan.request.seq_len) == pytest.approx(plan.predicted.latency_ms, rel=1e-9)
-        expected = engine._predicted_ms(len(ids), len(set(ids)))
+        assert engine._predicted_ms(0, plan.request.seq_len, plan.request.seq_len) == pytest.approx(plan.predicted.latency_ms, rel=1e-9)
+        expected = engine._predicted_ms(0, len(ids), len(set(ids)))
     assert r.planned_ms == plan.predicted.latency_ms
     assert len(set(ids)) < len(ids) < plan.request.seq_len
     assert r.predicted_ms == pytest.approx(expected, rel=1e-9) and r.predicted_ms < plan.predicted.latency_ms
@@ -227,8 +227,9 @@ def test_compute_guard_projects_the_lanes_pace_over_the_layers_left(tiny_store):
     plan = make_plan(device, importance, store.store_id, 0.7, 10**8, seq_len=16)
     assert plan.choice.n == 3 and plan.choice.m == 4 and plan.request.target_ms - plan.predicted.latency_ms < 0.1
     with Engine(store, plan, device, storage="warm") as engine:
-        steps, due = engine.steps, engine.due[0] + engine.spare_ms
-    start = engine.due[0]
+        w = engine.walks[0]
+        steps, due = w.steps, w.due[0] + GUARD_SHARE * w.spare_ms
+    start = w.due[0]
     counts = {slow: len(compute_guard(steps, 0, start, due, slow, device, 16, set())) for slow in (1.0, 1.5, 3.0)}
     late = compute_guard(steps, 0, start + 1.0, due, 1.0, device, 16, set())
     assert counts[1.0] == 0 and 0 < counts[1.5] <= counts[3.0] < plan.choice.m
@@ -360,7 +361,7 @@ def test_deadline_guard_drops_shards_when_compute_runs_late(tiny_store):
             engine.bytes.sub(engine.bytes.now - engine.resident_bytes)
     changes = got.report.guard_changes
     assert changes and all(new is None for *_, new in changes)
-    ranks = {(s.layer, s.shard): s.rank for steps in engine.steps for s in steps}
+    ranks = {(s.layer, s.shard): s.rank for steps in engine.walks[0].steps for s in steps}
     assert all(ranks[(layer, shard)] > 0 for layer, shard, _, _ in changes)  # never the most important
     used = {(r.layer, s) for r in got.report.layers for s in r.shard_ids}
     assert not used & {(layer, shard) for layer, shard, _, _ in changes}

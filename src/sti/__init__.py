@@ -10,7 +10,7 @@ Data flows one way: model -> shards -> store -> profiles -> plan -> pipeline -> 
 The public API is re-exported here; the CLI (`sti`) is a thin layer over it.
 """
 
-from .api import classify_exact, device_profile, importance_profile, open_engine, plan
+from .api import classify_exact, device_profile, importance_profile, open_engine, plan, request_lengths
 from .assets import ensure_data, ensure_model, sti_home
 from .config import PRESETS, ModelConfig
 from .data import Example, load_split
@@ -19,7 +19,7 @@ from .encoder import Submodel, classify, depth_layers, encode
 from .errors import AssetError, Cancelled, ConfigError, DataError, InputError, StiError, StoreError
 from .evaluate import accuracy, predict_logits
 from .finetune import FinetuneConfig, finetune
-from .planning import Plan, PlanError, explain, make_plan, simulate
+from .planning import Plan, PlanError, PlanSet, explain, explain_set, make_plan, make_plan_set, simulate
 from .profiles import DeviceProfile, ImportanceProfile, ProfileError, load_profile, save_profile
 from .rewire import rewire, taylor_importance
 from .runtime import Engine, Report, Result
@@ -32,7 +32,8 @@ __version__ = "0.1.0"
 __all__ = [
     # the short path: store -> profiles -> plan -> engine
     "build_store", "Store", "device_profile", "importance_profile", "DeviceProfile", "ImportanceProfile",
-    "load_profile", "save_profile", "plan", "make_plan", "Plan", "explain", "simulate", "open_engine", "Engine",
+    "load_profile", "save_profile", "plan", "make_plan", "make_plan_set", "Plan", "PlanSet", "request_lengths",
+    "explain", "explain_set", "simulate", "open_engine", "Engine",
     "Result", "Report", "classify_exact", "demo_store_path",
     # models and training
     "ModelConfig", "PRESETS", "ModelWeights", "LayerWeights", "ShardWeights", "load_model_dir", "save_model_dir",

@@ -16,12 +16,12 @@ import re
 from pathlib import Path
 
 from .errors import InputError
-from .planning import Plan, make_plan
+from .planning import PlanSet, make_plan, make_plan_set
 from .profiles import DeviceProfile, ImportanceProfile, load_profile, save_profile
 from .storage import parse_storage
 from .store import Store
 
-DEFAULT_SEQ_LEN = 48  # plans assume this many tokens: the test split's 95th percentile is 47
+DEFAULT_SEQ_LEN = 48  # one plan for every length assumes this many tokens: the test split's 95th percentile is 47
 # The share of T a plan keeps back: the profiles are medians on a shared, noisy machine, and
 # the deadline guard spends this when a request runs late (see runtime/guards.py).
 DEFAULT_HEADROOM = 0.1
@@ -137,40 +137,63 @@ def check_max_length(store: Store, max_length: int | None) -> int:
     return max_length
 
 
+def request_lengths(store_dir, max_length: int | None = None) -> list[int]:
+    """Token counts of the built-in dev split's sentences under this store's tokenizer: the
+    length distribution length-aware plans are made for unless told otherwise."""
+    from .data import load_split
+    from .tokenizer import Tokenizer
+    with Store(store_dir) as store:
+        max_length = check_max_length(store, max_length)
+    return Tokenizer(store_dir, max_length=max_length).lengths([e.text for e in load_split("dev")])
+
+
 def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint", storage: str = "cold",
-         seq_len: int = DEFAULT_SEQ_LEN, method: str | None = None, log=print,
-         headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False) -> Plan:
-    """A plan for this store under a latency target (ms) and a preload budget (MB), predicted
-    to finish by (1 - headroom) * T. Layers and shards are left out only if the model was
-    trained elastic (`sti finetune`) or `allow_pruning` says so; otherwise the plan chooses
-    bitwidths and the preload buffer for the whole model. `method` picks the importance
-    profile (None: the best saved, see `importance_profile`)."""
+         seq_len: int | None = None, method: str | None = None, log=print, headroom: float = DEFAULT_HEADROOM,
+         allow_pruning: bool = False, max_length: int | None = None, lengths=None) -> PlanSet:
+    """Plans for this store under a latency target (ms) and a preload budget (MB), each
+    predicted to finish by (1 - headroom) * T. With the joint planner and no `seq_len`:
+    length-aware plans, one per 8-token bucket up to `max_length`, sharing the preload
+    buffer that is best for `lengths` (token counts of sample requests; by default the dev
+    split's, `request_lengths`). With a `seq_len`, or the paper planner (default 48 tokens,
+    the test split's 95th percentile), one plan serves every length. Layers and shards are
+    left out only if the model was trained elastic (`sti finetune`) or `allow_pruning` says
+    so; otherwise the plans choose bitwidths and the preload buffer for the whole model.
+    `method` picks the importance profile (None: the best saved, see `importance_profile`)."""
     check_targets(latency_ms, memory_mb)
     device = device_profile(store_dir, storage, log=log)
     importance = importance_profile(store_dir, method, log=log)
     with Store(store_dir) as store:
-        seq_len = min(seq_len, store.config.max_tokens)
-        return make_plan(device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6),
-                         seq_len=seq_len, planner=planner, fixed_bytes=resident_bytes(store), headroom=headroom,
-                         prune=bool(allow_pruning or store.config.elastic))
+        max_length = check_max_length(store, max_length)
+        prune = bool(allow_pruning or store.config.elastic)
+        if planner == "joint" and seq_len is None:
+            source = "given lengths" if lengths is not None else "dev split"
+            lengths = request_lengths(store_dir, max_length) if lengths is None else lengths
+            return make_plan_set(device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6),
+                                 lengths, max_length, fixed_bytes=resident_bytes(store), headroom=headroom,
+                                 prune=prune, source=f"{source}, {len(lengths)} requests")
+        seq_len = min(DEFAULT_SEQ_LEN if seq_len is None else seq_len, max_length)
+        return PlanSet.single(make_plan(device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6),
+                                        seq_len=seq_len, planner=planner, fixed_bytes=resident_bytes(store),
+                                        headroom=headroom, prune=prune))
 
 
 def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "cold", planner: str = "joint",
-                seq_len: int = DEFAULT_SEQ_LEN, guard: bool = True, method: str | None = None, log=print,
+                seq_len: int | None = None, guard: bool = True, method: str | None = None, log=print,
                 headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False, max_length: int | None = None,
-                warmup: bool = True):
+                warmup: bool = True, lengths=None):
     """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer;
-    requests longer than `max_length` tokens are truncated. With `warmup`, one throwaway
+    requests longer than `max_length` tokens are truncated. The plans are `plan`'s (length-
+    aware unless a `seq_len` or the paper planner is asked for). With `warmup`, one throwaway
     request runs first, so that the caller's first answer is not slowed (and cut by the
     deadline guard) by lazy initialisation."""
     from .runtime import Engine
     store = Store(store_dir, storage)
     try:
         max_length = check_max_length(store, max_length)
-        p = plan(store_dir, latency_ms, memory_mb, planner, storage, min(seq_len, max_length), method, log,
-                 headroom, allow_pruning)
+        plans = plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom,
+                     allow_pruning, max_length, lengths)
         device = device_profile(store_dir, storage, log=log)
-        engine = Engine(store, p, device, storage=storage, guard=guard, max_length=max_length)
+        engine = Engine(store, plans, device, storage=storage, guard=guard, max_length=max_length)
         if warmup:  # an engine's first request pays for lazy initialisation: not the caller's
             engine.run("warm up")
         return engine

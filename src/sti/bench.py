@@ -50,7 +50,7 @@ from .data import OOD_SETS, load_split
 from .encoder import Submodel, classify, depth_layers, head_logits, parse_grid_key
 from .errors import InputError, StiError
 from .evaluate import accuracy
-from .planning import Plan, PlanChoice, PlanPrediction, PlanRequest, make_plan, simulate
+from .planning import Plan, PlanChoice, PlanPrediction, PlanRequest, PlanSet, make_plan, make_plan_set, simulate
 from .planning.problem import predicted_memory
 from .profiles import profile_id
 from .profile_device import measure_device
@@ -78,6 +78,9 @@ class BenchConfig:
     slow_requests: int = 50
     plan_len_own: int = 48       # plans for "own" lengths assume this many tokens (test p95: 47)
     headroom: float = api.DEFAULT_HEADROOM  # share of T the sti plans keep back (both planners)
+    # sti-joint at own lengths: a plan per length bucket sharing one buffer chosen for the dev
+    # split's lengths (False: one plan for plan_len_own tokens, as sti-paper)
+    length_aware: bool = True
     # sentences per out-of-domain set, served and in batches (None: all 12,752, which makes
     # every point ~13x slower than the test split's 1057)
     ood_limit: int | None = 200
@@ -192,6 +195,9 @@ class Harness:
                 ex = [ex[i] for i in sorted(rng.choice(len(ex), cfg.ood_limit, replace=False))]
             self.ood[name] = ex
         self.importance = api.importance_profile(store_dir, log=log)
+        self.max_tokens = min(api.DEFAULT_MAX_LENGTH, self.config.max_tokens)  # the engine's default cut
+        self.dev_lengths = self.tokenizer.lengths([e.text for e in load_split("dev")])
+        self._lengths: dict = {}
         self.rows: list[Row] = []
         self.profiles: list[dict] = []  # every device profile measured, with where it was used
         self._devices: dict = {}
@@ -202,23 +208,49 @@ class Harness:
     def accuracy_of(self, layers, shards, bits) -> dict:
         key = (tuple(layers), tuple(map(tuple, shards)), tuple(map(tuple, bits)))
         if key not in self._acc_cache:
-            with Store(self.store_dir) as s:
-                w = self.weights32.clone()
-                for layer, ids, b in zip(layers, shards, bits):
-                    w.layers[layer] = s.layer(layer, list(ids), list(b))
-            sub = Submodel(tuple(layers), tuple(tuple(i) for i in shards))
-            sets = {"test": self.test, **self.ood}
-            # accuracy is not timed: use every core for it, then give the engine's setting back
-            threads = torch.get_num_threads()
-            torch.set_num_threads(os.cpu_count() or 1)
-            try:
-                self._acc_cache[key] = {k: accuracy(w, self.tokenizer, ex, sub) for k, ex in sets.items()}
-            finally:
-                torch.set_num_threads(threads)
+            self._acc_cache[key] = self._scored(layers, shards, bits, self.sets)
         return self._acc_cache[key]
 
-    def plan_accuracy(self, plan: Plan) -> dict:
-        return self.accuracy_of(plan.choice.layers, plan.shards, plan.choice.bits)
+    @property
+    def sets(self) -> dict:
+        return {"test": self.test, **self.ood}
+
+    def _scored(self, layers, shards, bits, sets: dict) -> dict:
+        """{name: accuracy} of the exact weights of a submodel and bitwidths on each set."""
+        with Store(self.store_dir) as s:
+            w = self.weights32.clone()
+            for layer, ids, b in zip(layers, shards, bits):
+                w.layers[layer] = s.layer(layer, list(ids), list(b))
+        sub = Submodel(tuple(layers), tuple(tuple(i) for i in shards))
+        # accuracy is not timed: use every core for it, then give the engine's setting back
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            return {k: accuracy(w, self.tokenizer, ex, sub) for k, ex in sets.items()}
+        finally:
+            torch.set_num_threads(threads)
+
+    def plan_accuracy(self, plans: Plan | PlanSet) -> dict:
+        """The weights' accuracy in batches; with length-aware plans, each example is scored
+        with the plan of its length, as the engine serves it."""
+        if isinstance(plans, Plan) or len(plans.plans) == 1:
+            plan = plans if isinstance(plans, Plan) else plans.first
+            return self.accuracy_of(plan.choice.layers, plan.shards, plan.choice.bits)
+        hits = dict.fromkeys(self.sets, 0.0)
+        for plan in {id(p): p for p in plans.plans}.values():
+            mine = {name: [e for e, n in zip(ex, self.lengths(name)) if plans.plan_for(n) is plan]
+                    for name, ex in self.sets.items()}
+            mine = {name: ex for name, ex in mine.items() if ex}
+            for name, acc in self._scored(plan.choice.layers, plan.shards, plan.choice.bits, mine).items():
+                hits[name] += acc * len(mine[name])
+        return {name: hits[name] / len(ex) for name, ex in self.sets.items()}
+
+    def lengths(self, name: str) -> list[int]:
+        """Token counts of a set's examples (the engine's cut)."""
+        if name not in self._lengths:
+            self._lengths[name] = Tokenizer(self.store_dir, max_length=self.max_tokens).lengths(
+                [e.text for e in self.sets[name]])
+        return self._lengths[name]
 
     # --- storage and device profiles ---
     def storage_spec(self, storage: str, seq_len: int) -> str:
@@ -282,7 +314,7 @@ def latency_stats(lat: list[float], target: float | None) -> dict:
     return out
 
 
-def run_engine(store_dir: Path, plan: Plan, device, storage: str, pad_to, sets: dict, guard=True) -> dict:
+def run_engine(store_dir: Path, plan: Plan | PlanSet, device, storage: str, pad_to, sets: dict, guard=True) -> dict:
     """The engine over every example of `sets` ({name: examples}, "test" first), one request
     at a time after one warm-up request: latency and guard figures over the test requests,
     served accuracy per set."""
@@ -363,6 +395,22 @@ def hf_runner(h: Harness, mode: str, pad_to):
     return one, tmp
 
 
+def planned(h: Harness, system: str, device, target: float, mem: float, pad_to) -> PlanSet:
+    """The plans of a planned system at one point: sti-joint at own lengths plans per length
+    bucket (unless the config says one plan); otherwise one plan for the padded length or
+    for plan_len_own tokens."""
+    cfg, planner = h.cfg, system.split("-")[1]
+    if planner == "joint" and pad_to is None and cfg.length_aware:
+        return make_plan_set(device, h.importance, h.store_id, target, int(mem * 1e6), h.dev_lengths, h.max_tokens,
+                             fixed_bytes=h.fixed, headroom=cfg.headroom, prune=h.config.elastic,
+                             source=f"dev split, {len(h.dev_lengths)} requests")
+    plan_len = pad_to or cfg.plan_len_own
+    return PlanSet.single(make_plan(
+        device, h.importance, h.store_id, target, int(mem * 1e6), seq_len=plan_len, planner=planner,
+        fixed_bytes=h.fixed, headroom=cfg.headroom, prune=h.config.elastic,
+        embed_tokens=device.embed_tokens(plan_len, min(plan_len, cfg.plan_len_own), h.rows_per_block)))
+
+
 def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, full_ms: float) -> list[Row]:
     """Rows for one system under one storage and length mode, across the T x M grid."""
     cfg = h.cfg
@@ -390,17 +438,16 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
             for mem in cfg.memories_mb:
                 target = x * full_ms
                 try:
-                    plan = make_plan(device, h.importance, h.store_id, target, int(mem * 1e6), seq_len=plan_len,
-                                     planner=system.split("-")[1], fixed_bytes=h.fixed, headroom=cfg.headroom,
-                                     prune=h.config.elastic,
-                                     embed_tokens=device.embed_tokens(plan_len, min(plan_len, cfg.plan_len_own),
-                                                                       h.rows_per_block))
+                    plan = planned(h, system, device, target, mem, pad_to)
                 except StiError as exc:
                     rows.append(row(target_x=x, target_ms=target, memory_mb=mem, note=f"infeasible: {exc}"[:300]))
                     continue
                 m = run_engine(h.store_dir, plan, device, storage, pad_to, sets)
+                median_len = int(statistics.median(h.lengths("test")))
                 r = row(target_x=x, target_ms=target, memory_mb=mem, accuracy=h.plan_accuracy(plan),
-                        planned_ms=plan.predicted.latency_ms, **engine_fields(m, target))
+                        planned_ms=plan.plan_for(pad_to or median_len).predicted.latency_ms,
+                        note=f"{len(plan.plans)} plans by length" if len(plan.plans) > 1 else "",
+                        **engine_fields(m, target))
                 if system == "sti-joint" and (x, mem) in cfg.no_guard_points:
                     free = run_engine(h.store_dir, plan, device, storage, pad_to, {"test": h.served_test}, guard=False)
                     r.served_accuracy_no_guard = free["served_accuracy"]["test"]

@@ -142,10 +142,8 @@ PRUNE_HELP = ("let the plan leave out layers and shards of a model not trained e
               "from sti finetune, always may)")
 
 
-def _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, headroom, allow_pruning):
-    from .api import plan
-    return plan(store_dir, latency_ms, memory_mb, planner=planner, storage=storage, seq_len=seq_len,
-                log=console.print, headroom=headroom, allow_pruning=allow_pruning)
+SEQ_LEN_HELP = ("one plan for requests of this many tokens (default: length-aware plans, one per 8 tokens of "
+                "request length, for the joint planner; 48 tokens for the paper's)")
 
 
 @app.command()
@@ -154,14 +152,18 @@ def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
          memory_mb: float = typer.Option(..., help="preload buffer budget M in MB"),
          planner: str = typer.Option("joint", help="joint (ours) or paper (STI's two stages)"),
          storage: str = typer.Option("cold", help=STORAGE_HELP),
-         seq_len: int = typer.Option(48, help="sequence length to plan for"),
+         seq_len: Optional[int] = typer.Option(None, help=SEQ_LEN_HELP),
+         max_length: Optional[int] = typer.Option(None, help="the longest request to plan for (default 128)"),
          headroom: float = typer.Option(0.1, help=HEADROOM_HELP),
          allow_pruning: bool = typer.Option(False, help=PRUNE_HELP),
-         json_out: bool = typer.Option(False, "--json", help="print the plan as JSON")) -> None:
-    """Plan which shards to run at which bitwidths, and what to preload."""
-    from .planning import explain
-    p = _plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, headroom, allow_pruning)
-    print(p.to_json()) if json_out else console.print(explain(p), highlight=False)
+         show: Optional[int] = typer.Option(None, help="print the full plan for requests of this many tokens"),
+         json_out: bool = typer.Option(False, "--json", help="print the plans as JSON")) -> None:
+    """Plan which shards to run at which bitwidths, and what to preload, for each request length."""
+    from .api import plan as make
+    from .planning import explain_set
+    p = make(store_dir, latency_ms, memory_mb, planner=planner, storage=storage, seq_len=seq_len, log=console.print,
+             headroom=headroom, allow_pruning=allow_pruning, max_length=max_length)
+    print(p.to_json()) if json_out else console.print(explain_set(p, show), highlight=False)
 
 
 MAX_LENGTH_HELP = "cut requests to this many tokens (default 128; at most the model's position limit)"
@@ -175,7 +177,7 @@ def run(store_dir: Path = typer.Argument(..., help="a store directory"),
         exact: bool = typer.Option(False, help="the whole model at full precision, no plan or deadline (for checking)"),
         planner: str = typer.Option("joint", help="joint (ours) or paper (STI's two stages)"),
         storage: str = typer.Option("cold", help=STORAGE_HELP),
-        seq_len: int = typer.Option(48, help="sequence length to plan for"),
+        seq_len: Optional[int] = typer.Option(None, help=SEQ_LEN_HELP),
         max_length: Optional[int] = typer.Option(None, help=MAX_LENGTH_HELP),
         headroom: float = typer.Option(0.1, help=HEADROOM_HELP),
         allow_pruning: bool = typer.Option(False, help=PRUNE_HELP),
@@ -213,7 +215,8 @@ def run(store_dir: Path = typer.Argument(..., help="a store directory"),
                 continue
             flag = "" if r.met_deadline else " [red]MISSED[/red]"
             console.print(f"[bold]{result.label}[/bold] ({max(result.probs):.3f})  {r.latency_ms:.1f} ms of "
-                          f"{r.target_ms:.0f}{flag} (planned {r.planned_ms:.1f}, stall {r.stall_ms:.1f})  "
+                          f"{r.target_ms:.0f}{flag} (planned {r.planned_ms:.1f} at {r.plan_tokens} tokens, "
+                          f"stall {r.stall_ms:.1f})  "
                           f"model bytes peak {r.peak_model_bytes / 1e6:.2f} MB  {r.tokens} tokens"
                           + (" (truncated)" if r.truncated else "") + f"  {text[:60]!r}", highlight=False)
             if r.guard_changes:
@@ -239,7 +242,9 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
           memories_mb: Optional[str] = typer.Option(None, help="comma-separated preload budgets M in MB"),
           requests: Optional[int] = typer.Option(None, help="latency sample size per point"),
           ood_limit: Optional[int] = typer.Option(None, help="sentences per out-of-domain set for accuracy "
-                                                  "(default: the full sweep's 300)")) -> None:
+                                                  "(default: the full sweep's 300)"),
+          one_plan: bool = typer.Option(False, help="sti-joint with one plan for 48 tokens, not a plan per length")
+          ) -> None:
     """Measure sti against the baselines and peers: accuracy, latency, deadline hits, memory."""
     from dataclasses import replace
     from .bench import BenchConfig, run_bench
@@ -259,6 +264,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
         cfg = replace(cfg, requests=requests)
     if ood_limit:
         cfg = replace(cfg, ood_limit=ood_limit)
+    if one_plan:
+        cfg = replace(cfg, length_aware=False)
     # results.json is rewritten after every step, so an interrupted sweep keeps what it measured
     command = "sti " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sti") else ""
     results = run_bench(store_dir, model_dir, cfg, log=console.print, checkpoint=lambda r: save_results(r, out),

@@ -71,7 +71,7 @@ def run_demo(preset: str = "quick", console: Console | None = None) -> None:
     from .results import markdown, write_outputs
     from .present import print_grid, print_inspect
     from .finetune import default_model_dir, finetune, read_metrics
-    from .planning import explain
+    from .planning import explain_set
 
     console = console or Console()
     log = console.print
@@ -104,7 +104,7 @@ def run_demo(preset: str = "quick", console: Console | None = None) -> None:
     target = 2.0 * _full_ms(store)
     log(f"T = 2 x the full model's resident compute = {target:.1f} ms, M = {DEMO_MEMORY_MB} MB, {DEMO_STORAGE}")
     with api.open_engine(store, target, DEMO_MEMORY_MB, storage=DEMO_STORAGE, log=log) as engine:
-        log(explain(engine.plan), highlight=False)
+        log(explain_set(engine.plans), highlight=False)
         for text in ["a gripping, beautifully acted film", "tedious, overlong and utterly forgettable"]:
             r = engine.run(text)
             log(f"  {r.label:8} {max(r.probs):.3f}  {r.report.latency_ms:.1f} ms (T {target:.1f})  {text!r}")

@@ -7,6 +7,8 @@
     bounds.py   upper bounds that make the joint search exact over its families
     kernels.py  the numba inner loops both planners share
     make.py     `make_plan`: the entry point, headroom, infeasibility reports
+    streamed.py the best streaming around a preload buffer already chosen
+    lengths.py  length-aware plans: a `PlanSet`, one plan per length bucket, one buffer
 
 Both planners are monotone (a larger T or M never lowers the predicted accuracy): each
 result is the best member, among those that fit (T, M), of a set of plans that does not
@@ -14,9 +16,10 @@ depend on (T, M). The execution model they predict, and both planners in full, a
 docs/PLANNER.md (docs/DESIGN.md tells the story once, for users).
 """
 
+from .lengths import Bucket, PlanSet, explain_set, make_plan_set
 from .make import make_plan
 from .plan import (PLAN_VERSION, PLANNERS, LayerTiming, Plan, PlanChoice, PlanError, PlanPrediction,
                    PlanRequest, explain, simulate)
 
-__all__ = ["LayerTiming", "PLANNERS", "PLAN_VERSION", "Plan", "PlanChoice", "PlanError", "PlanPrediction",
-           "PlanRequest", "explain", "make_plan", "simulate"]
+__all__ = ["Bucket", "LayerTiming", "PLANNERS", "PLAN_VERSION", "Plan", "PlanChoice", "PlanError", "PlanPrediction",
+           "PlanRequest", "PlanSet", "explain", "explain_set", "make_plan", "make_plan_set", "simulate"]

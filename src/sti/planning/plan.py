@@ -316,8 +316,6 @@ def _check_consistent(p: Plan) -> None:
         raise PlanError(f"plan: latency {pr.latency_ms:.3f} ms exceeds its target {r.target_ms:.3f} ms")
     if pr.preload_bytes + r.fixed_bytes > r.memory_bytes * (1 + 1e-12) + 1e-6:
         raise PlanError("plan: preload + fixed bytes exceed its memory budget")
-    if not p.is_stall_free_after_first:
-        raise PlanError("plan: a layer after the first waits for IO")
     if not close(pr.resident_bytes, pr.preload_bytes + r.fixed_bytes + pr.inflight_bytes + pr.working_bytes):
         raise PlanError("plan.predicted.resident_bytes does not add up")
 
@@ -359,8 +357,12 @@ def explain(plan: Plan) -> str:
                  f"embeddings {p.embed_ms:.2f} ms, head {p.head_ms:.2f} ms")
     if plan.is_stall_free:
         lines.append("stalls    none (every layer's shards arrive before it is due)")
-    else:
+    elif plan.is_stall_free_after_first:
         lines.append(f"stalls    {plan.stall_ms:.2f} ms, all at the first layer (counted in the latency)")
+    else:
+        waits = [str(t.layer) for t in p.timeline if t.stall > TOL_MS]
+        lines.append(f"stalls    {plan.stall_ms:.2f} ms, at layers {', '.join(waits)} (reading ahead; "
+                     "counted in the latency)")
     lines.append(f"preload   {p.preload_bytes:,.0f} B in {len(c.preload)} shards + {r.fixed_bytes:,} B fixed "
                  f"of budget {r.memory_bytes:,} B")
     lines.append(f"resident  {p.resident_bytes:,.0f} B predicted (in flight {p.inflight_bytes:,.0f} B, "

@@ -31,7 +31,7 @@ from ..encoder import attention_keep, embed, head_logits
 from ..groups import ATTN, DTYPES, FFN, group_sizes
 from .. import codec as codecs
 from ..errors import InputError
-from ..planning import Plan, simulate
+from ..planning import Plan, PlanSet, simulate
 from ..profiles import DeviceProfile, profile_id
 from ..store import Record, Store
 from ..tokenizer import Tokenizer
@@ -40,33 +40,33 @@ from .guards import GUARD_SHARE, Pace, compute_guard, io_guard
 from .memory import GroupPool, ModelBytes, PeakRSS, Window, nbytes
 from .report import LayerReport, Report, Result
 from .request import PRELOADED, SKIPPED, Request
-from .schedule import Step, schedule
+from .schedule import Step, walk
 
 PACE_MEMORY = 5            # recent requests whose compute pace seeds the next one's guard
 SLABS = 2                  # shard groups in the pool: one being computed, one being filled
 
 
 class Engine:
-    """Runs requests against one store with one plan. The preload buffer is loaded once and
-    stays resident; requests are served one at a time (concurrent callers queue)."""
+    """Runs requests against one store with one plan, or with length-aware plans (a
+    `PlanSet`: each request runs the plan of its length). The preload buffer is loaded once
+    and stays resident; requests are served one at a time (concurrent callers queue)."""
 
-    def __init__(self, store: str | Path | Store, plan: Plan, device: DeviceProfile,
+    def __init__(self, store: str | Path | Store, plans: Plan | PlanSet, device: DeviceProfile,
                  storage: str = "cold", guard: bool = True, threads: int | None = None,
                  max_length: int = 128, pad_to: int | None = None):
         self.store = store if isinstance(store, Store) else Store(store, storage)
-        _check_plan(plan, self.store, device)
-        self.plan, self.device, self.guard = plan, device, guard
+        self.plans = plans if isinstance(plans, PlanSet) else PlanSet.single(plans)
+        for plan in self.plans.plans:
+            _check_plan(plan, self.store, device)
+        self.device, self.guard = device, guard
         self.pad_to = pad_to  # pad every request to this many tokens (the paper pads to 128)
         self.config = self.store.config
         self.threads = threads or device.threads
         # never longer than the model has position embeddings for
         self.tokenizer = Tokenizer(self.store.path, max_length=min(max_length, self.config.max_tokens))
-        self.steps, self.due = schedule(plan)
-        # the lanes may run this late before the answer would miss T; a third of the spare
-        # time is kept back for jitter and for work the profile does not see
-        self.spare_ms = GUARD_SHARE * max(0.0, plan.spare_ms)
-        # the IO pace starts as if one layer's worth of reads had run on time (see Pace)
-        self.io_prior_ms = plan.io_ms / max(1, len(self.steps))
+        # one schedule per bucket that has a plan (the same object for buckets sharing one)
+        walks = {id(p): walk(p) for p in self.plans.plans}
+        self.walks = [walks[id(self.plans.plan_for(b.max_tokens))] for b in self.plans.buckets]
         # how much slower than the profile the compute lane ran in recent requests (their
         # median) is the compute guard's pace for a request until its own first layer is
         # done; the engine's first request pays for lazy initialisation and is left out
@@ -79,36 +79,39 @@ class Engine:
         self._load_resident()
         self._size_buffers()
         self._lock = threading.Lock()
-        self._predictions: dict[tuple[int, int], float] = {}
+        self._predictions: dict[tuple[int, int, int], float] = {}
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sti-io")  # the reader, the decoder
 
     def _load_resident(self) -> None:
         """The parts always resident (layer records, head, embedding misc) and the preload buffer."""
         s = self.store
-        self.shared = {i: s.layer_shared(i) for i in self.plan.choice.layers}
+        self.shared = {i: s.layer_shared(i) for i in sorted({i for p in self.plans.plans for i in p.choice.layers})}
         self.head = s.head()
         self.misc = s.embed_misc()
         self.bytes.add(nbytes([t for sh in self.shared.values() for t in vars(sh).values()]))
         self.bytes.add(nbytes([*self.head.tensors().values(), *self.misc.values()]))
         self.preload: dict[tuple[int, int], tuple[Record, memoryview]] = {}
-        for layer, shard, bits in self.plan.choice.preload:
+        for layer, shard, bits in self.plans.buffer:
             rec = s.shard_record(layer, shard, bits)
             self.preload[(layer, shard)] = (rec, s.read(rec))
             self.bytes.add(rec.length)
         self.preload_bytes = sum(rec.length for rec, _ in self.preload.values())
         self.resident_bytes = self.bytes.now
-        if self.preload_bytes > self.plan.request.memory_bytes:
+        budget = self.plans.first.request.memory_bytes
+        if self.preload_bytes > budget:
             raise InputError(f"the preload buffer needs {self.preload_bytes} bytes, more than the plan's "
-                             f"budget of {self.plan.request.memory_bytes}")
+                             f"budget of {budget}")
 
     def _size_buffers(self) -> None:
         """The window bounding the packed bytes in flight, and the pool of shard groups (in
         the device profile's compute dtype) bounding the decoded ones."""
-        biggest = max([self.store.shard_record(s.layer, s.shard, s.bits).length
-                       for steps in self.steps for s in steps if not s.preloaded] or [0])
-        self.window = Window(max(int(self.plan.predicted.inflight_bytes), 2 * biggest))
+        steps = [s for w in self.walks for layer in w.steps for s in layer]
+        biggest = max([self.store.shard_record(s.layer, s.shard, s.bits).length for s in steps if not s.preloaded]
+                      or [0])
+        inflight = max(p.predicted.inflight_bytes for p in self.plans.plans)
+        self.window = Window(max(int(inflight), 2 * biggest))
         dtype = DTYPES[self.device.compute_dtype]
-        for bits in {s.bits for steps in self.steps for s in steps} | {self.lowest_bits}:
+        for bits in {s.bits for s in steps} | {self.lowest_bits}:
             codecs.prepare_jobs(bits, dtype == torch.bfloat16)  # the decoder's kernels, compiled now
         self.group_sizes = group_sizes(self.config, dtype, SLABS)
         self.pool = GroupPool(SLABS, self.group_sizes, self.config, dtype)
@@ -149,7 +152,9 @@ class Engine:
         self.bytes.reset_peak()
         self.window.reset()
         self.pool.reset()
-        req = Request(self._new_report(batch))
+        width = int(batch.input_ids.shape[1])
+        i = self.plans.index_for(width)
+        req = Request(self._new_report(batch, i), self.walks[i])
         read = queue.SimpleQueue()
         lanes = [self._io.submit(self._read_lane, batch.input_ids[0], req, read),
                  self._io.submit(self._decode_lane, req, read)]
@@ -172,19 +177,20 @@ class Engine:
         probs = torch.softmax(logits, -1)[0]
         return Result(self.config.labels[int(probs.argmax())], probs.tolist(), logits[0], report)
 
-    def _new_report(self, batch) -> Report:
+    def _new_report(self, batch, bucket: int) -> Report:
         width, distinct = int(batch.input_ids.shape[1]), len(set(batch.input_ids[0].tolist()))
-        return Report(planned_ms=self.plan.predicted.latency_ms, predicted_ms=self._predicted_ms(width, distinct),
-                      target_ms=self.plan.request.target_ms, tokens=int(batch.attention_mask.sum()),
+        plan = self.walks[bucket].plan
+        return Report(planned_ms=plan.predicted.latency_ms, predicted_ms=self._predicted_ms(bucket, width, distinct),
+                      target_ms=plan.request.target_ms, tokens=int(batch.attention_mask.sum()),
                       truncated=batch.truncated[0], preload_bytes=self.preload_bytes,
-                      layers=[LayerReport(layer) for layer in self.plan.choice.layers])
+                      plan_tokens=plan.request.seq_len, layers=[LayerReport(layer) for layer in plan.choice.layers])
 
-    def _predicted_ms(self, width: int, distinct: int) -> float:
-        """The plan's latency for a request `width` tokens wide (padding included) holding
-        `distinct` different tokens (the embedding rows it reads)."""
-        key = (width, distinct)
+    def _predicted_ms(self, bucket: int, width: int, distinct: int) -> float:
+        """The latency of the plan of `bucket` for a request `width` tokens wide (padding
+        included) holding `distinct` different tokens (the embedding rows it reads)."""
+        key = (bucket, width, distinct)
         if key not in self._predictions:
-            c, d = self.plan.choice, self.device
+            c, d = self.walks[bucket].plan.choice, self.device
             embed_ms = d.embed_rows_ms(width, distinct, self.rows_per_block)
             timeline = simulate(c.layers, c.m, c.bits, c.preload, d, width, embed_ms=embed_ms)
             self._predictions[key] = timeline[-1].compute_end + d.head_ms
@@ -194,7 +200,7 @@ class Engine:
     def _read_lane(self, ids: torch.Tensor, req: Request, out: queue.SimpleQueue) -> None:
         try:
             pace = self._read_embeddings(ids, req)
-            for pos, steps in enumerate(self.steps):
+            for pos, steps in enumerate(req.sched.steps):
                 if req.cancelled:
                     return
                 self._read_layer(pos, steps, req, out, pace)
@@ -210,7 +216,7 @@ class Engine:
         position = self.store.table_rows("position", range(off, off + len(ids)))
         req.span("io", "embedding rows", a, req.now())
         req.put("embed", (words, position))
-        pace = Pace(self.io_prior_ms)
+        pace = Pace(req.sched.io_prior_ms)
         pace.add(self.device.embed_rows_ms(len(ids), len(set(ids.tolist())), self.rows_per_block), req.now() - a)
         return pace
 
@@ -237,8 +243,8 @@ class Engine:
                 bits[s.shard] = None
         if not self.guard:
             return
-        changes = io_guard(rest, bits, req.now(), self.due[pos] + self.spare_ms, pace.slowdown(), self.device,
-                           self.lowest_bits, self.plan.request.prune)
+        changes = io_guard(rest, bits, req.now(), self._late_after(req, pos), pace.slowdown(), self.device,
+                           self.lowest_bits, self.plans.first.request.prune)
         for _, shard, _, new in changes:
             bits[shard] = new
         req.report.guard_changes.extend(changes)
@@ -260,7 +266,7 @@ class Engine:
     # --- the decoder ------------------------------------------------------------------------
     def _decode_lane(self, req: Request, inbox: queue.SimpleQueue) -> None:
         try:
-            for pos, steps in enumerate(self.steps):
+            for pos, steps in enumerate(req.sched.steps):
                 kept = self._decode_heads(pos, steps, req, inbox)
                 if kept is None:
                     return  # the reader stopped (cancelled, or failed: the compute lane re-raises)
@@ -306,6 +312,12 @@ class Engine:
         self.window.release(rec.length)
 
     # --- the compute lane -------------------------------------------------------------------
+    @staticmethod
+    def _late_after(req: Request, pos: int) -> float:
+        """When layer `pos` is late: its planned start plus a share of the plan's spare time
+        (a third of it is kept back for jitter and for work the profile does not see)."""
+        return req.sched.due[pos] + GUARD_SHARE * req.sched.spare_ms
+
     def _compute_lane(self, batch, req: Request) -> torch.Tensor:
         ids, mask = batch.input_ids, batch.attention_mask
         a = req.now()
@@ -316,7 +328,7 @@ class Engine:
         req.report.embed_ms = req.now() - a
         keep = attention_keep(mask)
         pace = Pace()
-        for pos in range(len(self.steps)):
+        for pos in range(len(req.sched.steps)):
             slow = pace.slowdown() if pace.planned > 0 else self.compute_slowdown
             x = self._layer(x, keep, pos, self._dropped(pos, x.shape[1], req, slow), req)
             lr = req.report.layers[pos]
@@ -332,9 +344,9 @@ class Engine:
     def _dropped(self, pos: int, width: int, req: Request, slow: float) -> set[int]:
         """Shards of layer `pos` the compute guard leaves out (a plan that may not prune
         keeps them all)."""
-        if not (self.guard and self.plan.request.prune):
+        if not (self.guard and self.plans.first.request.prune):
             return set()
-        out = compute_guard(self.steps, pos, req.now(), self.due[pos] + self.spare_ms, slow, self.device, width,
+        out = compute_guard(req.sched.steps, pos, req.now(), self._late_after(req, pos), slow, self.device, width,
                             req.skipped)
         req.report.guard_changes.extend((s.layer, s.shard, s.bits, None) for s in out)
         req.dropped |= {s.shard_key for s in out}
@@ -344,7 +356,7 @@ class Engine:
         """One layer, a group at a time: the attention groups, the first LayerNorm, the FFN
         groups, the second; in each group, the shards the compute guard kept."""
         lr = req.report.layers[pos]
-        c, sh = self.config, self.shared[self.steps[pos][0].layer]
+        c, sh = self.config, self.shared[req.sched.steps[pos][0].layer]
         lr.start_ms = req.now()
         attn = self._phase(ATTN, pos, x, keep, dropped, req, lr)
         a = req.now()

@@ -25,6 +25,7 @@ class LayerReport:
 class Report:
     latency_ms: float = 0.0
     planned_ms: float = 0.0        # the plan's prediction at its sequence length (plan.request.seq_len)
+    plan_tokens: int = 0           # that length: the plan of this request's length bucket was made for it
     predicted_ms: float = 0.0      # the same plan's prediction at this request's length
     target_ms: float = 0.0
     tokens: int = 0

@@ -8,14 +8,16 @@ import threading
 import time
 
 from .report import Report
+from .schedule import Schedule
 
 SKIPPED = object()     # the deadline guard left the shard out: nothing to use
 PRELOADED = object()   # the shard is in the preload buffer: nothing to read
 
 
 class Request:
-    def __init__(self, report: Report):
+    def __init__(self, report: Report, sched: Schedule):
         self.report = report
+        self.sched = sched         # the plan this request runs, as the engine walks it
         self.t0 = time.perf_counter()
         self.cond = threading.Condition()
         self.items: dict = {}      # delivered by the IO side, keyed by (layer, shard) or "embed"

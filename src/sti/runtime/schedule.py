@@ -1,5 +1,6 @@
 """A plan as the engine walks it: its shards per layer in IO order, with the times the plan
-expects them ready and each layer due (both from the plan's own timeline)."""
+expects them ready and each layer due (both from the plan's own timeline). An engine with
+length-aware plans holds one schedule per plan and walks the one of each request's length."""
 
 from __future__ import annotations
 
@@ -22,6 +23,27 @@ class Step:
     @property
     def shard_key(self) -> tuple[int, int]:
         return (self.layer, self.shard)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    plan: Plan
+    steps: list[list[Step]]    # per executed layer, in IO order
+    due: list[float]           # per executed layer, its planned start
+
+    @property
+    def io_prior_ms(self) -> float:
+        """One layer's worth of planned IO (the IO pace starts as if it had run on time)."""
+        return self.plan.io_ms / max(1, len(self.steps))
+
+    @property
+    def spare_ms(self) -> float:
+        """T - planned latency (never negative)."""
+        return max(0.0, self.plan.spare_ms)
+
+
+def walk(plan: Plan) -> Schedule:
+    return Schedule(plan, *schedule(plan))
 
 
 def schedule(plan: Plan) -> tuple[list[list[Step]], list[float]]:
