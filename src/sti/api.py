@@ -137,19 +137,26 @@ def check_max_length(store: Store, max_length: int | None) -> int:
     return max_length
 
 
+def dev_texts() -> list[str]:
+    """The built-in dev split's sentences: the default sample of requests to plan for and to
+    calibrate on (never the test split, which the benchmark scores)."""
+    from .data import load_split
+    return [e.text for e in load_split("dev")]
+
+
 def request_lengths(store_dir, max_length: int | None = None) -> list[int]:
     """Token counts of the built-in dev split's sentences under this store's tokenizer: the
     length distribution length-aware plans are made for unless told otherwise."""
-    from .data import load_split
     from .tokenizer import Tokenizer
     with Store(store_dir) as store:
         max_length = check_max_length(store, max_length)
-    return Tokenizer(store_dir, max_length=max_length).lengths([e.text for e in load_split("dev")])
+    return Tokenizer(store_dir, max_length=max_length).lengths(dev_texts())
 
 
 def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint", storage: str = "cold",
          seq_len: int | None = None, method: str | None = None, log=print, headroom: float = DEFAULT_HEADROOM,
-         allow_pruning: bool = False, max_length: int | None = None, lengths=None) -> PlanSet:
+         allow_pruning: bool = False, max_length: int | None = None, lengths=None,
+         device: DeviceProfile | None = None) -> PlanSet:
     """Plans for this store under a latency target (ms) and a preload budget (MB), each
     predicted to finish by (1 - headroom) * T. With the joint planner and no `seq_len`:
     length-aware plans, one per 8-token bucket up to `max_length`, sharing the preload
@@ -158,9 +165,10 @@ def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
     the test split's 95th percentile), one plan serves every length. Layers and shards are
     left out only if the model was trained elastic (`sti finetune`) or `allow_pruning` says
     so; otherwise the plans choose bitwidths and the preload buffer for the whole model.
-    `method` picks the importance profile (None: the best saved, see `importance_profile`)."""
+    `method` picks the importance profile (None: the best saved, see `importance_profile`);
+    `device` overrides the saved device profile (e.g. one calibrated on the engine)."""
     check_targets(latency_ms, memory_mb)
-    device = device_profile(store_dir, storage, log=log)
+    device = device or device_profile(store_dir, storage, log=log)
     importance = importance_profile(store_dir, method, log=log)
     with Store(store_dir) as store:
         max_length = check_max_length(store, max_length)
@@ -180,19 +188,36 @@ def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
 def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "cold", planner: str = "joint",
                 seq_len: int | None = None, guard: bool = True, method: str | None = None, log=print,
                 headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False, max_length: int | None = None,
-                warmup: bool = True, lengths=None):
+                warmup: bool = True, lengths=None, calibrate: bool = True):
     """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer;
     requests longer than `max_length` tokens are truncated. The plans are `plan`'s (length-
-    aware unless a `seq_len` or the paper planner is asked for). With `warmup`, one throwaway
-    request runs first, so that the caller's first answer is not slowed (and cut by the
-    deadline guard) by lazy initialisation."""
+    aware unless a `seq_len` or the paper planner is asked for). With `calibrate`, the device
+    profile is first corrected on the engine itself (calibrate.py: a few dev-split requests,
+    about a second) and the plans are made again from the corrected profile. With `warmup`,
+    one throwaway request runs first, so that the caller's first answer is not slowed (and
+    cut by the deadline guard) by lazy initialisation."""
+    from .calibrate import corrected, measure
     from .runtime import Engine
+    device = device_profile(store_dir, storage, log=log)
+    args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
+    engine = _engine(Engine, store_dir, storage, device, guard, max_length, warmup or calibrate, args, lengths)
+    if not calibrate:
+        return engine
+    try:
+        cal = measure(engine, dev_texts())
+    finally:
+        engine.close()
+    device = corrected(device, cal)
+    log(f"calibrated on the engine ({cal.requests} dev requests): compute x{cal.compute_scale:.2f}, "
+        f"first layer +{cal.first_layer_ms:.2f} ms")
+    return _engine(Engine, store_dir, storage, device, guard, max_length, warmup, args, lengths)
+
+
+def _engine(Engine, store_dir, storage, device, guard, max_length, warmup, args, lengths):
     store = Store(store_dir, storage)
     try:
         max_length = check_max_length(store, max_length)
-        plans = plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom,
-                     allow_pruning, max_length, lengths)
-        device = device_profile(store_dir, storage, log=log)
+        plans = plan(*args, max_length=max_length, lengths=lengths, device=device)
         engine = Engine(store, plans, device, storage=storage, guard=guard, max_length=max_length)
         if warmup:  # an engine's first request pays for lazy initialisation: not the caller's
             engine.run("warm up")

@@ -81,6 +81,8 @@ class BenchConfig:
     # sti-joint at own lengths: a plan per length bucket sharing one buffer chosen for the dev
     # split's lengths (False: one plan for plan_len_own tokens, as sti-paper)
     length_aware: bool = True
+    # correct each group's device profile on the engine before planning (calibrate.py)
+    calibrate: bool = True
     # sentences per out-of-domain set, served and in batches (None: all 12,752, which makes
     # every point ~13x slower than the test split's 1057)
     ood_limit: int | None = 200
@@ -196,7 +198,8 @@ class Harness:
             self.ood[name] = ex
         self.importance = api.importance_profile(store_dir, log=log)
         self.max_tokens = min(api.DEFAULT_MAX_LENGTH, self.config.max_tokens)  # the engine's default cut
-        self.dev_lengths = self.tokenizer.lengths([e.text for e in load_split("dev")])
+        self.dev_texts = [e.text for e in load_split("dev")]
+        self.dev_lengths = self.tokenizer.lengths(self.dev_texts)
         self._lengths: dict = {}
         self.rows: list[Row] = []
         self.profiles: list[dict] = []  # every device profile measured, with where it was used
@@ -271,14 +274,31 @@ class Harness:
         self.profiles.append({"storage": spec, "used_for": used_for, "profile": p.to_dict()})
         return p
 
-    def group_device(self, storage: str, seq_mode: str, spec: str, seq_len: int):
+    def group_device(self, storage: str, seq_mode: str, spec: str, seq_len: int, full_ms: float):
         """The profile every system of one storage and length mode plans with (measured
         once, when the group's first system needs it, so that joint and paper plan from the
-        same figures)."""
+        same figures), corrected on the engine unless the config says not to."""
         key = (storage, seq_mode)
         if key not in self._devices:
-            self._devices[key] = self.device(spec, seq_len, f"{storage} / {seq_mode}")
+            device = self.device(spec, seq_len, f"{storage} / {seq_mode}")
+            if self.cfg.calibrate:
+                device = self.calibrated(device, spec, SEQ_MODES[seq_mode], full_ms)
+                self.profiles.append({"storage": spec, "used_for": f"{storage} / {seq_mode}, calibrated on the "
+                                      "engine", "profile": device.to_dict()})
+            self._devices[key] = device
         return self._devices[key]
+
+    def calibrated(self, device, spec: str, pad_to, full_ms: float):
+        """The device profile corrected on the engine, probed with dev-split requests under
+        the joint plans for T = 1.5x and the largest M of the sweep."""
+        from .calibrate import corrected, measure
+        plans = planned(self, "sti-joint", device, 1.5 * full_ms, max(self.cfg.memories_mb), pad_to)
+        with Engine(Store(self.store_dir, spec), plans, device, storage=spec, guard=False, pad_to=pad_to) as engine:
+            engine.run(self.dev_texts[0])
+            cal = measure(engine, self.dev_texts)
+        self.log(f"calibrated on the engine ({spec}): compute x{cal.compute_scale:.2f}, first layer "
+                 f"+{cal.first_layer_ms:.2f} ms")
+        return corrected(device, cal)
 
 
 # --- measuring one system at one point -------------------------------------------------------
@@ -419,7 +439,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
     storage = h.storage_spec(storage_name, plan_len)
     # the systems that run our engine plan and predict with the group's fresh profile
     uses_profile = system in PLANNED or system in FIXED
-    device = h.group_device(storage_name, seq_mode, storage, plan_len) if uses_profile else None
+    device = h.group_device(storage_name, seq_mode, storage, plan_len, full_ms) if uses_profile else None
     sets = {"test": h.served_test, **h.ood}
 
     def row(**kw) -> Row:

@@ -21,6 +21,7 @@ from .present import print_grid, print_inspect
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="sti: run BERT-family models within a latency target by streaming weight shards.")
 console = Console()
+notes = Console(stderr=True)   # progress notes of commands whose stdout may be JSON
 
 
 @app.command()
@@ -161,7 +162,8 @@ def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
     """Plan which shards to run at which bitwidths, and what to preload, for each request length."""
     from .api import plan as make
     from .planning import explain_set
-    p = make(store_dir, latency_ms, memory_mb, planner=planner, storage=storage, seq_len=seq_len, log=console.print,
+    p = make(store_dir, latency_ms, memory_mb, planner=planner, storage=storage, seq_len=seq_len,
+             log=notes.print if json_out else console.print,
              headroom=headroom, allow_pruning=allow_pruning, max_length=max_length)
     print(p.to_json()) if json_out else console.print(explain_set(p, show), highlight=False)
 
@@ -182,6 +184,7 @@ def run(store_dir: Path = typer.Argument(..., help="a store directory"),
         headroom: float = typer.Option(0.1, help=HEADROOM_HELP),
         allow_pruning: bool = typer.Option(False, help=PRUNE_HELP),
         guard: bool = typer.Option(True, help="lower bits / skip shards when IO runs late"),
+        calibrate: bool = typer.Option(True, help="correct the device profile on the engine first (about a second)"),
         trace: Optional[Path] = typer.Option(None, help="write a Chrome trace (Perfetto) of the last request"),
         timeline: Optional[Path] = typer.Option(None, help="draw the last request's IO/compute lanes as a PNG"),
         json_out: bool = typer.Option(False, "--json", help="print one JSON object per text")) -> None:
@@ -202,8 +205,9 @@ def run(store_dir: Path = typer.Argument(..., help="a store directory"),
         raise InputError("give --latency-ms and --memory-mb (or --exact for the whole model at full precision)")
     from .api import open_engine
     with open_engine(store_dir, latency_ms, memory_mb, storage=storage, planner=planner, seq_len=seq_len,
-                     guard=guard, log=console.print, headroom=headroom, allow_pruning=allow_pruning,
-                     max_length=max_length) as engine:
+                     guard=guard, log=notes.print if json_out else console.print, headroom=headroom,
+                     allow_pruning=allow_pruning,
+                     max_length=max_length, calibrate=calibrate) as engine:
         result = None
         for text in texts:
             result = engine.run(text)
@@ -243,7 +247,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
           requests: Optional[int] = typer.Option(None, help="latency sample size per point"),
           ood_limit: Optional[int] = typer.Option(None, help="sentences per out-of-domain set for accuracy "
                                                   "(default: the full sweep's 300)"),
-          one_plan: bool = typer.Option(False, help="sti-joint with one plan for 48 tokens, not a plan per length")
+          one_plan: bool = typer.Option(False, help="sti-joint with one plan for 48 tokens, not a plan per length"),
+          calibrate: bool = typer.Option(True, help="correct each device profile on the engine before planning")
           ) -> None:
     """Measure sti against the baselines and peers: accuracy, latency, deadline hits, memory."""
     from dataclasses import replace
@@ -266,6 +271,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
         cfg = replace(cfg, ood_limit=ood_limit)
     if one_plan:
         cfg = replace(cfg, length_aware=False)
+    if not calibrate:
+        cfg = replace(cfg, calibrate=False)
     # results.json is rewritten after every step, so an interrupted sweep keeps what it measured
     command = "sti " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sti") else ""
     results = run_bench(store_dir, model_dir, cfg, log=console.print, checkpoint=lambda r: save_results(r, out),

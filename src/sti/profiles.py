@@ -87,6 +87,10 @@ class DeviceProfile:
     head_ms: float                    # embeddings LayerNorm + pooling + classifier (ms)
     io_under_load: bool = False       # IO timed beside a running compute lane (as in the engine)
     compute_dtype: str = "float32"    # the dtype the engine decodes into and multiplies in (groups.py)
+    # what the first executed layer costs in the engine beyond compute_ms (0 until calibrated on
+    # the engine, calibrate.py; `calibrated` then says how: scale, probe requests, raw profile)
+    first_layer_ms: float = 0.0
+    calibrated: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)
     created: str = ""
     version: int = VERSIONS["device"]
@@ -151,6 +155,8 @@ class DeviceProfile:
                 embed_ms=embed, head_ms=_num(d["head_ms"], f"{where}.head_ms"),
                 io_under_load=d.get("io_under_load", False) is True,
                 compute_dtype=_dtype(d.get("compute_dtype", "float32"), f"{where}.compute_dtype"),
+                first_layer_ms=_num(d.get("first_layer_ms", 0.0), f"{where}.first_layer_ms"),
+                calibrated=d.get("calibrated") if isinstance(d.get("calibrated"), dict) else {},
                 machine=d.get("machine") if isinstance(d.get("machine"), dict) else {},
                 created=str(d.get("created", ""))[:64])
         except KeyError as exc:

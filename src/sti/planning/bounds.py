@@ -42,7 +42,7 @@ def grid_bounds(P: Problem, cands) -> dict:
     for k, ls in enumerate(layers):
         member[k, list(ls[1:])] = 1.0
     comp = np.array([P.compute[m] for m in ms])
-    S0 = np.maximum(P.target_ms - (P.embed_ms + ns * comp + P.head_ms), 0.0)
+    S0 = np.maximum(P.target_ms - (P.embed_ms + ns * comp + P.first_ms + P.head_ms), 0.0)
     first = np.empty((len(lams), len(mus), len(cands)))
     rest = np.empty_like(first)
     for m in np.unique(ms):                                  # (L, U, N) at width m, then per candidate

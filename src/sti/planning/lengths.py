@@ -231,7 +231,7 @@ def _best_around(P: Problem, buffer, mine: list[Plan]):
         c = plan.choice
         if c.preload != buffer or best is not None and plan.predicted.accuracy <= best[0]:
             continue
-        if fits(layer_io(P, c.layers, c.bits, held), P.target_ms - P.base(c.n, c.m), P.compute[c.m]):
+        if fits(layer_io(P, c.layers, c.bits, held), P.target_ms - P.base(c.n, c.m), P.compute[c.m], P.first_ms):
             best = (plan.predicted.accuracy, c.n, c.m, [list(r) for r in c.bits],
                     {(layer, shard): bits for layer, shard, bits in c.preload})
     return best

@@ -63,7 +63,8 @@ def simulate(layers, m: int, bits, preload, device: DeviceProfile,
              seq_len: int | None = None, embed_ms: float | None = None) -> tuple[LayerTiming, ...]:
     """The two-lane timeline of a plan. `bits[k][j]` is the bitwidth of shard j of the k-th
     executed layer; `preload` holds (layer, shard[, bits]) entries. `embed_ms` overrides the
-    embedding read time (a padded request reads only its distinct tokens' rows)."""
+    embedding read time (a padded request reads only its distinct tokens' rows). The first
+    executed layer also costs the device's `first_layer_ms` (measured on the engine)."""
     held = {(entry[0], entry[1]) for entry in preload}
     comp = device.compute_ms(m, seq_len)
     io_clock = device.embed_read_ms(seq_len) if embed_ms is None else embed_ms
@@ -76,9 +77,10 @@ def simulate(layers, m: int, bits, preload, device: DeviceProfile,
                 io_clock += device.io_ms(bits[k][j])
             ready.append(io_clock)
         start = max(due, io_clock)
-        end = start + comp
+        busy = comp + (device.first_layer_ms if k == 0 else 0.0)
+        end = start + busy
         out.append(LayerTiming(layer, io_start, io_clock, start, end, max(0.0, io_clock - due),
-                               io_clock - io_start, comp, due - io_clock, tuple(ready)))
+                               io_clock - io_start, busy, due - io_clock, tuple(ready)))
         due = end
     return tuple(out)
 
@@ -306,7 +308,7 @@ def _check_consistent(p: Plan) -> None:
         ok = (_ready_ok(t, held, close) and close(t.io_start, io_clock) and close(t.io_end, t.io_start + t.io_ms)
               and close(t.compute_start, max(due, t.io_end)) and close(t.compute_end, t.compute_start + t.compute_ms)
               and close(t.stall, max(0.0, t.io_end - due)) and close(t.slack, due - t.io_end)
-              and close(t.compute_ms, pr.timeline[0].compute_ms))
+              and (k == 0 or close(t.compute_ms, pr.timeline[-1].compute_ms)))  # layer 0 may cost more
         if not ok:
             raise PlanError(f"plan.predicted.timeline[{k}]: the lanes do not add up")
         io_clock, due = t.io_end, t.compute_end

@@ -53,6 +53,7 @@ class Problem:
     err: dict                        # bits -> relative error
     embed_ms: float
     head_ms: float
+    first_ms: float                  # the first executed layer's extra cost (device.first_layer_ms)
     candidates: list                 # (n, m, accuracy at full precision), sorted
     compute: dict                    # m -> compute ms of a layer with m shards
     fp32_bytes: float
@@ -78,7 +79,7 @@ class Problem:
 
     def base(self, n: int, m: int) -> float:
         """Latency of (n, m) when nothing waits for IO."""
-        return self.embed_ms + n * self.compute[m] + self.head_ms
+        return self.embed_ms + n * self.compute[m] + self.first_ms + self.head_ms
 
     def with_budget(self, target_ms: float | None = None, memory_bytes: int | None = None) -> "Problem":
         return replace(self, target_ms=self.target_ms if target_ms is None else target_ms,
@@ -115,8 +116,9 @@ class Problem:
         bits, io, nbytes, err = _bit_tables(device, importance)
         embed = arg_float(device.embed_read_ms(embed_tokens or seq_len), "device embed_read_ms")
         head = arg_float(device.head_ms, "device head_ms")
-        if embed < 0 or head < 0:
-            raise PlanError("device profile: embedding read and head times must be >= 0")
+        first = arg_float(device.first_layer_ms, "device first_layer_ms")
+        if embed < 0 or head < 0 or first < 0:
+            raise PlanError("device profile: embedding read, first-layer and head times must be >= 0")
         cands = _candidates(importance, *kl.shape, prune)
         compute = {m: arg_float(device.compute_ms(m, seq_len), f"device compute_ms({m})")
                    for m in sorted({m for _, m, _ in cands})}
@@ -136,7 +138,7 @@ class Problem:
         return Problem(
             device=device, importance=importance, target_ms=target, memory_bytes=int(mem), fixed_bytes=fixed_bytes,
             seq_len=seq_len, prune=prune, n_layers=kl.shape[0], n_shards=kl.shape[1], kl=kl, kappa=kappa,
-            bits=bits, io=io, nbytes=nbytes, err=err, embed_ms=embed, head_ms=head, candidates=cands,
+            bits=bits, io=io, nbytes=nbytes, err=err, embed_ms=embed, head_ms=head, first_ms=first, candidates=cands,
             compute=compute, fp32_bytes=fp32, hidden=hidden, device_id=ids[0], importance_id=ids[1],
             b_io=b_io, b_mem=b_mem, stream_path=hull_path(bits, b_io, io, err),
             hold_paths={b: hull_path(bits, b, nbytes, err) for b in bits})

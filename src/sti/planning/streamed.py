@@ -6,7 +6,8 @@ the bitwidth it is held at, every other shard of the submodel is streamed. What 
 choose is the submodel and the streamed bitwidths, under the execution model of
 docs/PLANNER.md. With a fixed buffer the latency is the simulated timeline's,
 max over k of (E + IO of executed layers 0..k + (n - k) * C) + head, so the plan meets T iff
-for every k the IO of layers 0..k is at most S0 + k * C, where S0 = T - compute path. Unlike
+for every k the IO of layers 0..k is at most S0 + k * C, where S0 = T - compute path (plus,
+from layer 1 on, the first layer's extra cost in the engine, `first_layer_ms`). Unlike
 the joint planner's own plans, these may wait for IO at any layer, not only the first: a
 short request's layers compute too fast for IO to keep up, and it meets T by reading ahead
 before (and while) it computes, which is what its spare time is for.
@@ -57,14 +58,14 @@ def submodel(P: Problem, held: dict, n: int, m: int, acc: float) -> tuple | None
                     eff = math.inf if cost <= 0 else gain / cost
                     moves.append((-eff, -weight, k, j, t, cost))
     C = P.compute[m]
-    if not fits(io, S0, C):
+    if not fits(io, S0, C, P.first_ms):
         return None
     at = {}                                        # (k, j) -> position on the stream path
     for _, _, k, j, t, cost in sorted(moves):
         if at.get((k, j), 0) != t - 1:
             continue                               # an earlier step of this shard did not fit
         io[k] += cost
-        if fits(io, S0, C):
+        if fits(io, S0, C, P.first_ms):
             at[(k, j)] = t
             rows[k][j] = path[t][0]
         else:
@@ -74,12 +75,13 @@ def submodel(P: Problem, held: dict, n: int, m: int, acc: float) -> tuple | None
     return acc - penalty, rows, used
 
 
-def fits(io: list[float], S0: float, C: float) -> bool:
-    """Does the timeline meet T: the IO of layers 0..k within S0 + k * C for every k?"""
+def fits(io: list[float], S0: float, C: float, first: float = 0.0) -> bool:
+    """Does the timeline meet T: the IO of layers 0..k within S0 + k * C for every k (the
+    first layer's extra cost `first`, in S0 already, gives the later layers' IO that long)?"""
     total = 0.0
     for k, x in enumerate(io):
         total += x
-        if total > S0 + k * C:
+        if total > S0 + k * C + (first if k else 0.0):
             return False
     return True
 

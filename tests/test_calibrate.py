@@ -1,0 +1,60 @@
+"""Calibration on the engine: the corrected profile's arithmetic, the timeline's first-layer
+cost, and that a profile far off the engine comes back close to what the engine measures."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import pytest
+
+from sti.calibrate import Calibration, corrected, measure
+from sti.planning import make_plan, simulate
+from sti.profiles import DeviceProfile, load_profile, profile_id, save_profile
+from sti.runtime import Engine
+from sti.store import Store
+from tests.test_planner import HAND_DEV, HAND_IMP, STORE
+from tests.test_runtime import TEXTS, profiles, tiny_store  # noqa: F401 (fixture)
+
+
+def test_corrected_scales_compute_and_records_how(tmp_path):
+    cal = Calibration(compute_scale=1.5, first_layer_ms=0.4, requests=7)
+    dev = corrected(HAND_DEV, cal)
+    assert dev.compute_ms(2, 1) == pytest.approx(1.5 * HAND_DEV.compute_ms(2, 1))
+    assert dev.first_layer_ms == 0.4 and dev.calibrated["raw_profile"] == profile_id(HAND_DEV)
+    assert dev.calibrated["requests"] == 7 and profile_id(dev) != profile_id(HAND_DEV)
+    path = save_profile(dev, tmp_path / "d.json")
+    assert load_profile(path) == dev                         # the new fields round-trip
+
+
+def test_the_first_layer_cost_is_in_the_timeline_and_the_plan():
+    dev = dataclasses.replace(HAND_DEV, first_layer_ms=7.0)
+    base = simulate((0, 1), 1, ((2,), (2,)), [(0, 0, 2)], HAND_DEV, 1)
+    more = simulate((0, 1), 1, ((2,), (2,)), [(0, 0, 2)], dev, 1)
+    assert more[0].compute_ms == base[0].compute_ms + 7.0 and more[1].compute_ms == base[1].compute_ms
+    assert more[0].compute_end == base[0].compute_end + 7.0
+    # layer 1's IO (10 ms from 5) is due 7 ms later: its slack grows by as much
+    assert more[1].slack == base[1].slack + 7.0
+    for planner in ("paper", "joint"):
+        plan = make_plan(dev, HAND_IMP, STORE, 200.0, 250, planner=planner)
+        assert plan.predicted.latency_ms <= 200.0
+        assert plan.predicted.timeline[0].compute_ms == dev.compute_ms(plan.choice.m, 1) + 7.0
+
+
+def test_a_profile_far_off_the_engine_is_corrected_towards_it(tiny_store):
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store, compute_ms=0.0005)     # claims near-free compute
+    plan = make_plan(device, importance, store.store_id, 1e4, 10**8, seq_len=16)
+    with Engine(store, plan, device, storage="warm") as engine:
+        engine.run(TEXTS[0])
+        cal = measure(engine, TEXTS * 4)
+        assert engine.guard                                        # given back
+        busy = [r.layers[k].end_ms - r.layers[k].start_ms - r.layers[k].stall_ms
+                for r in (engine.run(t).report for t in TEXTS) for k in range(1, 3)]
+    fixed = corrected(device, cal)
+    assert cal.requests == len(TEXTS * 4) and cal.compute_scale > 5     # the engine is far slower
+    # the corrected profile predicts the later layers' busy time within 2x, the raw one not within 5x
+    ratio = statistics.median(busy) / fixed.compute_ms(plan.choice.m, 16)
+    assert 0.5 < ratio < 2.0
+    assert statistics.median(busy) / device.compute_ms(plan.choice.m, 16) > 5
