@@ -10,7 +10,8 @@ Data flows one way: model -> shards -> store -> profiles -> plan -> pipeline -> 
 The public API is re-exported here; the CLI (`sti`) is a thin layer over it.
 """
 
-from .api import classify_exact, device_profile, importance_profile, open_engine, plan, request_lengths
+from .api import (calibrated_device, classify_exact, device_profile, importance_profile, open_engine, plan,
+                  request_lengths)
 from .assets import ensure_data, ensure_model, sti_home
 from .config import PRESETS, ModelConfig
 from .data import Example, load_split
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # the short path: store -> profiles -> plan -> engine
-    "build_store", "Store", "device_profile", "importance_profile", "DeviceProfile", "ImportanceProfile",
+    "build_store", "Store", "device_profile", "calibrated_device", "importance_profile", "DeviceProfile", "ImportanceProfile",
     "load_profile", "save_profile", "plan", "make_plan", "make_plan_set", "Plan", "PlanSet", "request_lengths",
     "explain", "explain_set", "simulate", "open_engine", "Engine",
     "Result", "Report", "classify_exact", "demo_store_path",

@@ -191,29 +191,34 @@ def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "
                 warmup: bool = True, lengths=None, calibrate: bool = True):
     """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer;
     requests longer than `max_length` tokens are truncated. The plans are `plan`'s (length-
-    aware unless a `seq_len` or the paper planner is asked for). With `calibrate`, the device
-    profile is first corrected on the engine itself (calibrate.py: a few dev-split requests,
-    about a second) and the plans are made again from the corrected profile. With `warmup`,
-    one throwaway request runs first, so that the caller's first answer is not slowed (and
-    cut by the deadline guard) by lazy initialisation."""
+    aware unless a `seq_len` or the paper planner is asked for), made from the device profile
+    corrected on the engine itself (`calibrated_device`, about a second) unless `calibrate`
+    is False. With `warmup`, one throwaway request runs first, so that the caller's first
+    answer is not slowed (and cut by the deadline guard) by lazy initialisation."""
+    args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
+    device = calibrated_device(*args, max_length=max_length, lengths=lengths) if calibrate else \
+        device_profile(store_dir, storage, log=log)
+    return _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths)
+
+
+def calibrated_device(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
+                      storage: str = "cold", seq_len: int | None = None, method: str | None = None, log=print,
+                      headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False,
+                      max_length: int | None = None, lengths=None) -> DeviceProfile:
+    """The saved device profile corrected on the engine (calibrate.py): an engine opened with
+    the plans for these targets runs dev-split probe requests without its deadline guard."""
     from .calibrate import corrected, measure
-    from .runtime import Engine
     device = device_profile(store_dir, storage, log=log)
     args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
-    engine = _engine(Engine, store_dir, storage, device, guard, max_length, warmup or calibrate, args, lengths)
-    if not calibrate:
-        return engine
-    try:
+    with _engine(store_dir, storage, device, False, max_length, True, args, lengths) as engine:
         cal = measure(engine, dev_texts())
-    finally:
-        engine.close()
-    device = corrected(device, cal)
     log(f"calibrated on the engine ({cal.requests} dev requests): compute x{cal.compute_scale:.2f}, "
         f"first layer +{cal.first_layer_ms:.2f} ms")
-    return _engine(Engine, store_dir, storage, device, guard, max_length, warmup, args, lengths)
+    return corrected(device, cal)
 
 
-def _engine(Engine, store_dir, storage, device, guard, max_length, warmup, args, lengths):
+def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths):
+    from .runtime import Engine
     store = Store(store_dir, storage)
     try:
         max_length = check_max_length(store, max_length)

@@ -158,13 +158,16 @@ def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
          headroom: float = typer.Option(0.1, help=HEADROOM_HELP),
          allow_pruning: bool = typer.Option(False, help=PRUNE_HELP),
          show: Optional[int] = typer.Option(None, help="print the full plan for requests of this many tokens"),
+         calibrate: bool = typer.Option(False, help="correct the device profile on the engine first, as sti run "
+                                        "does (about a second)"),
          json_out: bool = typer.Option(False, "--json", help="print the plans as JSON")) -> None:
     """Plan which shards to run at which bitwidths, and what to preload, for each request length."""
-    from .api import plan as make
+    from .api import calibrated_device, plan as make
     from .planning import explain_set
-    p = make(store_dir, latency_ms, memory_mb, planner=planner, storage=storage, seq_len=seq_len,
-             log=notes.print if json_out else console.print,
-             headroom=headroom, allow_pruning=allow_pruning, max_length=max_length)
+    log = notes.print if json_out else console.print
+    args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, None, log, headroom, allow_pruning)
+    device = calibrated_device(*args, max_length=max_length) if calibrate else None
+    p = make(*args, max_length=max_length, device=device)
     print(p.to_json()) if json_out else console.print(explain_set(p, show), highlight=False)
 
 
