@@ -104,7 +104,7 @@ def good_set() -> PlanSet:
     dev = device(coef=(0.0, 0.0, 2.0, 0.0), embed=(1.0, 0.0), head=1.0, read={2: 1.0, 32: 2.0},
                  decode={2: 0.0, 32: 0.0})
     imp = importance([[0.4, 0.1], [0.3, 0.2], [0.25, 0.05]], {"3,2": 0.90, "2,2": 0.86, "3,1": 0.80, "2,1": 0.7})
-    return make_plan_set(dev, imp, STORE, 110.0, 300, [8, 16, 24], 24)
+    return make_plan_set(dev, imp, STORE, 110.0, 10**4, [8, 16, 24], 24)
 
 
 def test_plan_set_files_are_validated():
@@ -115,13 +115,19 @@ def test_plan_set_files_are_validated():
     bad.append({**d, "version": 99})
     bad.append({**d, "kind": "plan"})
     bad.append({**d, "buckets": d["buckets"][::-1]})                                # lengths must increase
-    bad.append({**d, "buffer": []} if any(b["plan"]["choice"]["preload"] for b in d["buckets"]) else None)
+    assert any(b["plan"]["choice"]["preload"] for b in d["buckets"])                   # the buffer is used
+    bad.append({**d, "buffer": []})                                                   # preloads what it lacks
+    bad.append({**d, "buffer": d["buffer"][::-1]} if len(d["buffer"]) > 1 else None)   # unsorted
     bad.append({**d, "buckets": [{**b, "weight": 0.9} for b in d["buckets"]]})        # weights over 1
     bad.append({**d, "buckets": [{**b, "plan": None} for b in d["buckets"]]})         # no plan at all
     other = json.loads(s.to_json())
     other["buckets"][1]["plan"]["request"]["target_ms"] = 500.0                          # another request
     bad.append(other)
     bad.append({**d, "extra": 1})
+    short = json.loads(s.to_json())
+    short["buckets"][-1]["plan"] = short["buckets"][0]["plan"]                           # an 8-token plan for 24
+    bad.append(short)
+    assert all(case is not None for case in bad[:-2]) and len(d["buffer"]) > 1
     for case in filter(None, bad):
         with pytest.raises(PlanError):
             PlanSet.from_dict(case)

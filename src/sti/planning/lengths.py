@@ -153,6 +153,8 @@ def check_set(s: PlanSet) -> None:
             raise PlanError(f"plan set: the plan for {b.max_tokens} tokens answers another request than the first")
         if any(held.get((layer, shard)) != bits for layer, shard, bits in b.plan.choice.preload):
             raise PlanError(f"plan set: the plan for {b.max_tokens} tokens preloads a shard the buffer does not hold")
+        if r.seq_len < b.max_tokens and len(s.buckets) > 1:
+            raise PlanError(f"plan set: the plan for requests of up to {b.max_tokens} tokens was made for {r.seq_len}")
 
 
 def bucket_bounds(max_tokens: int, width: int = BUCKET_TOKENS) -> list[int]:

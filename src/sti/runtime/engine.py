@@ -32,6 +32,7 @@ from ..groups import ATTN, DTYPES, FFN, group_sizes
 from .. import codec as codecs
 from ..errors import InputError
 from ..planning import Plan, PlanSet, simulate
+from ..planning.lengths import check_set
 from ..profiles import DeviceProfile, profile_id
 from ..store import Record, Store
 from ..tokenizer import Tokenizer
@@ -56,6 +57,7 @@ class Engine:
                  max_length: int = 128, pad_to: int | None = None):
         self.store = store if isinstance(store, Store) else Store(store, storage)
         self.plans = plans if isinstance(plans, PlanSet) else PlanSet.single(plans)
+        check_set(self.plans)  # a set built by hand gets the checks of one read from a file
         for plan in self.plans.plans:
             _check_plan(plan, self.store, device)
         self.device, self.guard = device, guard
@@ -332,7 +334,8 @@ class Engine:
             slow = pace.slowdown() if pace.planned > 0 else self.compute_slowdown
             x = self._layer(x, keep, pos, self._dropped(pos, x.shape[1], req, slow), req)
             lr = req.report.layers[pos]
-            pace.add(self.device.compute_ms(lr.shards, x.shape[1]), lr.compute_ms)
+            planned = self.device.compute_ms(lr.shards, x.shape[1]) + (self.device.first_layer_ms if pos == 0 else 0.0)
+            pace.add(planned, lr.compute_ms)
         self._requests += 1
         if self._requests > 1:
             self._slowdowns.append(pace.slowdown())
