@@ -207,14 +207,11 @@ def calibrated_device(store_dir, latency_ms: float, memory_mb: float, planner: s
                       max_length: int | None = None, lengths=None) -> DeviceProfile:
     """The saved device profile corrected on the engine (calibrate.py): an engine opened with
     the plans for these targets runs dev-split probe requests without its deadline guard."""
-    from .calibrate import corrected, measure
+    from .calibrate import calibrated
     device = device_profile(store_dir, storage, log=log)
     args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
     with _engine(store_dir, storage, device, False, max_length, True, args, lengths) as engine:
-        cal = measure(engine, dev_texts())
-    log(f"calibrated on the engine ({cal.requests} dev requests): compute x{cal.compute_scale:.2f}, "
-        f"first layer +{cal.first_layer_ms:.2f} ms")
-    return corrected(device, cal)
+        return calibrated(engine, dev_texts(), log)
 
 
 def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths):

@@ -198,8 +198,9 @@ class Harness:
             self.ood[name] = ex
         self.importance = api.importance_profile(store_dir, log=log)
         self.max_tokens = min(api.DEFAULT_MAX_LENGTH, self.config.max_tokens)  # the engine's default cut
+        self.cut = Tokenizer(store_dir, max_length=self.max_tokens)  # request lengths as the engine cuts them
         self.dev_texts = [e.text for e in load_split("dev")]
-        self.dev_lengths = self.tokenizer.lengths(self.dev_texts)
+        self.dev_lengths = self.cut.lengths(self.dev_texts)
         self._lengths: dict = {}
         self.rows: list[Row] = []
         self.profiles: list[dict] = []  # every device profile measured, with where it was used
@@ -251,8 +252,7 @@ class Harness:
     def lengths(self, name: str) -> list[int]:
         """Token counts of a set's examples (the engine's cut)."""
         if name not in self._lengths:
-            self._lengths[name] = Tokenizer(self.store_dir, max_length=self.max_tokens).lengths(
-                [e.text for e in self.sets[name]])
+            self._lengths[name] = self.cut.lengths([e.text for e in self.sets[name]])
         return self._lengths[name]
 
     # --- storage and device profiles ---
@@ -291,14 +291,11 @@ class Harness:
     def calibrated(self, device, spec: str, pad_to, full_ms: float):
         """The device profile corrected on the engine, probed with dev-split requests under
         the joint plans for T = 1.5x and the largest M of the sweep."""
-        from .calibrate import corrected, measure
+        from .calibrate import calibrated
         plans = planned(self, "sti-joint", device, 1.5 * full_ms, max(self.cfg.memories_mb), pad_to)
         with Engine(Store(self.store_dir, spec), plans, device, storage=spec, guard=False, pad_to=pad_to) as engine:
             engine.run(self.dev_texts[0])
-            cal = measure(engine, self.dev_texts)
-        self.log(f"calibrated on the engine ({spec}): compute x{cal.compute_scale:.2f}, first layer "
-                 f"+{cal.first_layer_ms:.2f} ms")
-        return corrected(device, cal)
+            return calibrated(engine, self.dev_texts, lambda msg: self.log(f"{spec}: {msg}"))
 
 
 # --- measuring one system at one point -------------------------------------------------------
@@ -454,6 +451,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
 
     if system in PLANNED:
         rows = []
+        width = pad_to or int(statistics.median(h.lengths("test")))  # the planned_ms reported: this length's plan
         for x in cfg.targets_x:
             for mem in cfg.memories_mb:
                 target = x * full_ms
@@ -463,9 +461,8 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
                     rows.append(row(target_x=x, target_ms=target, memory_mb=mem, note=f"infeasible: {exc}"[:300]))
                     continue
                 m = run_engine(h.store_dir, plan, device, storage, pad_to, sets)
-                median_len = int(statistics.median(h.lengths("test")))
                 r = row(target_x=x, target_ms=target, memory_mb=mem, accuracy=h.plan_accuracy(plan),
-                        planned_ms=plan.plan_for(pad_to or median_len).predicted.latency_ms,
+                        planned_ms=plan.plan_for(width).predicted.latency_ms,
                         note=f"{len(plan.plans)} plans by length" if len(plan.plans) > 1 else "",
                         **engine_fields(m, target))
                 if system == "sti-joint" and (x, mem) in cfg.no_guard_points:

@@ -52,9 +52,8 @@ def measure(engine, texts: list[str], probes: int = PROBES) -> Calibration:
     device = engine.device
     ratios, firsts = [], []
     for r in reports:
-        width = r.tokens if engine.pad_to is None else max(r.tokens, min(engine.pad_to, engine.tokenizer.max_length))
         for k, lr in enumerate(r.layers):
-            planned = device.compute_ms(lr.shards, width)
+            planned = device.compute_ms(lr.shards, r.width)
             busy = lr.end_ms - lr.start_ms - lr.stall_ms
             if planned <= 0:
                 continue
@@ -63,6 +62,15 @@ def measure(engine, texts: list[str], probes: int = PROBES) -> Calibration:
     scale = max(scale, 0.5)
     first = statistics.median(busy - scale * planned for busy, planned in firsts) if firsts else 0.0
     return Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports))
+
+
+def calibrated(engine, texts: list[str], log=print) -> DeviceProfile:
+    """The engine's device profile corrected by `measure` on `texts` (the engine is left as
+    it was, guard included)."""
+    cal = measure(engine, texts)
+    log(f"calibrated on the engine ({cal.requests} dev requests): compute x{cal.compute_scale:.2f}, "
+        f"first layer +{cal.first_layer_ms:.2f} ms")
+    return corrected(engine.device, cal)
 
 
 def corrected(device: DeviceProfile, cal: Calibration) -> DeviceProfile:

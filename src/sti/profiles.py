@@ -108,6 +108,11 @@ class DeviceProfile:
         per_shard = c4[0] * m if c4 else 0.0
         return max(0.0, c0 + c1 * length + c2 * m * length + c3 * m * length * length + per_shard)
 
+    def layer_ms(self, m: int, seq_len: int | None, pos: int) -> float:
+        """Time of the `pos`-th executed layer holding m shards: its compute, and for the
+        first one the engine's extra cost (`first_layer_ms`, set by calibration)."""
+        return self.compute_ms(m, seq_len) + (self.first_layer_ms if pos == 0 else 0.0)
+
     def embed_read_ms(self, seq_len: int | None = None) -> float:
         fixed, per_token = self.embed_ms
         return fixed + per_token * (seq_len or self.seq_len)

@@ -66,7 +66,6 @@ def simulate(layers, m: int, bits, preload, device: DeviceProfile,
     embedding read time (a padded request reads only its distinct tokens' rows). The first
     executed layer also costs the device's `first_layer_ms` (measured on the engine)."""
     held = {(entry[0], entry[1]) for entry in preload}
-    comp = device.compute_ms(m, seq_len)
     io_clock = device.embed_read_ms(seq_len) if embed_ms is None else embed_ms
     due = io_clock                      # layer 0 also needs the embeddings
     out = []
@@ -77,7 +76,7 @@ def simulate(layers, m: int, bits, preload, device: DeviceProfile,
                 io_clock += device.io_ms(bits[k][j])
             ready.append(io_clock)
         start = max(due, io_clock)
-        busy = comp + (device.first_layer_ms if k == 0 else 0.0)
+        busy = device.layer_ms(m, seq_len, k)
         end = start + busy
         out.append(LayerTiming(layer, io_start, io_clock, start, end, max(0.0, io_clock - due),
                                io_clock - io_start, busy, due - io_clock, tuple(ready)))

@@ -10,6 +10,6 @@
 
 from .engine import Engine
 from .report import LayerReport, Report, Result
-from .schedule import Step, schedule
+from .schedule import Schedule, Step, schedule
 
-__all__ = ["Engine", "LayerReport", "Report", "Result", "Step", "schedule"]
+__all__ = ["Engine", "LayerReport", "Report", "Result", "Schedule", "Step", "schedule"]

@@ -41,7 +41,7 @@ from .guards import GUARD_SHARE, Pace, compute_guard, io_guard
 from .memory import GroupPool, ModelBytes, PeakRSS, Window, nbytes
 from .report import LayerReport, Report, Result
 from .request import PRELOADED, SKIPPED, Request
-from .schedule import Step, walk
+from .schedule import Step, schedule
 
 PACE_MEMORY = 5            # recent requests whose compute pace seeds the next one's guard
 SLABS = 2                  # shard groups in the pool: one being computed, one being filled
@@ -67,7 +67,7 @@ class Engine:
         # never longer than the model has position embeddings for
         self.tokenizer = Tokenizer(self.store.path, max_length=min(max_length, self.config.max_tokens))
         # one schedule per bucket that has a plan (the same object for buckets sharing one)
-        walks = {id(p): walk(p) for p in self.plans.plans}
+        walks = {id(p): schedule(p) for p in self.plans.plans}
         self.walks = [walks[id(self.plans.plan_for(b.max_tokens))] for b in self.plans.buckets]
         # how much slower than the profile the compute lane ran in recent requests (their
         # median) is the compute guard's pace for a request until its own first layer is
@@ -183,7 +183,7 @@ class Engine:
         width, distinct = int(batch.input_ids.shape[1]), len(set(batch.input_ids[0].tolist()))
         plan = self.walks[bucket].plan
         return Report(planned_ms=plan.predicted.latency_ms, predicted_ms=self._predicted_ms(bucket, width, distinct),
-                      target_ms=plan.request.target_ms, tokens=int(batch.attention_mask.sum()),
+                      target_ms=plan.request.target_ms, tokens=int(batch.attention_mask.sum()), width=width,
                       truncated=batch.truncated[0], preload_bytes=self.preload_bytes,
                       plan_tokens=plan.request.seq_len, layers=[LayerReport(layer) for layer in plan.choice.layers])
 
@@ -334,8 +334,7 @@ class Engine:
             slow = pace.slowdown() if pace.planned > 0 else self.compute_slowdown
             x = self._layer(x, keep, pos, self._dropped(pos, x.shape[1], req, slow), req)
             lr = req.report.layers[pos]
-            planned = self.device.compute_ms(lr.shards, x.shape[1]) + (self.device.first_layer_ms if pos == 0 else 0.0)
-            pace.add(planned, lr.compute_ms)
+            pace.add(self.device.layer_ms(lr.shards, x.shape[1], pos), lr.compute_ms)
         self._requests += 1
         if self._requests > 1:
             self._slowdowns.append(pace.slowdown())

@@ -79,7 +79,7 @@ def compute_guard(steps: list[list[Step]], pos: int, now_ms: float, due_ms: floa
     lateness now plus the lateness the pace adds over the layers left. Never a layer's most
     important shard, nor one the IO guard already skipped (dropping it would save nothing)."""
     layer = steps[pos]
-    ahead = sum(device.compute_ms(len(later), width) for later in steps[pos:]) + (device.first_layer_ms if pos == 0 else 0.0)
+    ahead = sum(device.layer_ms(len(later), width, p) for p, later in enumerate(steps[pos:], pos))
     late = now_ms - due_ms + (slow - 1.0) * ahead - GUARD_TOLERANCE_MS
     if late <= 0 or len(layer) < 2:
         return []

@@ -29,6 +29,7 @@ class Report:
     predicted_ms: float = 0.0      # the same plan's prediction at this request's length
     target_ms: float = 0.0
     tokens: int = 0
+    width: int = 0                 # tokens computed on: `tokens`, or the padded length the engine pads to
     truncated: bool = False
     embed_ms: float = 0.0
     head_ms: float = 0.0

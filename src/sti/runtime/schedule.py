@@ -42,11 +42,7 @@ class Schedule:
         return max(0.0, self.plan.spare_ms)
 
 
-def walk(plan: Plan) -> Schedule:
-    return Schedule(plan, *schedule(plan))
-
-
-def schedule(plan: Plan) -> tuple[list[list[Step]], list[float]]:
+def schedule(plan: Plan) -> Schedule:
     """The plan's steps per executed layer, and each layer's due time (its planned start)."""
     preload = {(layer, shard) for layer, shard, _ in plan.choice.preload}
     layers = []
@@ -54,4 +50,4 @@ def schedule(plan: Plan) -> tuple[list[list[Step]], list[float]]:
                                                          plan.predicted.timeline)):
         layers.append([Step(pos, layer, shard, b, (layer, shard) in preload, ready, rank)
                        for rank, (shard, b, ready) in enumerate(zip(shards, bits, t.ready_ms))])
-    return layers, [t.compute_start for t in plan.predicted.timeline]
+    return Schedule(plan, layers, [t.compute_start for t in plan.predicted.timeline])
