@@ -3,10 +3,11 @@
 The device profile times each lane's work on repeated, warm inputs (beside a busy other lane,
 as in the engine). Inside the engine a layer also pays for what those timings do not see:
 the Python between groups, handing groups between threads, weights the decoder has just
-written from another core. Measured on the quick model (emulated 100 MB/s, 1 compute thread,
-length-aware plans): the first executed layer took 0.2-0.6 ms longer than its profiled
-compute, the later ones a few percent; a plan that spends all of T is then late, and the
-deadline guard cuts.
+written from another core. Measured by this module in `sti bench` runs on the full-preset
+model (emulated 100 MB/s and cold, 1 compute thread; the corrected profiles are kept in each
+results.json): the first executed layer took 0.14-0.62 ms longer than its profiled compute,
+the later ones up to 1.25x; a plan that spends all of T is then late, and the deadline guard
+cuts.
 
 `measure` runs probe requests through an engine with the deadline guard off and compares,
 request by request, each layer's busy time (its span on the compute lane minus the time it
