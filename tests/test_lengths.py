@@ -96,6 +96,8 @@ def test_a_bucket_without_a_plan_runs_the_nearest_shorter_one():
     assert s.plan_for(20) is s.plan_for(8) is s.buckets[0].plan and s.plan_for(500) is s.buckets[0].plan
     assert s.covered == 0.5
     assert "none fits" in explain_set(s)
+    with pytest.raises(PlanError, match="positive number of tokens"):
+        explain_set(s, 0)
     with pytest.raises(PlanError, match="smallest feasible"):   # not even the shortest length: refused
         make_plan_set(dev, imp, STORE, 1.0, 10**6, [4, 20], 24)
 

@@ -244,6 +244,8 @@ def explain_set(s: PlanSet, tokens: int | None = None) -> str:
     shared buffer, then the full table of the plan for `tokens` (default: the bucket with
     the most requests)."""
     from .plan import _bits_summary, explain
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise PlanError(f"the request length to show must be a positive number of tokens, got {tokens!r}")
     r = s.first.request
     lines = [f"{r.planner} plans for store {r.store_id[:12]}, T = {r.target_ms:.2f} ms, M = {r.memory_bytes:,} B: "
              f"{len(s.buckets)} length buckets ({s.lengths or 'lengths not recorded'})",
