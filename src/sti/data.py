@@ -35,8 +35,9 @@ LABELS = ("negative", "positive")
 class Example:
     id: str
     text: str
-    label: int      # 0 negative, 1 positive
-    rating: float
+    label: int      # index into the model's labels (built-in data: 0 negative, 1 positive)
+    rating: float | None = None   # the built-in data's mean human rating
+    text_pair: str | None = None  # a sentence pair's second text
 
 
 def parse_tsv(path: Path) -> list[Example]:
