@@ -63,7 +63,34 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(116)]
 def word_tokenizer(directory):
     tok = HFTokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = Whitespace()
-    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     return directory
+
+
+def generous_profiles(store_dir):
+    """Profiles (saved beside the store, storage "warm") under which any plan fits: the
+    engine's answer then depends on the weights only."""
+    from sti import api
+    from sti.profiles import DeviceProfile, ImportanceProfile, save_profile
+    from sti.store import Store
+    with Store(store_dir) as s:
+        c, bits = s.config, s.bits
+        sizes = {b: float(s.shard_record(0, 0, b).length) for b in bits}
+        store_id = s.store_id
+    device = DeviceProfile(store_id=store_id, storage="warm", threads=1, seq_len=16, shard_bytes=sizes,
+                           shard_read_ms={b: 0.001 for b in bits}, shard_decode_ms={b: 0.001 for b in bits},
+                           layer_read_ms=0.001, compute_coef=(0.01, 0.0, 0.0, 0.0), compute_fit_error=0.0,
+                           embed_ms=(0.01, 0.0), head_ms=0.01)
+    grid = {f"{n},{m}": 0.5 + 0.01 * n * m for n in range(1, c.num_layers + 1) for m in range(1, c.num_shards + 1)}
+    importance = ImportanceProfile(store_id=store_id, method="degrade", split="dev", seed=0, lowest_bits=min(bits),
+                                   full_accuracy=grid[f"{c.num_layers},{c.num_shards}"], submodel_accuracy=grid,
+                                   shard_kl=tuple(tuple(0.01 for _ in range(c.num_shards)) for _ in range(c.num_layers)),
+                                   shard_acc_drop=None, bits_error={b: 0.0 if b == 32 else 1.0 for b in bits},
+                                   kl_to_acc=0.5)
+    save_profile(device, api.device_profile_path(store_dir, "warm"))
+    save_profile(importance, api.importance_profile_path(store_dir, "degrade"))
+
+

@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 from sti import api
 from sti.cli import app
 from sti.errors import ConfigError
-from sti.profiles import DeviceProfile, ImportanceProfile, save_profile
 from sti.store import Store
 from sti.weights import load_model_dir
+from tests.conftest import generous_profiles
 
 pytestmark = pytest.mark.real  # the real tokenizer files and MiniLM weights
 
@@ -102,6 +102,18 @@ def reference(model_dir, texts=TEXTS, max_length=MAX_LENGTH):
     return logits, [model.config.id2label[int(i)] for i in logits.argmax(-1)]
 
 
+PAIRS = ["the leads carry it", "a waste of two hours", "fine, if you like that sort of thing",
+         "short", "the last act lands a moving, surprising ending that earns every minute"]
+
+
+def pair_reference(model_dir, texts=TEXTS, pairs=PAIRS, max_length=MAX_LENGTH):
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    enc = tok(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits
+
+
 def cli(*args):
     result = CliRunner().invoke(app, [str(a) for a in args])
     if result.exception and not isinstance(result.exception, SystemExit):
@@ -113,26 +125,6 @@ def cli(*args):
 def exact_answers(store, texts=TEXTS, max_length=MAX_LENGTH):
     out = cli("run", store, *texts, "--exact", "--json", "--max-length", max_length)
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
-
-def generous_profiles(store_dir):
-    """Profiles under which any plan fits (the engine's answer then depends on the weights only)."""
-    with Store(store_dir) as s:
-        c, bits = s.config, s.bits
-        sizes = {b: float(s.shard_record(0, 0, b).length) for b in bits}
-        store_id = s.store_id
-    device = DeviceProfile(store_id=store_id, storage="warm", threads=1, seq_len=16, shard_bytes=sizes,
-                           shard_read_ms={b: 0.001 for b in bits}, shard_decode_ms={b: 0.001 for b in bits},
-                           layer_read_ms=0.001, compute_coef=(0.01, 0.0, 0.0, 0.0), compute_fit_error=0.0,
-                           embed_ms=(0.01, 0.0), head_ms=0.01)
-    grid = {f"{n},{m}": 0.5 + 0.01 * n * m for n in range(1, c.num_layers + 1) for m in range(1, c.num_shards + 1)}
-    importance = ImportanceProfile(store_id=store_id, method="degrade", split="dev", seed=0, lowest_bits=min(bits),
-                                   full_accuracy=grid[f"{c.num_layers},{c.num_shards}"], submodel_accuracy=grid,
-                                   shard_kl=tuple(tuple(0.01 for _ in range(c.num_shards)) for _ in range(c.num_layers)),
-                                   shard_acc_drop=None, bits_error={b: 0.0 if b == 32 else 1.0 for b in bits},
-                                   kl_to_acc=0.5)
-    save_profile(device, api.device_profile_path(store_dir, "warm"))
-    save_profile(importance, api.importance_profile_path(store_dir, "degrade"))
 
 
 def engine_logits(store_dir, texts=TEXTS, max_length=MAX_LENGTH):
@@ -368,3 +360,31 @@ def test_malformed_configs_are_refused_with_our_error(tmp_path, real_model_dir):
     assert load_model_dir(d).config.labels == ("a", "b")
     with pytest.raises(ConfigError, match="is a file"):
         load_model_dir(d / "config.json")
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+def test_sentence_pairs_match_transformers(family, tmp_path, real_model_dir, bpe_tokenizer_dir):
+    """Pairs joined by each family's own template, token types where the model has them
+    (BERT), cut longest-first to MAX_LENGTH: the exact path and the engine give
+    transformers' logits."""
+    tok_dir = bpe_tokenizer_dir if family == "roberta" else real_model_dir
+    model = hf_classifier(family, 2, tok_dir)
+    if family == "bert":
+        with torch.no_grad():  # token types that change the answer, as a pair-trained model's do
+            model.bert.embeddings.token_type_embeddings.weight[1] += 0.5
+    model_dir = save_hf(model, tok_dir, tmp_path / "model")
+    want = pair_reference(model_dir)
+    cli("build", model_dir, tmp_path / "store", "--bits", "32")
+    store = tmp_path / "store"
+    pairs = [a for p in PAIRS for a in ("--pair", p)]
+    out = cli("run", store, *TEXTS, *pairs, "--exact", "--json", "--max-length", MAX_LENGTH)
+    got = torch.tensor([json.loads(line)["logits"] for line in out.splitlines() if line.startswith("{")])
+    assert (got - want).abs().max().item() < 1e-4
+    generous_profiles(store)
+    with api.open_engine(store, 1e5, 1000, storage="warm", log=lambda *a: None, max_length=MAX_LENGTH,
+                         calibrate=False) as e:
+        served = torch.stack([e.run(t, p).logits for t, p in zip(TEXTS, PAIRS)])
+    assert (served - want).abs().max().item() < 1e-4
+    if family == "bert":
+        single = reference(model_dir)[0]
+        assert (want - single).abs().max().item() > 1e-2, "pairs must answer differently from single texts"

@@ -15,7 +15,7 @@ import math
 import re
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, StiError
 from .planning import PlanSet, make_plan, make_plan_set
 from .profiles import DeviceProfile, ImportanceProfile, load_profile, save_profile
 from .storage import parse_storage
@@ -79,13 +79,17 @@ def _outdated(path: Path, kind: str) -> bool:
 
 def importance_profile(store_dir, method: str | None = None, measure: bool = True, log=print) -> ImportanceProfile:
     """The saved importance profile for this store; measured on the dev split if missing.
-    With `method` None, the best one saved (the paper's `degrade`, else `gradient`); if none
-    is, the cheap `gradient` one is measured (on MiniLM and 2 cores well under a minute,
+    With `method` None, the best one saved (one measured on the user's data file before one
+    of the built-in dev split; then the paper's `degrade` before `gradient`); if none is,
+    the cheap `gradient` one is measured (on MiniLM and 2 cores well under a minute,
     against about 9 minutes for `degrade`; their shard rankings agree closely)."""
     store_id = store_id_of(store_dir)
     if method is None:
-        saved = [m for m in IMPORTANCE_METHODS if importance_profile_path(store_dir, m).exists()]
-        method = saved[0] if saved else "gradient"
+        saved = [load_profile(importance_profile_path(store_dir, m), store_id) for m in IMPORTANCE_METHODS
+                 if importance_profile_path(store_dir, m).exists()]
+        if saved:  # one measured on the user's own data first: it is of their task
+            return min(saved, key=lambda p: (p.data is None, IMPORTANCE_METHODS.index(p.method)))
+        method = "gradient"
     path = importance_profile_path(store_dir, method)
     if path.exists() or not measure:
         return load_profile(path, store_id)
@@ -138,19 +142,45 @@ def check_max_length(store: Store, max_length: int | None) -> int:
 
 
 def dev_texts() -> list[str]:
-    """The built-in dev split's sentences: the default sample of requests to plan for and to
-    calibrate on (never the test split, which the benchmark scores)."""
+    """The built-in dev split's sentences (never the test split, which the benchmark scores)."""
     from .data import load_split
     return [e.text for e in load_split("dev")]
 
 
-def request_lengths(store_dir, max_length: int | None = None) -> list[int]:
-    """Token counts of the built-in dev split's sentences under this store's tokenizer: the
-    length distribution length-aware plans are made for unless told otherwise."""
+def sample_requests(importance: ImportanceProfile | None = None) -> tuple[list[tuple[str, str | None]], str]:
+    """The requests plans are made for and calibration probes run: the examples of the data
+    file the importance profile was measured on, if it is still there unchanged (so a task
+    of sentence pairs is planned for its own lengths), else the built-in dev split. Returns
+    (text, second text or None) pairs and where they came from."""
+    source = importance.data if importance is not None else None
+    if source is not None:
+        from .assets import sha256_file
+        from .datafile import Columns, rows
+        path = Path(source["path"])
+        if path.is_file() and path.stat().st_size == source["size"] and sha256_file(path) == source["sha256"]:
+            columns = Columns(**source.get("columns", {}))
+            return [(r.text, r.pair) for r in rows(path, columns)], f"data file {path.name} (the importance profile's)"
+    return [(t, None) for t in dev_texts()], "dev split"
+
+
+def request_lengths(store_dir, max_length: int | None = None,
+                    requests: list[tuple[str, str | None]] | None = None) -> list[int]:
+    """Token counts of sample requests (default: `sample_requests` of the store's saved
+    importance profile) under this store's tokenizer: the length distribution
+    length-aware plans are made for unless told otherwise."""
     from .tokenizer import Tokenizer
     with Store(store_dir) as store:
         max_length = check_max_length(store, max_length)
-    return Tokenizer(store_dir, max_length=max_length).lengths(dev_texts())
+    if requests is None:
+        requests = sample_requests(_saved_importance(store_dir))[0]
+    return Tokenizer(store_dir, max_length=max_length).lengths([t for t, _ in requests], [p for _, p in requests])
+
+
+def _saved_importance(store_dir, method: str | None = None) -> ImportanceProfile | None:
+    try:
+        return importance_profile(store_dir, method, measure=False)
+    except StiError:
+        return None
 
 
 def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint", storage: str = "cold",
@@ -174,8 +204,10 @@ def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
         max_length = check_max_length(store, max_length)
         prune = bool(allow_pruning or store.config.elastic)
         if planner == "joint" and seq_len is None:
-            source = "given lengths" if lengths is not None else "dev split"
-            lengths = request_lengths(store_dir, max_length) if lengths is None else lengths
+            source = "given lengths"
+            if lengths is None:
+                requests, source = sample_requests(importance)
+                lengths = request_lengths(store_dir, max_length, requests)
             return make_plan_set(device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6),
                                  lengths, max_length, fixed_bytes=resident_bytes(store), headroom=headroom,
                                  prune=prune, source=f"{source}, {len(lengths)} requests")
@@ -209,9 +241,10 @@ def calibrated_device(store_dir, latency_ms: float, memory_mb: float, planner: s
     the plans for these targets runs dev-split probe requests without its deadline guard."""
     from .calibrate import calibrated
     device = device_profile(store_dir, storage, log=log)
+    requests, source = sample_requests(importance_profile(store_dir, method, log=log))
     args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
     with _engine(store_dir, storage, device, False, max_length, True, args, lengths) as engine:
-        return calibrated(engine, dev_texts(), log)
+        return calibrated(engine, requests, log, source)
 
 
 def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths):
@@ -229,10 +262,19 @@ def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths
         raise
 
 
-def classify_exact(store_dir, texts: list[str], max_length: int | None = None, batch_size: int = 32) -> list[dict]:
+def classify_exact(store_dir, texts: list[str], max_length: int | None = None, batch_size: int = 32,
+                   pairs: list[str | None] | None = None) -> list[dict]:
     """The whole model at full precision (every shard's 32-bit record), no plan and no
-    deadline: the reference answer of a store, for checking. One dict per text: label,
-    probs, logits."""
+    deadline: the reference answer of a store, for checking. `pairs[i]`, if given, is text
+    i's second text. One dict per text: label, probs, logits, truncated."""
+    items = list(zip(texts, pairs if pairs is not None else [None] * len(texts)))
+    return [answer for _, answer in exact_answers(store_dir, items, max_length, batch_size)]
+
+
+def exact_answers(store_dir, items, max_length: int | None = None, batch_size: int = 32):
+    """`classify_exact` over an iterable of (text, second text or None, ...) tuples, read
+    and answered a batch at a time: yields (item, answer)."""
+    import itertools
     import torch
     from .encoder import classify
     from .tokenizer import Tokenizer
@@ -243,12 +285,36 @@ def classify_exact(store_dir, texts: list[str], max_length: int | None = None, b
         max_length = check_max_length(store, max_length)
         weights = store.load_model(32)
     tokenizer = Tokenizer(store_dir, max_length=max_length)
-    out = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer.encode(texts[i:i + batch_size])
-        logits = classify(weights, batch.input_ids, batch.attention_mask)
-        for row, truncated in zip(logits, batch.truncated):
+    items = iter(items)
+    while chunk := list(itertools.islice(items, batch_size)):
+        pairs = [item[1] for item in chunk]
+        batch = tokenizer.encode([item[0] for item in chunk], pairs=pairs if any(p is not None for p in pairs) else None)
+        logits = classify(weights, batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)
+        for item, row, truncated in zip(chunk, logits, batch.truncated):
             probs = torch.softmax(row, -1)
-            out.append({"label": weights.config.labels[int(row.argmax())], "probs": probs.tolist(),
-                        "logits": row.tolist(), "truncated": truncated})
-    return out
+            yield item, {"label": weights.config.labels[int(row.argmax())], "probs": probs.tolist(),
+                         "logits": row.tolist(), "truncated": truncated}
+
+
+def evaluate_file(store_dir, data, latency_ms: float, memory_mb: float, storage: str = "cold",
+                  planner: str = "joint", limit: int | None = None, columns=None, log=print, progress=None,
+                  **engine_options):
+    """Serve every example of a labelled data file (TSV, CSV or JSONL: datafile.py) through an
+    engine under (T, M), as a user's requests would be: the accuracy of the labels it returned,
+    latency over every request, hit and guard rates, peak model bytes, beside the fused full
+    model's accuracy on the same examples (`evaluate.Served`). `engine_options` go to
+    `open_engine`; `progress(done, total)` returning False (or Ctrl-C) stops early with what
+    was measured."""
+    from dataclasses import replace
+    from .datafile import Columns, read_examples, source_of
+    from .evaluate import serve
+    columns = columns or Columns()
+    with Store(store_dir) as store:
+        labels = store.config.labels
+    examples = read_examples(data, labels, columns, limit)
+    source = source_of(data, len(examples), columns).to_dict()
+    with open_engine(store_dir, latency_ms, memory_mb, storage=storage, planner=planner, log=log,
+                     **engine_options) as engine:
+        with Store(store_dir) as store:
+            full = store.load_model(max(store.bits))  # the whole model, resident, for comparison
+        return replace(serve(engine, examples, full, progress), data=source)

@@ -49,7 +49,7 @@ from . import api
 from .data import OOD_SETS, load_split
 from .encoder import Submodel, classify, depth_layers, head_logits, parse_grid_key
 from .errors import InputError, StiError
-from .evaluate import accuracy
+from .evaluate import accuracy, latency_stats
 from .planning import Plan, PlanChoice, PlanPrediction, PlanRequest, PlanSet, make_plan, make_plan_set, simulate
 from .planning.problem import predicted_memory
 from .profiles import profile_id
@@ -149,10 +149,6 @@ def fixed_plan(device, importance, store_id: str, layers, m: int, bits, seq_len:
                        full_accuracy=importance.full_accuracy, embed_ms=device.embed_read_ms(seq_len),
                        head_ms=device.head_ms, preload_bytes=0.0, inflight_bytes=float(inflight), working_bytes=working,
                        resident_bytes=fixed_bytes + inflight + working, timeline=timeline))
-
-
-def percentile(xs: list[float], q: float) -> float:
-    return float(np.percentile(xs, q)) if xs else math.nan
 
 
 def evict(path: Path) -> None:
@@ -308,27 +304,9 @@ def time_requests(fn, texts: list[str]) -> tuple[list[float], list]:
     return lat, out
 
 
-def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a rate of `hits` in `n` (sound near 0 and 1, unlike p +- 2se)."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = hits / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n)))
-
-
 def served(labels: list[str], examples, names: tuple[str, ...]) -> float:
     """Accuracy of the labels a system returned (by name) against the examples' labels."""
     return served_ids([names.index(got) for got in labels], examples)
-
-
-def latency_stats(lat: list[float], target: float | None) -> dict:
-    out = {"latency_median_ms": statistics.median(lat), "latency_p95_ms": percentile(lat, 95),
-           "latency_p99_ms": percentile(lat, 99)}
-    if target is not None:
-        hits = sum(v <= target for v in lat)
-        out.update(hit_rate=hits / len(lat), hit_rate_ci=wilson(hits, len(lat)))
-    return out
 
 
 def run_engine(store_dir: Path, plan: Plan | PlanSet, device, storage: str, pad_to, sets: dict, guard=True) -> dict:

@@ -38,16 +38,17 @@ class Calibration:
     requests: int
 
 
-def measure(engine, texts: list[str], probes: int = PROBES) -> Calibration:
-    """Run up to `probes` of `texts` (spread evenly) through `engine` without its deadline
-    guard, and compare each layer's busy time with the profile's compute time."""
+def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
+    """Run up to `probes` of `texts` (spread evenly; each a text or a (text, second text)
+    pair) through `engine` without its deadline guard, and compare each layer's busy time
+    with the profile's compute time."""
     if not texts:
         raise InputError("calibration needs at least one probe text")
     step = max(1, len(texts) // probes)
     chosen = texts[::step][:probes]
     guard, engine.guard = engine.guard, False    # every shard of the plan runs as planned
     try:
-        reports = [engine.run(t).report for t in chosen]
+        reports = [(engine.run(*t) if isinstance(t, tuple) else engine.run(t)).report for t in chosen]
     finally:
         engine.guard = guard
     device = engine.device
@@ -65,11 +66,11 @@ def measure(engine, texts: list[str], probes: int = PROBES) -> Calibration:
     return Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports))
 
 
-def calibrated(engine, texts: list[str], log=print) -> DeviceProfile:
+def calibrated(engine, texts: list, log=print, source: str = "dev split") -> DeviceProfile:
     """The engine's device profile corrected by `measure` on `texts` (the engine is left as
     it was, guard included)."""
     cal = measure(engine, texts)
-    log(f"calibrated on the engine ({cal.requests} dev requests): compute x{cal.compute_scale:.2f}, "
+    log(f"calibrated on the engine ({cal.requests} requests from the {source}): compute x{cal.compute_scale:.2f}, "
         f"first layer +{cal.first_layer_ms:.2f} ms")
     return corrected(engine.device, cal)
 

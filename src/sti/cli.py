@@ -35,16 +35,50 @@ def data() -> None:
     console.print(table)
 
 
+DATA_HELP = "a data file: .tsv or .csv with a header line, or .jsonl (columns text, text_pair, label)"
+TEXT_COLUMN = typer.Option(None, help="the column (or JSON field) holding the text (default: text, sentence, ...)")
+PAIR_COLUMN = typer.Option(None, help="the column holding a pair's second text (default: text_pair, sentence2, ...)")
+LABEL_COLUMN = typer.Option(None, help="the column holding the label (default: label, labels, gold_label, target)")
+
+
+def _columns(text: str | None, pair: str | None, label: str | None):
+    from .datafile import Columns
+    return Columns(text=text, pair=pair, label=label)
+
+
 @app.command()
 def finetune(out: Optional[Path] = typer.Option(None, help="output model directory (default: in $STI_HOME)"),
              preset: str = typer.Option("full", help="full (about 39 min on 2 cores) or quick (under 10 min)"),
-             force: bool = typer.Option(False, help="retrain even if the model exists")) -> None:
-    """Fine-tune the elastic (width- and depth-adaptive) sentiment model."""
-    from .finetune import FinetuneConfig, default_model_dir, finetune as run, read_metrics
+             force: bool = typer.Option(False, help="retrain even if the model exists"),
+             base: Optional[Path] = typer.Option(None, help="a BERT base model directory (default: the "
+                                                 "registry's MiniLM-L6)"),
+             train: Optional[Path] = typer.Option(None, help="your training data (" + DATA_HELP + ")"),
+             dev: Optional[Path] = typer.Option(None, help="your dev data: rewiring and model selection"),
+             test: Optional[Path] = typer.Option(None, help="your test data, reported on (default: the dev data)"),
+             labels: Optional[str] = typer.Option(None, help="comma-separated label names in id order (default: "
+                                                  "the training data's)"),
+             max_length: Optional[int] = typer.Option(None, help="tokens a training example is cut to "
+                                                      "(default: the preset's, 64 or 48)"),
+             text_column: Optional[str] = TEXT_COLUMN, pair_column: Optional[str] = PAIR_COLUMN,
+             label_column: Optional[str] = LABEL_COLUMN) -> None:
+    """Fine-tune an elastic (width- and depth-adaptive) classifier: the built-in sentiment task,
+    or your own (--train, --dev; sentence pairs too)."""
+    from dataclasses import replace
+    from .finetune import FinetuneConfig, default_model_dir, finetune as run, read_metrics, user_task
     cfg = FinetuneConfig.preset_named(preset)
+    if max_length is not None:
+        if max_length < 8:
+            raise InputError(f"--max-length must be at least 8 tokens, got {max_length}")
+        cfg = replace(cfg, max_length=max_length)
+    task = None
+    if train or dev or test or labels:
+        if not (train and dev and out):
+            raise InputError("fine-tuning on your own data needs --train, --dev and --out")
+        names = tuple(x.strip() for x in labels.split(",")) if labels else None
+        task = user_task(train, dev, test, names, _columns(text_column, pair_column, label_column))
     target = out or default_model_dir(cfg.preset)
-    if force or not (target / "metrics.json").exists():
-        run(out=target, cfg=cfg, log=console.print)
+    if force or task is not None or not (target / "metrics.json").exists():
+        run(out=target, cfg=cfg, base_dir=base, log=console.print, task=task)
     else:
         console.print(f"using the cached model in {target} (--force retrains)")
     print_grid(read_metrics(target), console)
@@ -122,17 +156,25 @@ def profile_device(store_dir: Path = typer.Argument(..., help="a store directory
 
 @profile_app.command("importance")
 def profile_importance(store_dir: Path = typer.Argument(..., help="a store directory"),
-                       split: str = typer.Option("dev", help="data split to measure on (dev: never test)"),
-                       method: str = typer.Option("degrade", help="degrade (the paper's) or gradient (cheap)")) -> None:
-    """Measure how much each shard matters; save the N x M table beside the store."""
+                       split: str = typer.Option("dev", help="built-in split to measure on (dev: never test)"),
+                       data: Optional[Path] = typer.Option(None, help="measure on your labelled data instead: "
+                                                           + DATA_HELP),
+                       limit: Optional[int] = typer.Option(None, help="use only the first N examples"),
+                       method: str = typer.Option("degrade", help="degrade (the paper's) or gradient (cheap)"),
+                       text_column: Optional[str] = TEXT_COLUMN, pair_column: Optional[str] = PAIR_COLUMN,
+                       label_column: Optional[str] = LABEL_COLUMN) -> None:
+    """Measure how much each shard matters; save the N x M table beside the store. Plans and
+    calibration then use the same data's requests (their lengths) while the file is unchanged."""
     from .api import importance_profile_path
     from .profile_importance import measure_importance
     from .profiles import save_profile
-    p = measure_importance(store_dir, method=method, split=split)
+    p = measure_importance(store_dir, method=method, split=split, limit=limit, data=data,
+                           columns=_columns(text_column, pair_column, label_column))
     path = save_profile(p, importance_profile_path(store_dir, method))
     import numpy as np
     kl = np.array(p.shard_kl)
-    console.print(f"{method} on {split}: {p.cost_s:.1f} s; full accuracy {p.full_accuracy:.4f}; shard KL min "
+    where = f"{data} ({p.data['examples']} examples)" if data else split
+    console.print(f"{method} on {where}: {p.cost_s:.1f} s; full accuracy {p.full_accuracy:.4f}; shard KL min "
                   f"{kl.min():.2e} median {np.median(kl):.2e} max {kl.max():.2e}")
     console.print("bits error: " + ", ".join(f"{b}: {e:.3f}" for b, e in sorted(p.bits_error.items())))
     console.print(f"saved {path}")
@@ -176,7 +218,11 @@ MAX_LENGTH_HELP = "cut requests to this many tokens (default 128; at most the mo
 
 @app.command()
 def run(store_dir: Path = typer.Argument(..., help="a store directory"),
-        texts: list[str] = typer.Argument(..., help="texts to classify"),
+        texts: Optional[list[str]] = typer.Argument(None, help="texts to classify"),
+        pair: Optional[list[str]] = typer.Option(None, help="a second text (sentence pairs): once per text"),
+        input_file: Optional[Path] = typer.Option(None, "--input", help="read the texts from a file, or - for "
+                                                  "standard input: one per line, or JSONL (text, text_pair), "
+                                                  "or a .tsv/.csv with a header (a label column is scored)"),
         latency_ms: Optional[float] = typer.Option(None, help="target latency T in ms (not with --exact)"),
         memory_mb: Optional[float] = typer.Option(None, help="preload buffer budget M in MB (not with --exact)"),
         exact: bool = typer.Option(False, help="the whole model at full precision, no plan or deadline (for checking)"),
@@ -190,51 +236,102 @@ def run(store_dir: Path = typer.Argument(..., help="a store directory"),
         calibrate: bool = typer.Option(True, help="correct the device profile on the engine first (about a second)"),
         trace: Optional[Path] = typer.Option(None, help="write a Chrome trace (Perfetto) of the last request"),
         timeline: Optional[Path] = typer.Option(None, help="draw the last request's IO/compute lanes as a PNG"),
-        json_out: bool = typer.Option(False, "--json", help="print one JSON object per text")) -> None:
-    """Classify texts within the latency target, streaming shards from the store."""
+        text_column: Optional[str] = TEXT_COLUMN, pair_column: Optional[str] = PAIR_COLUMN,
+        label_column: Optional[str] = LABEL_COLUMN,
+        json_out: bool = typer.Option(False, "--json", help="print one JSON object per text (the summary goes "
+                                      "to stderr)")) -> None:
+    """Classify texts within the latency target, streaming shards from the store. One engine
+    answers them all, each as soon as it is read; the end prints a summary."""
     import json
+    from .inputs import Tally, requests
+    reqs = requests(texts or [], pair or [], input_file, _columns(text_column, pair_column, label_column))
+    say = notes.print if json_out else console.print
     if exact:
         if latency_ms is not None or memory_mb is not None or trace or timeline:
             raise InputError("--exact runs without a plan: leave out --latency-ms, --memory-mb, --trace, --timeline")
-        from .api import classify_exact
-        for text, r in zip(texts, classify_exact(store_dir, texts, max_length)):
+        from .api import exact_answers
+        for req, r in exact_answers(store_dir, reqs, max_length):
             if json_out:
-                print(json.dumps({"text": text, **r}))
+                print(json.dumps({**req.fields(), **r}), flush=True)
             else:
                 console.print(f"[bold]{r['label']}[/bold] ({max(r['probs']):.3f})  exact, full precision"
-                              + (" (truncated)" if r["truncated"] else "") + f"  {text[:60]!r}", highlight=False)
+                              + (" (truncated)" if r["truncated"] else "") + f"  {req.text[:60]!r}", highlight=False)
         return
     if latency_ms is None or memory_mb is None:
         raise InputError("give --latency-ms and --memory-mb (or --exact for the whole model at full precision)")
     from .api import open_engine
     with open_engine(store_dir, latency_ms, memory_mb, storage=storage, planner=planner, seq_len=seq_len,
-                     guard=guard, log=notes.print if json_out else console.print, headroom=headroom,
-                     allow_pruning=allow_pruning,
+                     guard=guard, log=say, headroom=headroom, allow_pruning=allow_pruning,
                      max_length=max_length, calibrate=calibrate) as engine:
-        result = None
-        for text in texts:
-            result = engine.run(text)
-            r = result.report
-            if json_out:
-                print(json.dumps({"text": text, "label": result.label, "probs": result.probs,
-                                  "logits": result.logits.tolist(), "latency_ms": r.latency_ms,
-                                  "report": {k: v for k, v in r.to_dict().items() if k != "spans"}}))
-                continue
-            flag = "" if r.met_deadline else " [red]MISSED[/red]"
-            console.print(f"[bold]{result.label}[/bold] ({max(result.probs):.3f})  {r.latency_ms:.1f} ms of "
-                          f"{r.target_ms:.0f}{flag} (planned {r.planned_ms:.1f} at {r.plan_tokens} tokens, "
-                          f"stall {r.stall_ms:.1f})  "
-                          f"model bytes peak {r.peak_model_bytes / 1e6:.2f} MB  {r.tokens} tokens"
-                          + (" (truncated)" if r.truncated else "") + f"  {text[:60]!r}", highlight=False)
-            if r.guard_changes:
-                console.print(f"  deadline guard changed {len(r.guard_changes)} shards: "
-                              + ", ".join(f"L{l}.S{s} {a}->{b if b else 'skip'}" for l, s, a, b in r.guard_changes[:8]))
+        tally, result = Tally(engine.config.labels), None
+        try:
+            for req in reqs:
+                result = engine.run(req.text, req.pair)
+                tally.add(req, result)
+                if json_out:
+                    print(json.dumps(answer_json(req, result)), flush=True)
+                else:
+                    print_answer(req, result)
+        except KeyboardInterrupt:
+            say("interrupted: the summary is of the answers given so far")
+        say(tally.summary(), highlight=False)
         if result is not None and trace:
             from .trace import write_trace
-            console.print(f"trace: {write_trace(result.report, trace)}")
+            say(f"trace: {write_trace(result.report, trace)}")
         if result is not None and timeline:
             from .trace import draw_timeline
-            console.print(f"timeline: {draw_timeline(result.report, timeline)}")
+            say(f"timeline: {draw_timeline(result.report, timeline)}")
+
+
+def answer_json(req, result) -> dict:
+    r = result.report
+    return {**req.fields(), "label": result.label, "probs": result.probs, "logits": result.logits.tolist(),
+            "latency_ms": r.latency_ms, "report": {k: v for k, v in r.to_dict().items() if k != "spans"}}
+
+
+def print_answer(req, result) -> None:
+    r = result.report
+    flag = "" if r.met_deadline else " [red]MISSED[/red]"
+    console.print(f"[bold]{result.label}[/bold] ({max(result.probs):.3f})  {r.latency_ms:.1f} ms of "
+                  f"{r.target_ms:.0f}{flag} (planned {r.planned_ms:.1f} at {r.plan_tokens} tokens, "
+                  f"stall {r.stall_ms:.1f})  model bytes peak {r.peak_model_bytes / 1e6:.2f} MB  {r.tokens} tokens"
+                  + (" (truncated)" if r.truncated else "") + f"  {req.text[:60]!r}", highlight=False)
+    if r.guard_changes:
+        console.print(f"  deadline guard changed {len(r.guard_changes)} shards: "
+                      + ", ".join(f"L{l}.S{s} {a}->{b if b else 'skip'}" for l, s, a, b in r.guard_changes[:8]))
+
+
+@app.command("eval")
+def eval_(store_dir: Path = typer.Argument(..., help="a store directory"),
+          data: Path = typer.Option(..., help="your labelled data: " + DATA_HELP),
+          latency_ms: float = typer.Option(..., help="target latency T in ms"),
+          memory_mb: float = typer.Option(..., help="preload buffer budget M in MB"),
+          storage: str = typer.Option("cold", help=STORAGE_HELP),
+          planner: str = typer.Option("joint", help="joint (ours) or paper (STI's two stages)"),
+          limit: Optional[int] = typer.Option(None, help="serve only the first N examples"),
+          max_length: Optional[int] = typer.Option(None, help=MAX_LENGTH_HELP),
+          calibrate: bool = typer.Option(True, help="correct the device profile on the engine first"),
+          text_column: Optional[str] = TEXT_COLUMN, pair_column: Optional[str] = PAIR_COLUMN,
+          label_column: Optional[str] = LABEL_COLUMN,
+          json_out: bool = typer.Option(False, "--json", help="print the figures as JSON")) -> None:
+    """Serve every example of your data through the engine: served accuracy, latency, hit and
+    guard rates, peak model bytes, beside the full model's accuracy. Ctrl-C stops early and
+    prints what was measured."""
+    import json
+    from rich.progress import Progress as Bar
+    from .api import evaluate_file
+    from .present import print_served
+    out = notes if json_out else console
+    with Bar(console=notes, transient=True) as bar:
+        task = bar.add_task("serving", total=None)
+        served = evaluate_file(store_dir, data, latency_ms, memory_mb, storage=storage, planner=planner, limit=limit,
+                               columns=_columns(text_column, pair_column, label_column), log=out.print,
+                               progress=lambda d, t: bar.update(task, completed=d, total=t) or True,
+                               max_length=max_length, calibrate=calibrate)
+    if json_out:
+        print(json.dumps(served.to_dict(), indent=1))
+    else:
+        print_served(served, console)
 
 
 @app.command()

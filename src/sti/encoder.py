@@ -81,17 +81,24 @@ def depth_layers(num_layers: int, n: int) -> tuple[int, ...]:
 
 
 def embed(emb: Embeddings, input_ids: torch.Tensor, config: ModelConfig,
-          word_rows: torch.Tensor | None = None, position_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Token + position + token-type (all type 0) embeddings, then LayerNorm. Positions start
-    at `config.position_offset` (RoBERTa's after its padding index; padding comes after the
-    real tokens, so their positions are the same as in a batch of one). `word_rows` and
-    `position_rows`, when given, are the rows already looked up (the runtime reads only
+          word_rows: torch.Tensor | None = None, position_rows: torch.Tensor | None = None,
+          token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Token + position + token-type embeddings, then LayerNorm. Positions start at
+    `config.position_offset` (RoBERTa's after its padding index; padding comes after the
+    real tokens, so their positions are the same as in a batch of one). Token types (a
+    pair's second text is type 1) count only in a model with more than one type: RoBERTa
+    has one and DistilBERT none, and both ignore them, as transformers does. `word_rows`
+    and `position_rows`, when given, are the rows already looked up (the runtime reads only
     those rows from the store)."""
     seq = input_ids.shape[1]
     words = word_rows if word_rows is not None else F.embedding(input_ids, emb.word)
     if position_rows is None:
         position_rows = emb.position[config.position_offset:config.position_offset + seq]
-    x = words + position_rows + emb.token_type[0]
+    if token_type_ids is None or emb.token_type.shape[0] == 1:
+        types = emb.token_type[0]
+    else:
+        types = F.embedding(token_type_ids, emb.token_type)
+    x = words + position_rows + types
     return F.layer_norm(x, (x.shape[-1],), emb.ln_w, emb.ln_b, config.layer_norm_eps)
 
 
@@ -138,14 +145,14 @@ def attention_keep(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def encode(weights: ModelWeights, input_ids: torch.Tensor, attention_mask: torch.Tensor,
            submodel: Submodel | None = None, dropout: float = 0.0,
-           all_hidden: bool = False) -> torch.Tensor | list[torch.Tensor]:
+           all_hidden: bool = False, token_type_ids: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
     """Last hidden states [B, S, H] of the submodel (default: the full model); with
     `all_hidden`, the list [embeddings, after each layer]."""
     config = weights.config
     submodel = submodel or Submodel.full(config)
     submodel.validate(config)
     keep = attention_keep(attention_mask)
-    x = _drop(embed(weights.embeddings, input_ids, config), dropout)
+    x = _drop(embed(weights.embeddings, input_ids, config, token_type_ids=token_type_ids), dropout)
     states = [x]
     for i, ids in zip(submodel.layers, submodel.shards):
         x = layer_forward(x, keep, weights.submodel_layer(i, ids), config, dropout)
@@ -171,8 +178,8 @@ def head_logits(head: Head, hidden: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def classify(weights: ModelWeights, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             submodel: Submodel | None = None) -> torch.Tensor:
+             submodel: Submodel | None = None, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, num_labels] of the submodel (inference: no dropout, no grad)."""
     with torch.no_grad():
-        hidden = encode(weights, input_ids, attention_mask, submodel)
+        hidden = encode(weights, input_ids, attention_mask, submodel, token_type_ids=token_type_ids)
         return head_logits(weights.head, hidden, attention_mask)

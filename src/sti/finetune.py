@@ -33,9 +33,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from . import data
 from .assets import ensure_model, sha256_file, sti_home
+from .datafile import Columns, label_names, read_examples, rows, source_of
 from .encoder import Submodel, encode, head_logits
-from .errors import Cancelled
-from .evaluate import accuracy
+from .errors import Cancelled, InputError
+from .evaluate import accuracy, encode_examples
 from .rewire import rewire, taylor_importance
 from .tokenizer import Tokenizer
 from .weights import ModelWeights, load_model_dir, save_model_dir
@@ -125,13 +126,13 @@ def _steps(examples, tokenizer, cfg: FinetuneConfig, epochs: float, rng: random.
     count examples: ceil(epochs * N / batch_size) batches, so a whole number of epochs
     may leave out one short batch."""
     total = math.ceil(epochs * len(examples) / cfg.batch_size)
-    lengths = tokenizer.lengths([e.text for e in examples])
+    lengths = tokenizer.lengths([e.text for e in examples], [e.text_pair for e in examples])
     batches: list[list[int]] = []
     for _ in range(total):
         if not batches:
             batches = _length_buckets(lengths, cfg.batch_size, rng)
         idx = batches.pop()
-        batch = tokenizer.encode([examples[i].text for i in idx])
+        batch = encode_examples(tokenizer, [examples[i] for i in idx])
         yield batch, torch.tensor([examples[i].label for i in idx])
 
 
@@ -145,7 +146,8 @@ def train_teacher(weights: ModelWeights, tokenizer: Tokenizer, train, cfg: Finet
         task = bar.add_task("teacher", total=total, loss=float("nan"))
         for step, (batch, labels) in enumerate(_steps(train, tokenizer, cfg, cfg.teacher_epochs, rng)):
             _schedule(opt, cfg.teacher_lr, step, total)
-            hidden = encode(weights, batch.input_ids, batch.attention_mask, dropout=cfg.dropout)
+            hidden = encode(weights, batch.input_ids, batch.attention_mask, dropout=cfg.dropout,
+                            token_type_ids=batch.token_type_ids)
             loss = F.cross_entropy(head_logits(weights.head, hidden, batch.attention_mask, cfg.dropout), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -158,7 +160,8 @@ def train_teacher(weights: ModelWeights, tokenizer: Tokenizer, train, cfg: Finet
 
 
 def elastic_loss(student: ModelWeights, sub: Submodel, batch, labels, t_logits, t_hidden, cfg) -> torch.Tensor:
-    hidden = encode(student, batch.input_ids, batch.attention_mask, sub, dropout=cfg.dropout, all_hidden=True)
+    hidden = encode(student, batch.input_ids, batch.attention_mask, sub, dropout=cfg.dropout, all_hidden=True,
+                    token_type_ids=batch.token_type_ids)
     logits = head_logits(student.head, hidden[-1], batch.attention_mask, cfg.dropout)
     kd = F.kl_div(F.log_softmax(logits, -1), F.softmax(t_logits, -1), reduction="batchmean")
     mask = batch.attention_mask.unsqueeze(-1).float()
@@ -181,7 +184,8 @@ def train_elastic(student: ModelWeights, teacher: ModelWeights, tokenizer, train
         for step, (batch, labels) in enumerate(_steps(train, tokenizer, cfg, cfg.elastic_epochs, rng)):
             _schedule(opt, cfg.elastic_lr, step, total)
             with torch.no_grad():
-                t_hidden = encode(teacher, batch.input_ids, batch.attention_mask, all_hidden=True)
+                t_hidden = encode(teacher, batch.input_ids, batch.attention_mask, all_hidden=True,
+                                  token_type_ids=batch.token_type_ids)
                 t_logits = head_logits(teacher.head, t_hidden[-1], batch.attention_mask)
             chosen = list(ANCHORS) + rng.sample(cells, cfg.samples)
             loss_weights = [cfg.full_weight if cell == FULL else 1.0 for cell in chosen]
@@ -211,12 +215,17 @@ def grid_accuracy(weights: ModelWeights, tokenizer: Tokenizer, examples) -> dict
 TEACHER_RECIPE = 1
 
 
-def teacher_stamp(cfg: FinetuneConfig, base_dir: Path, train_size: int) -> dict:
+def teacher_stamp(cfg: FinetuneConfig, base_dir: Path, train_size: int, task: Task | None = None) -> dict:
     """What the teacher depends on: a cached teacher is reused only if its stamp matches."""
     keys = ("seed", "batch_size", "max_length", "teacher_epochs", "teacher_lr", "dropout", "train_limit")
-    return {"recipe": TEACHER_RECIPE, "base_sha256": sha256_file(base_dir / "model.safetensors"),
-            "tokenizer_sha256": sha256_file(base_dir / "tokenizer.json"), "train_size": train_size,
-            **{k: getattr(cfg, k) for k in keys}}
+    from .hf import checkpoint_sha256
+    stamp = {"recipe": TEACHER_RECIPE, "base_sha256": checkpoint_sha256(base_dir),
+             "tokenizer_sha256": sha256_file(base_dir / "tokenizer.json"), "train_size": train_size,
+             **{k: getattr(cfg, k) for k in keys}}
+    if task is not None and not task.builtin:  # (the built-in task's stamp stays as it was)
+        stamp.update(train_sha256=sha256_file(task.train), labels=list(task.labels),
+                     columns=[task.columns.text, task.columns.pair, task.columns.label])
+    return stamp
 
 
 def _cached_teacher(teacher_dir: Path, stamp: dict) -> float | None:
@@ -230,10 +239,11 @@ def _cached_teacher(teacher_dir: Path, stamp: dict) -> float | None:
     return None
 
 
-def _teacher(cfg: FinetuneConfig, base_dir: Path, tokenizer: Tokenizer, train, teacher_dir: Path, log):
+def _teacher(cfg: FinetuneConfig, base_dir: Path, tokenizer: Tokenizer, train, teacher_dir: Path, log,
+             task: "Task"):
     """The cached teacher if it was trained with these settings, else a newly trained one
     (cached before returning). Returns the weights and the seconds its training took."""
-    stamp = teacher_stamp(cfg, base_dir, len(train))
+    stamp = teacher_stamp(cfg, base_dir, len(train), task)
     train_s = _cached_teacher(teacher_dir, stamp)
     if train_s is not None:
         log(f"teacher: reusing {teacher_dir}")
@@ -242,30 +252,89 @@ def _teacher(cfg: FinetuneConfig, base_dir: Path, tokenizer: Tokenizer, train, t
         log(f"teacher: {teacher_dir} was trained with other settings; training a new one")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    teacher = train_teacher(load_model_dir(base_dir, fresh_head=True), tokenizer, train, cfg, random.Random(cfg.seed))
+    base = load_model_dir(base_dir, fresh_head=True, labels=task.labels)
+    teacher = train_teacher(base, tokenizer, train, cfg, random.Random(cfg.seed))
     train_s = time.perf_counter() - t0
     save_model_dir(teacher, teacher_dir, tokenizer_from=base_dir,
                    extra_files={"teacher.json": json.dumps({"stamp": stamp, "train_s": train_s}, indent=2)})
     return teacher, train_s
 
 
+@dataclass(frozen=True)
+class Task:
+    """What the model learns: the built-in sentiment splits, or a user's data files."""
+    labels: tuple[str, ...] = data.LABELS
+    train: Path | None = None   # None: the built-in splits
+    dev: Path | None = None
+    test: Path | None = None    # None with files: the dev file is also reported on
+    columns: Columns = Columns()
+
+    @property
+    def builtin(self) -> bool:
+        return self.train is None
+
+    def splits(self, cfg: FinetuneConfig):
+        """(train, dev, test, the name of what is reported on)."""
+        if self.builtin:
+            return (data.load_split("train")[: cfg.train_limit], data.load_split("dev")[: cfg.eval_limit],
+                    data.load_split("test")[: cfg.eval_limit], "test")
+        read = lambda path, limit: read_examples(path, self.labels, self.columns, limit)  # noqa: E731
+        train, dev = read(self.train, cfg.train_limit), read(self.dev, cfg.eval_limit)
+        test = read(self.test, cfg.eval_limit) if self.test else dev
+        return train, dev, test, (Path(self.test) if self.test else Path(self.dev)).name
+
+    def sources(self, train, dev, test) -> dict:
+        """The files trained and measured on, with their sha256 (for metrics.json)."""
+        files = (("train", self.train, train), ("dev", self.dev, dev), ("test", self.test, test))
+        return {name: source_of(path, len(examples)).to_dict() for name, path, examples in files if path}
+
+
+def user_task(train: str | Path, dev: str | Path, test: str | Path | None = None,
+              labels: tuple[str, ...] | None = None, columns: Columns = Columns()) -> Task:
+    """A task from the user's files; `labels` by default are the training file's (sorted
+    names, or integer ids in order)."""
+    if labels is None:
+        labels = label_names(row.label for row in rows(train, columns))
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise InputError(f"--labels must name two or more different labels, got {list(labels)}")
+    return Task(labels=tuple(labels), train=Path(train), dev=Path(dev), test=Path(test) if test else None,
+                columns=columns)
+
+
+def _check_base(base_dir: Path) -> None:
+    from .hf import family_of, read_config_json
+    family = family_of(read_config_json(base_dir), base_dir)
+    if family != "bert":
+        raise InputError(f"{base_dir}: elastic fine-tuning writes BERT models only, and this base is {family}: "
+                         "give a BERT (or MiniLM) base model, or run a fine-tuned RoBERTa / DistilBERT classifier "
+                         "as it is (sti build)")
+    if not (base_dir / "tokenizer.json").exists():
+        raise InputError(f"{base_dir}: no tokenizer.json: save the tokenizer with the model (a fast tokenizer's "
+                         "save_pretrained writes it)")
+
+
 def finetune(out: str | Path | None = None, preset: str = "quick", cfg: FinetuneConfig | None = None,
-             base_dir: str | Path | None = None, log=print) -> Path:
-    """Run the three steps and write the elastic model directory (with metrics.json)."""
+             base_dir: str | Path | None = None, log=print, task: Task | None = None) -> Path:
+    """Run the three steps and write the elastic model directory (with metrics.json). By
+    default the built-in sentiment task on the registry's MiniLM; `base_dir` is another BERT
+    base model, `task` a user's data files and labels (`user_task`; pairs included), in
+    which case `out` must be given."""
     cfg = cfg or FinetuneConfig.preset_named(preset)
+    task = task or Task()
+    if out is None and not task.builtin:
+        raise InputError("fine-tuning on your own data needs an output directory (--out)")
     out = Path(out) if out else default_model_dir(cfg.preset)
     base_dir = Path(base_dir) if base_dir else ensure_model(log)
+    _check_base(base_dir)
     tokenizer = Tokenizer(base_dir, max_length=cfg.max_length)
-    train = data.load_split("train")[: cfg.train_limit]
-    dev = data.load_split("dev")[: cfg.eval_limit]
-    test = data.load_split("test")[: cfg.eval_limit]
+    train, dev, test, reported = task.splits(cfg)
     times = {}
     try:
         teacher, times["teacher_s"] = _teacher(cfg, base_dir, tokenizer, train,
-                                               out.with_name(out.name + ".teacher"), log)
+                                               out.with_name(out.name + ".teacher"), log, task)
         eval_tok = Tokenizer(base_dir, max_length=min(128, teacher.config.max_tokens))
         teacher_acc = accuracy(teacher, eval_tok, test)
-        log(f"teacher test accuracy: {teacher_acc:.4f}")
+        log(f"teacher accuracy on {reported}: {teacher_acc:.4f}")
         t0 = time.perf_counter()
         scores = taylor_importance(teacher, eval_tok, dev)
         rewired = rewire(teacher, scores)
@@ -281,7 +350,8 @@ def finetune(out: str | Path | None = None, preset: str = "quick", cfg: Finetune
         elastic_grid = grid_accuracy(elastic, eval_tok, test)
         metrics = {
             "preset": cfg.preset, "config": asdict(cfg), "anchors": [list(a) for a in ANCHORS],
-            "split": "test", "test_size": len(test), "teacher_test_accuracy": teacher_acc,
+            "split": reported, "test_size": len(test), "teacher_test_accuracy": teacher_acc,
+            "labels": list(task.labels), "data": None if task.builtin else task.sources(train, dev, test),
             "grid": [{"n": n, "m": m, "rewired_only": rewired_grid[(n, m)],
                       "elastic": elastic_grid[(n, m)]} for n, m in grid()],
             "train_seconds": times, "total_train_seconds": sum(times.values()),

@@ -56,17 +56,17 @@ CONVERT_HINT = ("convert it with transformers: AutoModelForSequenceClassificatio
                 ".save_pretrained(OUT) writes model.safetensors")
 
 
-def read_checkpoint(path: str | Path, fresh_head: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_checkpoint(path: str | Path, fresh_head: bool = False,
+                    labels: tuple[str, ...] = ("negative", "positive")) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, tensors under BERT's names) of a Hugging Face model directory. With
-    `fresh_head` the checkpoint's head is ignored: the config pools by the mean into the
-    built-in task's two labels, and the tensors hold the encoder only."""
+    `fresh_head` the checkpoint's head is ignored: the config pools by the mean into
+    `labels` (by default the built-in task's two), and the tensors hold the encoder only."""
     path = Path(path)
     hf = read_config_json(path)
     family = family_of(hf, path)
     tensors = to_bert_names(family, read_tensors(path), path)
     if fresh_head:
-        config = config_of(hf, family, path, pooling="mean", head_act="none", elastic=False,
-                           labels=("negative", "positive"))
+        config = config_of(hf, family, path, pooling="mean", head_act="none", elastic=False, labels=tuple(labels))
         return config, {k: v for k, v in tensors.items() if not k.startswith(("classifier.", "pooler."))}
     pooling, head_act, elastic = head_of(hf, family, tensors, path)
     labels = labels_of(hf, path)

@@ -11,9 +11,10 @@ from rich.table import Table
 
 def print_grid(metrics: dict, console: Console) -> None:
     """The fine-tuned model's accuracy per submodel, its training time and target checks."""
-    console.print(f"teacher (full model, plain fine-tune) test accuracy: {metrics['teacher_test_accuracy']:.4f}"
-                  f"  [{metrics['test_size']} test snippets]")
-    table = Table("n layers", "m shards", "rewired only", "elastic", title="test accuracy per submodel")
+    on = metrics.get("split", "test")
+    console.print(f"teacher (full model, plain fine-tune) accuracy on {on}: {metrics['teacher_test_accuracy']:.4f}"
+                  f"  [{metrics['test_size']} examples]")
+    table = Table("n layers", "m shards", "rewired only", "elastic", title=f"accuracy on {on} per submodel")
     for row in metrics["grid"]:
         table.add_row(str(row["n"]), str(row["m"]), f"{row['rewired_only']:.4f}", f"{row['elastic']:.4f}")
     console.print(table)
@@ -21,6 +22,8 @@ def print_grid(metrics: dict, console: Console) -> None:
     console.print("training time: " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in t.items())
                   + f" (total {metrics['total_train_seconds'] / 60:.1f} min, {metrics['torch_threads']} threads)")
     from .finetune import target_checks
+    if metrics.get("data"):
+        return  # the targets are the built-in task's
     for line, met in target_checks(metrics):
         console.print(f"  {'met' if met else 'MISSED':6} {line}")
 
@@ -53,3 +56,19 @@ def print_inspect(store_dir: Path, console: Console) -> None:
         console.print(table)
         console.print(f"fp32 model for comparison: {fp32_total / 1e6:.2f} MB "
                       f"(encoder layers {fp32_layers / 1e6:.2f} MB)")
+
+
+def print_served(served, console: Console) -> None:
+    """`sti eval`'s figures (an `evaluate.Served`)."""
+    s = served
+    title = f"{s.requests} of {s.total} requests served" + (" (interrupted)" if s.interrupted else "")
+    table = Table("", "served (engine)", "full model (resident)", title=title)
+    table.add_row("accuracy", f"{s.served_accuracy:.4f}", f"{s.full_accuracy:.4f}")
+    if len(s.labels) > 2:
+        table.add_row("macro-F1", f"{s.served_macro_f1:.4f}", f"{s.full_macro_f1:.4f}")
+    console.print(table)
+    lo, hi = s.hit_rate_ci
+    console.print(f"latency median {s.latency_median_ms:.1f} ms, p95 {s.latency_p95_ms:.1f}, p99 "
+                  f"{s.latency_p99_ms:.1f} (T = {s.target_ms:.1f} ms); within T {s.hit_rate:.1%} "
+                  f"[{lo:.1%}, {hi:.1%}]; deadline guard acted on {s.guard_rate:.1%}")
+    console.print(f"model bytes: peak {s.peak_model_bytes / 1e6:.2f} MB (preload buffer {s.preload_bytes / 1e6:.2f} MB)")

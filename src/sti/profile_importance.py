@@ -50,11 +50,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .data import load_split
+from .data import Example, load_split
 from .encoder import Submodel, attention_keep, encode, grid_key, head_logits, layer_forward
 from .errors import Cancelled, InputError, StiError
 from .profiles import ImportanceProfile
 from .store import MATRICES, Store
+from .evaluate import encode_examples
 from .tokenizer import Batch, Tokenizer
 from .weights import ModelWeights, shard_slice, split_dim
 
@@ -88,19 +89,29 @@ class _Data:
     size: int
 
 
-def _load_data(split: str, limit: int | None, tokenizer: Tokenizer, batch_size: int) -> _Data:
-    examples = load_split(split)[:limit]
-    if not examples:
-        raise InputError(f"the {split} split has no sentences to profile on")
-    full = tokenizer.encode([e.text for e in examples])
+def _examples(split: str, data, limit: int | None, labels: tuple[str, ...], columns=None):
+    """The examples to measure on (a built-in split, or a user's data file with its labels
+    mapped onto the model's) and, for a file, where they came from."""
+    if data is None:
+        examples = load_split(split)[:limit]
+        if not examples:
+            raise InputError(f"the {split} split has no sentences to profile on")
+        return examples, None
+    from .datafile import Columns, read_examples, source_of
+    columns = columns or Columns()
+    examples = read_examples(data, labels, columns, limit=limit)
+    return examples, source_of(data, len(examples), columns)
+
+
+def _load_data(examples: list[Example], tokenizer: Tokenizer, batch_size: int) -> _Data:
+    full = encode_examples(tokenizer, examples)
     lengths = full.attention_mask.sum(1).tolist()
     order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
     batches = []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(lengths[i] for i in idx)
-        batch = Batch(full.input_ids[idx, :width].contiguous(), full.attention_mask[idx, :width].contiguous(),
-                      [full.truncated[i] for i in idx])
+        batch = full.take(idx, width)
         batches.append((torch.tensor([examples[i].label for i in idx]), batch))
     return _Data(batches=batches, size=len(examples))
 
@@ -116,7 +127,7 @@ def _kl_sum(logp: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _logits(weights: ModelWeights, batch: Batch, submodel: Submodel | None = None) -> torch.Tensor:
-    hidden = encode(weights, batch.input_ids, batch.attention_mask, submodel)
+    hidden = encode(weights, batch.input_ids, batch.attention_mask, submodel, token_type_ids=batch.token_type_ids)
     return head_logits(weights.head, hidden, batch.attention_mask)
 
 
@@ -135,7 +146,7 @@ class _Session:
     both methods share (so `compare` computes them once)."""
 
     def __init__(self, store: Store, split: str, seed: int, limit: int | None, batch_size: int,
-                 max_length: int, tick: Callable[[], None]):
+                 max_length: int, tick: Callable[[], None], data: str | Path | None = None, columns=None):
         self.store, self.split, self.seed, self.tick = store, split, seed, tick
         c = self.config = store.config
         if 32 not in store.bits:
@@ -144,7 +155,10 @@ class _Session:
         # zero (nothing to degrade to) and only the submodel grid is measured
         self.lowest = min(store.bits)
         self.tokenizer = Tokenizer(store.path, max_length=min(max_length, c.max_tokens))
-        self.data = _load_data(split, limit, self.tokenizer, batch_size)
+        examples, self.source = _examples(split, data, limit, c.labels, columns)
+        if data is not None:
+            self.split = "file"
+        self.data = _load_data(examples, self.tokenizer, batch_size)
         self.weights = store.load_model(32)
         self.seconds: dict[str, float] = {}
 
@@ -224,7 +238,8 @@ class _Session:
         with torch.inference_mode():
             for k, (labels, batch) in enumerate(self.data.batches):
                 keep = attention_keep(batch.attention_mask)
-                states = encode(w, batch.input_ids, batch.attention_mask, all_hidden=True)
+                states = encode(w, batch.input_ids, batch.attention_mask, all_hidden=True,
+                                token_type_ids=batch.token_type_ids)
                 for i in range(N):
                     layer = w.layers[i]
                     for j in range(M):
@@ -254,8 +269,7 @@ class _Session:
         for _, batch in self.data.batches:
             rows = max(1, GRAD_TOKENS // batch.input_ids.shape[1])
             for start in range(0, batch.input_ids.shape[0], rows):
-                chunk = Batch(batch.input_ids[start:start + rows], batch.attention_mask[start:start + rows],
-                              batch.truncated[start:start + rows])
+                chunk = batch.take(slice(start, start + rows))
                 est += self._fisher(chunk, deltas)
             self.tick()
         est = 0.5 * est / self.data.size
@@ -297,7 +311,8 @@ class _Session:
             shard_acc_drop=None if drop is None else tuple(tuple(float(max(-1.0, v)) for v in row) for row in drop),
             bits_error=dict(self.bits_error),
             kl_to_acc=kl_to_acc_of(kl, self.bits_error, self.acc_by_bits, self.full_acc),
-            cost_s=cost_s, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            cost_s=cost_s, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            data=None if self.source is None else self.source.to_dict())
 
 
 @contextlib.contextmanager
@@ -374,7 +389,7 @@ class _Ticker:
 
 
 @contextlib.contextmanager
-def _session(store, split, seed, limit, batch_size, max_length, progress, label):
+def _session(store, split, seed, limit, batch_size, max_length, progress, label, data=None, columns=None):
     _check_args(split, seed, limit, batch_size)
     own = not isinstance(store, Store)
     opened = Store(store) if own else store
@@ -382,7 +397,7 @@ def _session(store, split, seed, limit, batch_size, max_length, progress, label)
         with _reporter(progress, label) as report:
             ticker = _Ticker(report)
             torch.manual_seed(seed)
-            yield _Session(opened, split, seed, limit, batch_size, max_length, ticker), ticker
+            yield _Session(opened, split, seed, limit, batch_size, max_length, ticker, data, columns), ticker
     finally:
         if own:
             opened.close()
@@ -402,12 +417,13 @@ def _check_args(split, seed, limit, batch_size) -> None:
 # --- public API ----------------------------------------------------------------------------------
 def measure(store: str | Path | Store, method: str = "degrade", split: str = "dev", seed: int = 0,
             limit: int | None = None, batch_size: int = 64, max_length: int = 128,
-            progress: Progress | None = None) -> Measurement:
+            progress: Progress | None = None, data: str | Path | None = None, columns=None) -> Measurement:
     """Like `measure_importance`, with the whole-model accuracy and KL per bitwidth as well."""
     if method not in METHODS:
         raise InputError(f"unknown importance method {method!r}: choose {' or '.join(METHODS)}")
     t0 = time.perf_counter()
-    with _session(store, split, seed, limit, batch_size, max_length, progress, f"importance ({method})") as (s, ticker):
+    with _session(store, split, seed, limit, batch_size, max_length, progress, f"importance ({method})",
+                  data, columns) as (s, ticker):
         ticker.total = s.common_units() + s.method_units(method)
         s.common()
         kl, drop = s.table(method)
@@ -417,11 +433,14 @@ def measure(store: str | Path | Store, method: str = "degrade", split: str = "de
 
 def measure_importance(store: str | Path | Store, method: str = "degrade", split: str = "dev", seed: int = 0,
                        limit: int | None = None, batch_size: int = 64, max_length: int = 128,
-                       progress: Progress | None = None) -> ImportanceProfile:
-    """The importance profile of a store's shards, measured on `split` (not test). `limit`
-    keeps the first sentences of the split; `progress(done, total)` returning False cancels
-    (raises Cancelled). Same store, data and arguments give the same tables."""
-    return measure(store, method, split, seed, limit, batch_size, max_length, progress).profile
+                       progress: Progress | None = None, data: str | Path | None = None,
+                       columns=None) -> ImportanceProfile:
+    """The importance profile of a store's shards, measured on `split` (not test), or on the
+    labelled examples of a `data` file (TSV, CSV or JSONL, see datafile.py; the profile
+    records its path, sha256 and size). `limit` keeps the first examples; `progress(done,
+    total)` returning False cancels (raises Cancelled). Same store, data and arguments give
+    the same tables. `columns` (datafile.Columns) names the file's columns if need be."""
+    return measure(store, method, split, seed, limit, batch_size, max_length, progress, data, columns).profile
 
 
 def compare(store: str | Path | Store, split: str = "dev", seed: int = 0, limit: int | None = None,

@@ -189,6 +189,7 @@ class ImportanceProfile:
     cost_s: float = 0.0
     created: str = ""
     version: int = VERSIONS["importance"]
+    data: dict | None = None           # a user's data file it was measured on: path, sha256, size, examples
 
     @property
     def num_layers(self) -> int:
@@ -209,6 +210,8 @@ class ImportanceProfile:
         d = asdict(self)
         d["bits_error"] = {str(b): v for b, v in self.bits_error.items()}
         d["kind"] = "importance"
+        if self.data is None:
+            del d["data"]  # (profiles of the built-in data keep the id they always had)
         return d
 
     @staticmethod
@@ -231,11 +234,27 @@ class ImportanceProfile:
                 shard_kl=kl, shard_acc_drop=drop,
                 bits_error=_bits_map(d["bits_error"], f"{where}.bits_error"),
                 kl_to_acc=_num(d["kl_to_acc"], f"{where}.kl_to_acc", 0, 1e6),
-                cost_s=_num(d.get("cost_s", 0.0), f"{where}.cost_s"), created=str(d.get("created", ""))[:64])
+                cost_s=_num(d.get("cost_s", 0.0), f"{where}.cost_s"), created=str(d.get("created", ""))[:64],
+                data=_data_source(d.get("data"), f"{where}.data"))
         except KeyError as exc:
             raise ProfileError(f"{where}: missing field {exc}") from None
         except TypeError as exc:
             raise ProfileError(f"{where}: malformed ({exc})") from None
+
+
+def _data_source(d, where: str) -> dict | None:
+    if d is None:
+        return None
+    CHECK.obj(d, where)
+    return {"path": CHECK.text(d["path"], f"{where}.path", max_len=4096), "sha256": CHECK.text(d["sha256"], f"{where}.sha256"),
+            "size": int(_num(d["size"], f"{where}.size", 0, 2**63)),
+            "examples": int(_num(d["examples"], f"{where}.examples", 1, 2**63)),
+            "columns": _columns(d.get("columns") or {}, f"{where}.columns")}
+
+
+def _columns(d, where: str) -> dict:
+    CHECK.obj(d, where)
+    return {k: None if d.get(k) is None else CHECK.text(d[k], f"{where}.{k}") for k in ("text", "pair", "label")}
 
 
 def _table(rows, where: str, lo: float = 0.0) -> tuple[tuple[float, ...], ...]:

@@ -39,7 +39,7 @@ def taylor_importance(weights: ModelWeights, tokenizer: Tokenizer, examples: lis
     neurons = [torch.zeros(c.intermediate_size) for _ in range(c.num_layers)]
     for idx, batch in batches_by_length(examples, tokenizer, batch_size):
         labels = torch.tensor([examples[i].label for i in idx])
-        hidden = encode(work, batch.input_ids, batch.attention_mask)
+        hidden = encode(work, batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)
         loss = F.cross_entropy(head_logits(work.head, hidden, batch.attention_mask), labels)
         for p in params:
             p.grad = None

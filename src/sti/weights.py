@@ -292,12 +292,14 @@ def hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def load_model_dir(path: str | Path, fresh_head: bool = False) -> ModelWeights:
+def load_model_dir(path: str | Path, fresh_head: bool = False,
+                   labels: tuple[str, ...] = ("negative", "positive")) -> ModelWeights:
     """Load a Hugging Face model directory (BERT, RoBERTa or DistilBERT; see hf.py). Its
     head must be one sti runs exactly; with `fresh_head` the head is ignored and a new
-    mean-pooling classifier for the built-in task is made (the start of fine-tuning)."""
+    mean-pooling classifier into `labels` (default: the built-in task's) is made (the start
+    of fine-tuning)."""
     from .hf import read_checkpoint
-    config, tensors = read_checkpoint(path, fresh_head=fresh_head)
+    config, tensors = read_checkpoint(path, fresh_head=fresh_head, labels=labels)
     return ModelWeights.from_tensors(config, tensors, head_seed=0 if fresh_head else None)
 
 

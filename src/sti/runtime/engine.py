@@ -137,13 +137,14 @@ class Engine:
         return statistics.median(self._slowdowns) if self._slowdowns else 1.0
 
     # --- one request ------------------------------------------------------------------------
-    def run(self, text: str) -> Result:
+    def run(self, text: str, pair: str | None = None) -> Result:
+        """The answer for one text (with `pair`, a sentence pair: text, then pair)."""
         if not isinstance(text, str):
             raise InputError(f"expected a text, got {type(text).__name__}")
         if self.closed:
             raise InputError("this engine is closed: open a new one")
         pad = None if self.pad_to is None else min(self.pad_to, self.tokenizer.max_length)
-        batch = self.tokenizer.encode([text], pad_to=pad)
+        batch = self.tokenizer.encode([text], pad_to=pad, pairs=None if pair is None else [pair])
         with self._lock, torch.inference_mode():
             torch.set_num_threads(self.threads)
             return self._serve(batch)
@@ -326,7 +327,8 @@ class Engine:
         words, position = req.take("embed")
         emb = Embeddings(word=torch.empty(0), position=position, token_type=self.misc["token_type"],
                          ln_w=self.misc["ln_w"], ln_b=self.misc["ln_b"])
-        x = embed(emb, ids, self.config, word_rows=words[None], position_rows=position)
+        x = embed(emb, ids, self.config, word_rows=words[None], position_rows=position,
+                  token_type_ids=batch.token_type_ids)
         req.report.embed_ms = req.now() - a
         keep = attention_keep(mask)
         pace = Pace()
