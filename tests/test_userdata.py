@@ -128,6 +128,8 @@ def test_run_takes_pairs_from_options_and_jsonl(store):
     assert [g["logits"] for g in given] == [e["logits"] for e in exact]
     result = CliRunner().invoke(app, ["run", str(store), "w1", "w2", "--pair", "w3", "--exact"])
     assert result.exit_code != 0 and "one --pair per text" in str(result.exception or result.output)
+    with pytest.raises(InputError, match="give texts to classify, or --input FILE"):
+        cli("run", store, "--exact")
 
 
 def test_importance_on_a_data_file_is_recorded_and_planned_for(store, tmp_path, monkeypatch):
@@ -187,3 +189,21 @@ def test_finetune_refuses_what_it_cannot_write(tmp_path):
         ft.finetune(tmp_path / "out", cfg=ft.FinetuneConfig(), base_dir=base, **QUIET)
     with pytest.raises(InputError, match="needs an output directory"):
         ft.finetune(None, task=dataclasses.replace(ft.Task(), train=tmp_path / "t.tsv"), **QUIET)
+
+
+def test_ctrl_c_during_eval_keeps_what_was_measured(store, tmp_path):
+    from sti.evaluate import serve
+    examples = read_examples(rows_tsv(tmp_path / "t.tsv"), ("negative", "positive"))
+    with api.open_engine(store, 1e5, 1000, **ENGINE, **QUIET) as engine:
+        run, calls = engine.run, []
+
+        def interrupted_at_the_fourth(*args):
+            calls.append(args)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+            return run(*args)
+        engine.run = interrupted_at_the_fourth
+        served = serve(engine, examples)
+        assert served.requests == 3 and served.interrupted and served.total == len(examples)
+        engine.run = run
+        assert engine.run(examples[0].text).label in engine.config.labels  # the engine still serves

@@ -10,16 +10,19 @@ Data flows one way: model -> shards -> store -> profiles -> plan -> pipeline -> 
 The public API is re-exported here; the CLI (`sti`) is a thin layer over it.
 """
 
-from .api import (calibrated_device, classify_exact, device_profile, importance_profile, open_engine, plan,
-                  request_lengths)
+from .api import (calibrated_device, classify_exact, device_profile, evaluate_file, exact_answers,
+                  importance_profile, open_engine, plan, request_lengths, sample_requests)
 from .assets import ensure_data, ensure_model, sti_home
 from .config import PRESETS, ModelConfig
 from .data import Example, load_split
+from .datafile import Columns, read_examples, rows
 from .demo import demo_store_path
 from .encoder import Submodel, classify, depth_layers, encode
 from .errors import AssetError, Cancelled, ConfigError, DataError, InputError, StiError, StoreError
-from .evaluate import accuracy, predict_logits
-from .finetune import FinetuneConfig, finetune
+from .evaluate import Served, accuracy, macro_f1, predict_logits, serve
+from .finetune import FinetuneConfig, Task, finetune, user_task
+from .inputs import Request, requests
+from .profile_importance import measure_importance
 from .planning import Plan, PlanError, PlanSet, explain, explain_set, make_plan, make_plan_set, simulate
 from .profiles import DeviceProfile, ImportanceProfile, ProfileError, load_profile, save_profile
 from .rewire import rewire, taylor_importance
@@ -35,7 +38,10 @@ __all__ = [
     "build_store", "Store", "device_profile", "calibrated_device", "importance_profile", "DeviceProfile", "ImportanceProfile",
     "load_profile", "save_profile", "plan", "make_plan", "make_plan_set", "Plan", "PlanSet", "request_lengths",
     "explain", "explain_set", "simulate", "open_engine", "Engine",
-    "Result", "Report", "classify_exact", "demo_store_path",
+    "Result", "Report", "classify_exact", "exact_answers", "demo_store_path",
+    # your own data: read it, measure on it, serve it, train on it
+    "read_examples", "rows", "Columns", "requests", "Request", "measure_importance", "sample_requests",
+    "evaluate_file", "serve", "Served", "macro_f1", "user_task", "Task",
     # models and training
     "ModelConfig", "PRESETS", "ModelWeights", "LayerWeights", "ShardWeights", "load_model_dir", "save_model_dir",
     "Submodel", "depth_layers", "encode", "classify", "Tokenizer", "finetune", "FinetuneConfig", "rewire",

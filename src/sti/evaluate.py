@@ -132,15 +132,15 @@ def serve(engine, examples: list[Example], full: ModelWeights | None = None, pro
         raise Cancelled("interrupted before the first answer: nothing was measured")
     done = examples[:len(reports)]
     gold = [e.label for e in done]
+    full_acc = full_f1 = math.nan  # (no full model given: nothing to compare with)
     if full is not None:
         full_pred = predict_logits(full, engine.tokenizer, done).argmax(1).tolist()
-    else:
-        full_pred = [math.nan] * len(done)
+        full_acc, full_f1 = _share(full_pred, gold), macro_f1(full_pred, gold, len(names))
     target = reports[0].target_ms
     return Served(
         labels=tuple(names), total=len(examples), requests=len(reports),
         served_accuracy=_share(predicted, gold), served_macro_f1=macro_f1(predicted, gold, len(names)),
-        full_accuracy=_share(full_pred, gold), full_macro_f1=macro_f1(full_pred, gold, len(names)),
+        full_accuracy=full_acc, full_macro_f1=full_f1,
         target_ms=target, **latency_stats([r.latency_ms for r in reports], target),
         guard_rate=sum(bool(r.guard_changes) for r in reports) / len(reports),
         peak_model_bytes=max(r.peak_model_bytes for r in reports), preload_bytes=engine.preload_bytes,
