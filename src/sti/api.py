@@ -186,7 +186,7 @@ def _saved_importance(store_dir, method: str | None = None) -> ImportanceProfile
 def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint", storage: str = "cold",
          seq_len: int | None = None, method: str | None = None, log=print, headroom: float = DEFAULT_HEADROOM,
          allow_pruning: bool = False, max_length: int | None = None, lengths=None,
-         device: DeviceProfile | None = None) -> PlanSet:
+         device: DeviceProfile | None = None, row_cache: bool = True) -> PlanSet:
     """Plans for this store under a latency target (ms) and a preload budget (MB), each
     predicted to finish by (1 - headroom) * T. With the joint planner and no `seq_len`:
     length-aware plans, one per 8-token bucket up to `max_length`, sharing the preload
@@ -196,7 +196,10 @@ def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
     left out only if the model was trained elastic (`sti finetune`) or `allow_pruning` says
     so; otherwise the plans choose bitwidths and the preload buffer for the whole model.
     `method` picks the importance profile (None: the best saved, see `importance_profile`);
-    `device` overrides the saved device profile (e.g. one calibrated on the engine)."""
+    `device` overrides the saved device profile (e.g. one calibrated on the engine). With
+    length-aware plans made for sample requests (no `lengths` given) and `row_cache`, part
+    of M may hold the frequent tokens' embedding rows, if that buys more accuracy than
+    preloading shards (planning/rows.py)."""
     check_targets(latency_ms, memory_mb)
     device = device or device_profile(store_dir, storage, log=log)
     importance = importance_profile(store_dir, method, log=log)
@@ -207,6 +210,15 @@ def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
             source = "given lengths"
             if lengths is None:
                 requests, source = sample_requests(importance)
+                if row_cache:
+                    from .planning import make_plan_set_with_rows
+                    from .tokenizer import Tokenizer
+                    tokens = Tokenizer(store_dir, max_length=max_length).ids(*map(list, zip(*requests)))
+                    return make_plan_set_with_rows(
+                        device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6), tokens,
+                        max_length, store.config.hidden_size, store.tables["word"][1],
+                        fixed_bytes=resident_bytes(store), headroom=headroom, prune=prune,
+                        source=f"{source}, {len(tokens)} requests")
                 lengths = request_lengths(store_dir, max_length, requests)
             return make_plan_set(device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6),
                                  lengths, max_length, fixed_bytes=resident_bytes(store), headroom=headroom,
@@ -220,39 +232,40 @@ def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
 def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "cold", planner: str = "joint",
                 seq_len: int | None = None, guard: bool = True, method: str | None = None, log=print,
                 headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False, max_length: int | None = None,
-                warmup: bool = True, lengths=None, calibrate: bool = True):
+                warmup: bool = True, lengths=None, calibrate: bool = True, row_cache: bool = True):
     """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer;
     requests longer than `max_length` tokens are truncated. The plans are `plan`'s (length-
     aware unless a `seq_len` or the paper planner is asked for), made from the device profile
     corrected on the engine itself (`calibrated_device`, about a second) unless `calibrate`
-    is False. With `warmup`, one throwaway request runs first, so that the caller's first
-    answer is not slowed (and cut by the deadline guard) by lazy initialisation."""
+    is False; `row_cache` lets the plans hold embedding rows resident (see `plan`). With
+    `warmup`, one throwaway request runs first, so that the caller's first answer is not
+    slowed (and cut by the deadline guard) by lazy initialisation."""
     args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
-    device = calibrated_device(*args, max_length=max_length, lengths=lengths) if calibrate else \
-        device_profile(store_dir, storage, log=log)
-    return _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths)
+    device = calibrated_device(*args, max_length=max_length, lengths=lengths, row_cache=row_cache) if calibrate \
+        else device_profile(store_dir, storage, log=log)
+    return _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache)
 
 
 def calibrated_device(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
                       storage: str = "cold", seq_len: int | None = None, method: str | None = None, log=print,
                       headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False,
-                      max_length: int | None = None, lengths=None) -> DeviceProfile:
+                      max_length: int | None = None, lengths=None, row_cache: bool = True) -> DeviceProfile:
     """The saved device profile corrected on the engine (calibrate.py): an engine opened with
     the plans for these targets runs dev-split probe requests without its deadline guard."""
     from .calibrate import calibrated
     device = device_profile(store_dir, storage, log=log)
     requests, source = sample_requests(importance_profile(store_dir, method, log=log))
     args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
-    with _engine(store_dir, storage, device, False, max_length, True, args, lengths) as engine:
+    with _engine(store_dir, storage, device, False, max_length, True, args, lengths, row_cache) as engine:
         return calibrated(engine, requests, log, source)
 
 
-def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths):
+def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache=True):
     from .runtime import Engine
     store = Store(store_dir, storage)
     try:
         max_length = check_max_length(store, max_length)
-        plans = plan(*args, max_length=max_length, lengths=lengths, device=device)
+        plans = plan(*args, max_length=max_length, lengths=lengths, device=device, row_cache=row_cache)
         engine = Engine(store, plans, device, storage=storage, guard=guard, max_length=max_length)
         if warmup:  # an engine's first request pays for lazy initialisation: not the caller's
             engine.run("warm up")

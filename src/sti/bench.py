@@ -50,7 +50,8 @@ from .data import OOD_SETS, load_split
 from .encoder import Submodel, classify, depth_layers, head_logits, parse_grid_key
 from .errors import InputError, StiError
 from .evaluate import accuracy, latency_stats
-from .planning import Plan, PlanChoice, PlanPrediction, PlanRequest, PlanSet, make_plan, make_plan_set, simulate
+from .planning import (Plan, PlanChoice, PlanPrediction, PlanRequest, PlanSet, make_plan, make_plan_set,
+                       make_plan_set_with_rows, simulate)
 from .planning.problem import predicted_memory
 from .profiles import profile_id
 from .profile_device import measure_device
@@ -83,6 +84,9 @@ class BenchConfig:
     length_aware: bool = True
     # correct each group's device profile on the engine before planning (calibrate.py)
     calibrate: bool = True
+    # sti-joint's length-aware plans may hold frequent tokens' embedding rows resident
+    # (planning/rows.py; False: every row is read, as before)
+    row_cache: bool = True
     # sentences per out-of-domain set, served and in batches (None: all 12,752, which makes
     # every point ~13x slower than the test split's 1057)
     ood_limit: int | None = 200
@@ -121,6 +125,9 @@ class Row:
     guard_rate: float | None = None
     guard_skipped_mean: float | None = None   # shards the guard left out, per request
     guard_lowered_mean: float | None = None   # shards the guard read at fewer bits, per request
+    embed_read_median_ms: float | None = None  # the IO lane's embedding rows, per request (engine systems)
+    embed_hit_share: float | None = None      # distinct tokens whose word rows were resident
+    row_cache_bytes: int | None = None        # resident embedding rows the plans hold
     peak_model_bytes: int | None = None
     rss_growth_bytes: int | None = None
     requests: int = 0
@@ -197,6 +204,7 @@ class Harness:
         self.cut = Tokenizer(store_dir, max_length=self.max_tokens)  # request lengths as the engine cuts them
         self.dev_texts = [e.text for e in load_split("dev")]
         self.dev_lengths = self.cut.lengths(self.dev_texts)
+        self.dev_tokens = self.cut.ids(self.dev_texts)
         self._lengths: dict = {}
         self.rows: list[Row] = []
         self.profiles: list[dict] = []  # every device profile measured, with where it was used
@@ -333,7 +341,11 @@ def run_engine(store_dir: Path, plan: Plan | PlanSet, device, storage: str, pad_
                        stall=statistics.median(r.stall_ms for r in reports),
                        guard_rate=sum(bool(r.guard_changes) for r in reports) / len(reports),
                        guard_skipped=statistics.fmean(sum(b is None for b in f.values()) for f in final),
-                       guard_lowered=statistics.fmean(sum(b is not None for b in f.values()) for f in final))
+                       guard_lowered=statistics.fmean(sum(b is not None for b in f.values()) for f in final),
+                       embed_read=statistics.median(r.embed_read_ms for r in reports),
+                       embed_hits=sum(r.embed_hits for r in reports) / max(1, sum(r.embed_hits + r.embed_misses
+                                                                                for r in reports)),
+                       row_cache_bytes=engine.rows.nbytes)
         return out
     finally:
         engine.close()
@@ -395,6 +407,11 @@ def planned(h: Harness, system: str, device, target: float, mem: float, pad_to) 
     bucket (unless the config says one plan); otherwise one plan for the padded length or
     for plan_len_own tokens."""
     cfg, planner = h.cfg, system.split("-")[1]
+    if planner == "joint" and pad_to is None and cfg.length_aware and cfg.row_cache:
+        return make_plan_set_with_rows(device, h.importance, h.store_id, target, int(mem * 1e6), h.dev_tokens,
+                                       h.max_tokens, h.config.hidden_size, h.rows_per_block, fixed_bytes=h.fixed,
+                                       headroom=cfg.headroom, prune=h.config.elastic,
+                                       source=f"dev split, {len(h.dev_tokens)} requests")
     if planner == "joint" and pad_to is None and cfg.length_aware:
         return make_plan_set(device, h.importance, h.store_id, target, int(mem * 1e6), h.dev_lengths, h.max_tokens,
                              fixed_bytes=h.fixed, headroom=cfg.headroom, prune=h.config.elastic,
@@ -424,6 +441,8 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
         return dict(served_accuracy=m["served_accuracy"], **latency_stats(m["lat"], target),
                     predicted_ratio=m["ratio"], stall_median_ms=m["stall"], guard_rate=m["guard_rate"],
                     guard_skipped_mean=m["guard_skipped"], guard_lowered_mean=m["guard_lowered"],
+                    embed_read_median_ms=m["embed_read"], embed_hit_share=m["embed_hits"],
+                    row_cache_bytes=m["row_cache_bytes"],
                     peak_model_bytes=m["peak_model_bytes"], rss_growth_bytes=m["rss_growth_bytes"],
                     requests=len(m["lat"]))
 

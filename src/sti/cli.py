@@ -189,6 +189,10 @@ SEQ_LEN_HELP = ("one plan for requests of this many tokens (default: length-awar
                 "request length, for the joint planner; 48 tokens for the paper's)")
 
 
+ROW_CACHE_HELP = ("let the plans hold frequent tokens' embedding rows resident, in M, where that buys more "
+                  "accuracy than preloading shards")
+
+
 @app.command()
 def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
          latency_ms: float = typer.Option(..., help="target latency T in ms"),
@@ -202,14 +206,15 @@ def plan(store_dir: Path = typer.Argument(..., help="a store directory"),
          show: Optional[int] = typer.Option(None, help="print the full plan for requests of this many tokens"),
          calibrate: bool = typer.Option(False, help="correct the device profile on the engine first, as sti run "
                                         "does (about a second)"),
+         row_cache: bool = typer.Option(True, help=ROW_CACHE_HELP),
          json_out: bool = typer.Option(False, "--json", help="print the plans as JSON")) -> None:
     """Plan which shards to run at which bitwidths, and what to preload, for each request length."""
     from .api import calibrated_device, plan as make
     from .planning import explain_set
     log = notes.print if json_out else console.print
     args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, None, log, headroom, allow_pruning)
-    device = calibrated_device(*args, max_length=max_length) if calibrate else None
-    p = make(*args, max_length=max_length, device=device)
+    device = calibrated_device(*args, max_length=max_length, row_cache=row_cache) if calibrate else None
+    p = make(*args, max_length=max_length, device=device, row_cache=row_cache)
     print(p.to_json()) if json_out else console.print(explain_set(p, show), highlight=False)
 
 
@@ -234,6 +239,7 @@ def run(store_dir: Path = typer.Argument(..., help="a store directory"),
         allow_pruning: bool = typer.Option(False, help=PRUNE_HELP),
         guard: bool = typer.Option(True, help="lower bits / skip shards when IO runs late"),
         calibrate: bool = typer.Option(True, help="correct the device profile on the engine first (about a second)"),
+        row_cache: bool = typer.Option(True, help=ROW_CACHE_HELP),
         trace: Optional[Path] = typer.Option(None, help="write a Chrome trace (Perfetto) of the last request"),
         timeline: Optional[Path] = typer.Option(None, help="draw the last request's IO/compute lanes as a PNG"),
         text_column: Optional[str] = TEXT_COLUMN, pair_column: Optional[str] = PAIR_COLUMN,
@@ -262,7 +268,7 @@ def run(store_dir: Path = typer.Argument(..., help="a store directory"),
     from .api import open_engine
     with open_engine(store_dir, latency_ms, memory_mb, storage=storage, planner=planner, seq_len=seq_len,
                      guard=guard, log=say, headroom=headroom, allow_pruning=allow_pruning,
-                     max_length=max_length, calibrate=calibrate) as engine:
+                     max_length=max_length, calibrate=calibrate, row_cache=row_cache) as engine:
         tally, result = Tally(engine.config.labels), None
         try:
             for req in reqs:
@@ -311,6 +317,7 @@ def eval_(store_dir: Path = typer.Argument(..., help="a store directory"),
           limit: Optional[int] = typer.Option(None, help="serve only the first N examples"),
           max_length: Optional[int] = typer.Option(None, help=MAX_LENGTH_HELP),
           calibrate: bool = typer.Option(True, help="correct the device profile on the engine first"),
+          row_cache: bool = typer.Option(True, help=ROW_CACHE_HELP),
           text_column: Optional[str] = TEXT_COLUMN, pair_column: Optional[str] = PAIR_COLUMN,
           label_column: Optional[str] = LABEL_COLUMN,
           json_out: bool = typer.Option(False, "--json", help="print the figures as JSON")) -> None:
@@ -327,7 +334,7 @@ def eval_(store_dir: Path = typer.Argument(..., help="a store directory"),
         served = evaluate_file(store_dir, data, latency_ms, memory_mb, storage=storage, planner=planner, limit=limit,
                                columns=_columns(text_column, pair_column, label_column), log=out.print,
                                progress=lambda d, t: bar.update(task, completed=d, total=t) or True,
-                               max_length=max_length, calibrate=calibrate)
+                               max_length=max_length, calibrate=calibrate, row_cache=row_cache)
     if json_out:
         print(json.dumps(served.to_dict(), indent=1))
     else:
@@ -348,8 +355,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
           ood_limit: Optional[int] = typer.Option(None, help="sentences per out-of-domain set for accuracy "
                                                   "(default: the full sweep's 300)"),
           one_plan: bool = typer.Option(False, help="sti-joint with one plan for 48 tokens, not a plan per length"),
-          calibrate: bool = typer.Option(True, help="correct each device profile on the engine before planning")
-          ) -> None:
+          calibrate: bool = typer.Option(True, help="correct each device profile on the engine before planning"),
+          row_cache: bool = typer.Option(True, help=ROW_CACHE_HELP)) -> None:
     """Measure sti against the baselines and peers: accuracy, latency, deadline hits, memory."""
     from dataclasses import replace
     from .bench import BenchConfig, run_bench
@@ -373,6 +380,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
         cfg = replace(cfg, length_aware=False)
     if not calibrate:
         cfg = replace(cfg, calibrate=False)
+    if not row_cache:
+        cfg = replace(cfg, row_cache=False)
     # results.json is rewritten after every step, so an interrupted sweep keeps what it measured
     command = "sti " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sti") else ""
     results = run_bench(store_dir, model_dir, cfg, log=console.print, checkpoint=lambda r: save_results(r, out),

@@ -117,13 +117,16 @@ class DeviceProfile:
         fixed, per_token = self.embed_ms
         return fixed + per_token * (seq_len or self.seq_len)
 
-    def embed_rows_ms(self, width: int, distinct: int, rows_per_block: int) -> float:
-        """Reading the rows of `distinct` words and of positions 0..width-1 when a store page
-        holds `rows_per_block` rows. The profile timed n random words and n positions, about
-        n (1 + 1/r) pages, so a page costs per_token / (1 + 1/r); positions are contiguous
-        (width / r pages), a padded request's words are its distinct tokens."""
+    def embed_rows_ms(self, width: int, distinct: int, rows_per_block: int, positions: bool = True) -> float:
+        """Reading the rows of `distinct` words and (with `positions`; not when they are
+        resident) of positions 0..width-1 when a store page holds `rows_per_block` rows. The
+        profile timed n random words and n positions, about n (1 + 1/r) pages, so a page
+        costs per_token / (1 + 1/r); positions are contiguous (width / r pages), a padded
+        request's words are its distinct tokens. Nothing to read costs nothing."""
         fixed, per_token = self.embed_ms
-        return fixed + per_token * _profiled_tokens(width, distinct, rows_per_block)
+        if distinct <= 0 and not positions:
+            return 0.0
+        return fixed + per_token * _profiled_tokens(width if positions else 0, distinct, rows_per_block)
 
     def embed_tokens(self, width: int, distinct: int, rows_per_block: int) -> int:
         """The token count whose `embed_read_ms` covers `embed_rows_ms(width, distinct, r)`."""

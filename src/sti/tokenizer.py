@@ -58,6 +58,10 @@ class Tokenizer:
         """Token count of each text (with its pair, if any) after truncation (special tokens included)."""
         return [len(e.ids) for e in self._tok.encode_batch(_inputs(texts, pairs))]
 
+    def ids(self, texts: list[str], pairs: list[str | None] | None = None) -> list[list[int]]:
+        """Token ids of each text (with its pair, if any) after truncation."""
+        return [list(e.ids) for e in self._tok.encode_batch(_inputs(texts, pairs))]
+
     def encode(self, texts: list[str], pad_to: int | None = None, pairs: list[str | None] | None = None) -> Batch:
         """Token ids, mask and token types for a batch; pads to the longest (or to `pad_to`).
         `pairs[i]`, when given and not None, is text i's second text."""

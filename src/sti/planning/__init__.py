@@ -9,6 +9,7 @@
     make.py     `make_plan`: the entry point, headroom, infeasibility reports
     streamed.py the best streaming around a preload buffer already chosen
     lengths.py  length-aware plans: a `PlanSet`, one plan per length bucket, one buffer
+    rows.py     the split of M between resident embedding rows and the preload buffer
 
 Both planners are monotone (a larger T or M never lowers the predicted accuracy): each
 result is the best member, among those that fit (T, M), of a set of plans that does not
@@ -18,8 +19,10 @@ docs/PLANNER.md (docs/DESIGN.md tells the story once, for users).
 
 from .lengths import Bucket, PlanSet, explain_set, make_plan_set
 from .make import make_plan
+from .rows import make_plan_set_with_rows
 from .plan import (PLAN_VERSION, PLANNERS, LayerTiming, Plan, PlanChoice, PlanError, PlanPrediction,
                    PlanRequest, explain, simulate)
 
 __all__ = ["Bucket", "LayerTiming", "PLANNERS", "PLAN_VERSION", "Plan", "PlanChoice", "PlanError", "PlanPrediction",
-           "PlanRequest", "PlanSet", "explain", "explain_set", "make_plan", "make_plan_set", "simulate"]
+           "PlanRequest", "PlanSet", "explain", "explain_set", "make_plan", "make_plan_set",
+           "make_plan_set_with_rows", "simulate"]

@@ -22,13 +22,14 @@ import json
 from dataclasses import dataclass, replace
 
 from ..profiles import DeviceProfile, ImportanceProfile
+from ..rowcache import RowCache
 from ..untrusted import short
 from .make import make_plan
 from .plan import CHECK, MAX_PLAN_JSON, Plan, PlanError
 from .problem import Problem, arg_float, assemble
 from .streamed import around, fits, layer_io
 
-PLAN_SET_VERSION = 1
+PLAN_SET_VERSION = 2         # 2: the resident embedding rows (`rows`)
 BUCKET_TOKENS = 8            # width of a length bucket
 MAX_BUCKETS = 512
 
@@ -46,6 +47,7 @@ class PlanSet:
     buckets: tuple[Bucket, ...]
     buffer: tuple[tuple[int, int, int], ...]   # (layer, shard, bits) every plan may use, sorted
     lengths: str = ""                          # where the length distribution came from
+    rows: RowCache | None = None               # embedding rows held resident (rowcache.py), in fixed_bytes
 
     @staticmethod
     def single(plan: Plan) -> "PlanSet":
@@ -86,7 +88,7 @@ class PlanSet:
 
     def to_dict(self) -> dict:
         return {"kind": "plan_set", "version": PLAN_SET_VERSION, "lengths": self.lengths,
-                "buffer": [list(e) for e in self.buffer],
+                "buffer": [list(e) for e in self.buffer], "rows": None if self.rows is None else self.rows.to_dict(),
                 "buckets": [{"max_tokens": b.max_tokens, "weight": b.weight,
                              "plan": None if b.plan is None else b.plan.to_dict()} for b in self.buckets]}
 
@@ -106,7 +108,7 @@ class PlanSet:
             raise PlanError(f"{w}: not a plan set (kind={short(d.get('kind'))})")
         if d.get("version") != PLAN_SET_VERSION:
             raise PlanError(f"{w}: version {short(d.get('version'))}, this sti reads {PLAN_SET_VERSION}: plan again")
-        CHECK.exact_keys(d, ("kind", "version", "lengths", "buffer", "buckets"), w)
+        CHECK.exact_keys(d, ("kind", "version", "lengths", "buffer", "rows", "buckets"), w)
         buffer = tuple(_entry(e, f"{w}.buffer[{i}]") for i, e in enumerate(CHECK.list(d["buffer"], f"{w}.buffer")))
         if list(buffer) != sorted(set(buffer)) or len({(e[0], e[1]) for e in buffer}) != len(buffer):
             raise PlanError(f"{w}.buffer: entries must be sorted, distinct, one bitwidth per shard")
@@ -117,9 +119,21 @@ class PlanSet:
             plan = None if b["plan"] is None else Plan.from_dict(b["plan"])
             buckets.append(Bucket(CHECK.int(b["max_tokens"], f"{where}.max_tokens", 1, 1 << 16),
                                   CHECK.num(b["weight"], f"{where}.weight", 0.0, 1.0), plan))
-        out = PlanSet(tuple(buckets), buffer, CHECK.text(d["lengths"], f"{w}.lengths", max_len=1024))
+        out = PlanSet(tuple(buckets), buffer, CHECK.text(d["lengths"], f"{w}.lengths", max_len=1024),
+                      _rows(d["rows"], f"{w}.rows"))
         check_set(out)
         return out
+
+
+def _rows(d, where: str) -> RowCache | None:
+    if d is None:
+        return None
+    CHECK.exact_keys(d, ("words", "positions", "hidden"), where)
+    words = CHECK.int_list(d["words"], f"{where}.words", 0, 1 << 22, max_len=1 << 16)
+    if len(set(words)) != len(words):
+        raise PlanError(f"{where}.words: token ids must be distinct")
+    return RowCache(words, CHECK.int(d["positions"], f"{where}.positions", 0, 1 << 16),
+                    CHECK.int(d["hidden"], f"{where}.hidden", 0, 1 << 16))
 
 
 def _entry(e, where: str) -> tuple[int, int, int]:
@@ -155,6 +169,9 @@ def check_set(s: PlanSet) -> None:
             raise PlanError(f"plan set: the plan for {b.max_tokens} tokens preloads a shard the buffer does not hold")
         if r.seq_len < b.max_tokens and len(s.buckets) > 1:
             raise PlanError(f"plan set: the plan for requests of up to {b.max_tokens} tokens was made for {r.seq_len}")
+    if s.rows is not None and s.rows.nbytes > ref.fixed_bytes:
+        raise PlanError(f"plan set: the resident rows take {s.rows.nbytes} bytes, more than the plans' fixed "
+                        f"{ref.fixed_bytes}: their bytes must be counted in M")
 
 
 def bucket_bounds(max_tokens: int, width: int = BUCKET_TOKENS) -> list[int]:
@@ -176,10 +193,11 @@ def weights(lengths, bounds: list[int]) -> list[float]:
 def make_plan_set(device: DeviceProfile, importance: ImportanceProfile, store_id: str, target_ms: float,
                   memory_bytes: float, lengths, max_tokens: int, fixed_bytes: int = 0, headroom: float = 0.0,
                   prune: bool = True, hidden: float | None = None, bucket_tokens: int = BUCKET_TOKENS,
-                  source: str = "") -> PlanSet:
+                  source: str = "", embed_ms=None) -> PlanSet:
     """Joint plans for every length bucket up to `max_tokens`, sharing the preload buffer
     that gives the best expected accuracy over `lengths` (the token counts of a sample of
-    requests). T, M, headroom and prune mean what they mean for `make_plan`."""
+    requests). T, M, headroom and prune mean what they mean for `make_plan`; `embed_ms`,
+    if given, maps a bucket's longest length to its embedding read time (planning/rows.py)."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 1 << 16:
         raise PlanError(f"max_tokens must be an integer in 1..65536, got {max_tokens!r}")
     if isinstance(bucket_tokens, bool) or not isinstance(bucket_tokens, int) or not 1 <= bucket_tokens:
@@ -187,11 +205,12 @@ def make_plan_set(device: DeviceProfile, importance: ImportanceProfile, store_id
     bounds = bucket_bounds(max_tokens, max(bucket_tokens, -(-max_tokens // MAX_BUCKETS)))
     shares = weights(lengths, bounds)
     target = arg_float(target_ms, "target_ms")
+    embed = embed_ms or (lambda L: None)
 
     def own(L: int):
         try:
             return make_plan(device, importance, store_id, target, memory_bytes, seq_len=L, fixed_bytes=fixed_bytes,
-                             hidden=hidden, headroom=headroom, prune=prune)
+                             hidden=hidden, headroom=headroom, prune=prune, embed_ms=embed(L))
         except PlanError as exc:
             if exc.min_target_ms is None and exc.min_memory_bytes is None:
                 raise                      # bad input, not a length too long for T
@@ -201,7 +220,7 @@ def make_plan_set(device: DeviceProfile, importance: ImportanceProfile, store_id
     if all(isinstance(p, PlanError) for p in owns):
         raise owns[0]                      # even the shortest requests cannot be planned
     problems = [Problem.of(device, importance, store_id, target * (1 - headroom), memory_bytes, L, fixed_bytes,
-                           hidden, None, prune) for L in bounds]
+                           hidden, None, prune, embed(L)) for L in bounds]
     mine = [p for p in owns if isinstance(p, Plan)]
     best = None
     for buffer in dict.fromkeys(p.choice.preload for p in mine):
@@ -262,6 +281,10 @@ def explain_set(s: PlanSet, tokens: int | None = None) -> str:
     buffer_bytes = max(p.predicted.preload_bytes for p in s.plans)
     lines.append(f"buffer    {len(s.buffer)} shards held ({_bits_summary([b for _, _, b in s.buffer]) or 'none'}), "
                  f"shared by every length; the largest plan uses {buffer_bytes:,.0f} B of them")
+    rows = s.rows
+    lines.append("rows      every embedding row read per request" if rows is None else
+                 f"rows      {len(rows.words)} frequent tokens' word rows and {rows.positions} position rows resident "
+                 f"(int8, {rows.nbytes:,} B of M); the rest read per request")
     lines.append(f"expected  accuracy {s.expected_accuracy:.4f} over the length distribution "
                  f"({s.covered:.1%} of it in buckets with a plan of their own)")
     if tokens is None:

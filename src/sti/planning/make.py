@@ -16,14 +16,15 @@ from .problem import Problem, arg_float, assemble
 def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: str, target_ms: float,
               memory_bytes: float, seq_len: int | None = None, planner: str = "joint", fixed_bytes: int = 0,
               hidden: float | None = None, headroom: float = 0.0, embed_tokens: int | None = None,
-              prune: bool = True) -> Plan:
+              prune: bool = True, embed_ms: float | None = None) -> Plan:
     """Plan a request of `seq_len` tokens to finish within `target_ms` with a preload buffer
     of at most `memory_bytes` (fixed_bytes included). `hidden` (the model's hidden size) is
     only used for the working-set estimate; by default it is inferred from the fp32 shard size.
     `headroom` (a fraction of T) is kept back: the plan's predicted latency is at most
     (1 - headroom) * T, and the runtime's deadline guard may spend the rest when IO runs late.
     `embed_tokens` (default seq_len) is how many distinct tokens' embedding rows to plan to
-    read: a request padded to seq_len reads only its own tokens' rows. With `prune` False
+    read: a request padded to seq_len reads only its own tokens' rows; `embed_ms`, if given,
+    is the embedding read time itself (rows held resident are not read). With `prune` False
     (a model not trained elastic) the plan keeps every layer and shard and chooses
     bitwidths and the preload buffer only."""
     if planner not in PLANNERS:
@@ -33,9 +34,9 @@ def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: st
         raise PlanError(f"headroom must be a fraction in [0, 1), got {headroom!r}")
     if headroom > 0.0:
         return _with_headroom(device, importance, store_id, arg_float(target_ms, "target_ms"), memory_bytes,
-                              seq_len, planner, fixed_bytes, hidden, headroom, embed_tokens, prune)
+                              seq_len, planner, fixed_bytes, hidden, headroom, embed_tokens, prune, embed_ms)
     P = Problem.of(device, importance, store_id, target_ms, memory_bytes, seq_len, fixed_bytes, hidden,
-                   embed_tokens, prune)
+                   embed_tokens, prune, embed_ms)
     fam = joint.Families(P)
     if planner == "paper":
         best = paper.search(P)
@@ -54,14 +55,14 @@ def make_plan(device: DeviceProfile, importance: ImportanceProfile, store_id: st
 
 
 def _with_headroom(device, importance, store_id, target_ms, memory_bytes, seq_len, planner, fixed_bytes,
-                   hidden, headroom: float, embed_tokens, prune: bool) -> Plan:
+                   hidden, headroom: float, embed_tokens, prune: bool, embed_ms) -> Plan:
     """A plan for (1 - headroom) * T, carrying T as its target; an impossible request is
     reported in the caller's terms (T, and the smallest T once the headroom is added back)."""
     if not 0 < target_ms <= MAX_MS:
         raise PlanError(f"target_ms must be > 0 and at most {MAX_MS:g}, got {target_ms!r}")
     try:
         plan = make_plan(device, importance, store_id, target_ms * (1 - headroom), memory_bytes, seq_len,
-                         planner, fixed_bytes, hidden, embed_tokens=embed_tokens, prune=prune)
+                         planner, fixed_bytes, hidden, embed_tokens=embed_tokens, prune=prune, embed_ms=embed_ms)
     except PlanError as exc:
         if exc.min_target_ms is None and exc.min_memory_bytes is None:
             raise

@@ -87,7 +87,7 @@ class Problem:
 
     @staticmethod
     def of(device, importance, store_id, target_ms, memory_bytes, seq_len, fixed_bytes, hidden,
-           embed_tokens=None, prune: bool = True) -> "Problem":
+           embed_tokens=None, prune: bool = True, embed_ms: float | None = None) -> "Problem":
         if not isinstance(device, DeviceProfile) or not isinstance(importance, ImportanceProfile):
             raise PlanError("make_plan needs a DeviceProfile and an ImportanceProfile")
         if not isinstance(store_id, str) or not store_id:
@@ -114,7 +114,10 @@ class Problem:
             raise PlanError(f"embed_tokens must be an integer in 1..seq_len ({seq_len}), got {embed_tokens!r}")
         kl, kappa = _importance_table(importance)
         bits, io, nbytes, err = _bit_tables(device, importance)
-        embed = arg_float(device.embed_read_ms(embed_tokens or seq_len), "device embed_read_ms")
+        # the embedding rows' read time: given (rows the resident cache holds are not read,
+        # planning/rows.py), or `embed_tokens` distinct tokens' rows and their positions
+        embed = arg_float(device.embed_read_ms(embed_tokens or seq_len) if embed_ms is None else embed_ms,
+                          "embedding read time")
         head = arg_float(device.head_ms, "device head_ms")
         first = arg_float(device.first_layer_ms, "device first_layer_ms")
         if embed < 0 or head < 0 or first < 0:

@@ -34,6 +34,7 @@ from ..errors import InputError
 from ..planning import Plan, PlanSet, simulate
 from ..planning.lengths import check_set
 from ..profiles import DeviceProfile, profile_id
+from ..rowcache import ResidentRows, RowCache
 from ..store import Record, Store
 from ..tokenizer import Tokenizer
 from ..weights import Embeddings
@@ -92,6 +93,8 @@ class Engine:
         self.misc = s.embed_misc()
         self.bytes.add(nbytes([t for sh in self.shared.values() for t in vars(sh).values()]))
         self.bytes.add(nbytes([*self.head.tensors().values(), *self.misc.values()]))
+        self.rows = ResidentRows(s, self.plans.rows or RowCache(hidden=self.config.hidden_size))
+        self.bytes.add(self.rows.nbytes)
         self.preload: dict[tuple[int, int], tuple[Record, memoryview]] = {}
         for layer, shard, bits in self.plans.buffer:
             rec = s.shard_record(layer, shard, bits)
@@ -100,9 +103,9 @@ class Engine:
         self.preload_bytes = sum(rec.length for rec, _ in self.preload.values())
         self.resident_bytes = self.bytes.now
         budget = self.plans.first.request.memory_bytes
-        if self.preload_bytes > budget:
-            raise InputError(f"the preload buffer needs {self.preload_bytes} bytes, more than the plan's "
-                             f"budget of {budget}")
+        if self.preload_bytes + self.rows.nbytes > budget:
+            raise InputError(f"the preload buffer and the resident rows need {self.preload_bytes + self.rows.nbytes} "
+                             f"bytes, more than the plan's budget of {budget}")
 
     def _size_buffers(self) -> None:
         """The window bounding the packed bytes in flight, and the pool of shard groups (in
@@ -181,7 +184,8 @@ class Engine:
         return Result(self.config.labels[int(probs.argmax())], probs.tolist(), logits[0], report)
 
     def _new_report(self, batch, bucket: int) -> Report:
-        width, distinct = int(batch.input_ids.shape[1]), len(set(batch.input_ids[0].tolist()))
+        width, ids = int(batch.input_ids.shape[1]), batch.input_ids[0].tolist()
+        distinct = len(self.rows.cache.misses(ids))  # the word rows it reads
         plan = self.walks[bucket].plan
         return Report(planned_ms=plan.predicted.latency_ms, predicted_ms=self._predicted_ms(bucket, width, distinct),
                       target_ms=plan.request.target_ms, tokens=int(batch.attention_mask.sum()), width=width,
@@ -194,7 +198,7 @@ class Engine:
         key = (bucket, width, distinct)
         if key not in self._predictions:
             c, d = self.walks[bucket].plan.choice, self.device
-            embed_ms = d.embed_rows_ms(width, distinct, self.rows_per_block)
+            embed_ms = d.embed_rows_ms(width, distinct, self.rows_per_block, width > self.rows.cache.positions)
             timeline = simulate(c.layers, c.m, c.bits, c.preload, d, width, embed_ms=embed_ms)
             self._predictions[key] = timeline[-1].compute_end + d.head_ms
         return self._predictions[key]
@@ -213,14 +217,21 @@ class Engine:
             out.put(None)  # the decoder stops here
 
     def _read_embeddings(self, ids: torch.Tensor, req: Request) -> Pace:
+        """The request's word and position rows: the resident ones from the row cache, the
+        others read from the store."""
         a = req.now()
-        words = self.store.table_rows("word", ids.tolist())
-        off = self.config.position_offset
-        position = self.store.table_rows("position", range(off, off + len(ids)))
-        req.span("io", "embedding rows", a, req.now())
+        words, hits, misses = self.rows.words(ids.tolist())
+        position = self.rows.positions(len(ids))
+        if position is None:
+            off = self.config.position_offset
+            position = self.store.table_rows("position", range(off, off + len(ids)))
+        req.span("io", f"embedding rows ({len(misses)} read, {hits} resident)", a, req.now())
+        req.report.embed_hits, req.report.embed_misses = hits, len(misses)
+        req.report.embed_read_ms = req.now() - a
         req.put("embed", (words, position))
         pace = Pace(req.sched.io_prior_ms)
-        pace.add(self.device.embed_rows_ms(len(ids), len(set(ids.tolist())), self.rows_per_block), req.now() - a)
+        pace.add(self.device.embed_rows_ms(len(ids), len(misses), self.rows_per_block,
+                                           len(ids) > self.rows.cache.positions), req.now() - a)
         return pace
 
     def _read_layer(self, pos: int, steps: list[Step], req: Request, out: queue.SimpleQueue, pace: Pace) -> None:

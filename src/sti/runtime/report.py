@@ -31,7 +31,10 @@ class Report:
     tokens: int = 0
     width: int = 0                 # tokens computed on: `tokens`, or the padded length the engine pads to
     truncated: bool = False
-    embed_ms: float = 0.0
+    embed_ms: float = 0.0          # compute lane: from its start until the embeddings are done
+    embed_read_ms: float = 0.0     # IO lane: getting the embedding rows (resident ones, and reads)
+    embed_hits: int = 0            # distinct tokens whose word rows were resident (rowcache.py)
+    embed_misses: int = 0          # distinct tokens whose word rows were read from the store
     head_ms: float = 0.0
     layers: list[LayerReport] = field(default_factory=list)
     guard_changes: list[tuple] = field(default_factory=list)  # (layer, shard, planned bits, bits or None)

@@ -1,0 +1,93 @@
+"""Splitting M between resident embedding rows and preloaded shards.
+
+A byte of M can hold a preloaded shard's weights (less to stream, so more or better shards
+by T) or a cached embedding row (less to read before the first layer, which leaves the IO
+lane that time for shards). Which buys more accuracy depends on T, M, the storage and the
+requests, so the planner measures both sides the same way: for each candidate cache (the
+most frequent tokens' word rows of a sample of requests, and the first positions), its bytes
+are counted as fixed, each length bucket's embedding read time is what that cache leaves to
+read, the length-aware plans are made (lengths.py), and the candidate whose plans have the
+best expected accuracy wins (no cache on a tie).
+
+A bucket's read time assumes the 90th percentile of the sample's miss ratio (distinct word
+rows not cached, per token): a request with more misses runs late by their reads, and the
+deadline guard absorbs it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..rowcache import RowCache, most_frequent, token_counts
+from .lengths import PlanSet, check_set, make_plan_set
+from .plan import PlanError
+
+WORD_STEPS = (0, 256, 512, 1024, 2048)   # candidate numbers of cached word rows
+MISS_QUANTILE = 90                        # percentile of the sample's miss ratio a plan assumes
+
+
+def candidates(token_lists, max_tokens: int, hidden: int, room: float) -> list[RowCache]:
+    """The caches to try: each number of the most frequent words, with and without the
+    first `max_tokens` positions, that fits in `room` bytes."""
+    counts = token_counts(token_lists)
+    out = []
+    for n in WORD_STEPS:
+        words = most_frequent(counts, n)
+        for positions in (0, max_tokens):
+            cache = RowCache(words, positions, hidden)
+            if (words or positions) and cache.nbytes <= room and cache not in out:
+                out.append(cache)
+    return out
+
+
+def embed_times(device, cache: RowCache | None, token_lists, rows_per_block: int):
+    """bucket length L -> the embedding read time a plan for L assumes under `cache`."""
+    if cache is None:
+        return lambda L: device.embed_rows_ms(L, L, rows_per_block)
+    ratios = [len(cache.misses(ids)) / max(1, len(ids)) for ids in token_lists] or [1.0]
+    q = float(np.percentile(ratios, MISS_QUANTILE))
+
+    def at(L: int) -> float:
+        return device.embed_rows_ms(L, math.ceil(q * L - 1e-9), rows_per_block, positions=cache.positions < L)
+    return at
+
+
+def make_plan_set_with_rows(device, importance, store_id: str, target_ms: float, memory_bytes: float,
+                            token_lists, max_tokens: int, hidden: int, rows_per_block: int, fixed_bytes: int = 0,
+                            headroom: float = 0.0, prune: bool = True, source: str = "") -> PlanSet:
+    """Length-aware plans (lengths.py) with the best split of M between resident embedding
+    rows and the preload buffer, for requests like `token_lists` (token ids of a sample)."""
+    best, first_error = None, None
+    for cache in [None, *candidates(token_lists, max_tokens, hidden, memory_bytes - fixed_bytes)]:
+        try:
+            other = plans_with(cache, device, importance, store_id, target_ms, memory_bytes, token_lists, max_tokens,
+                               rows_per_block, fixed_bytes, headroom, prune, source)
+        except PlanError as exc:
+            if exc.min_target_ms is None and exc.min_memory_bytes is None:
+                raise            # bad input, not a cache that leaves too little of M
+            first_error = first_error or exc
+            continue
+        if best is None or score(other) > score(best):
+            best = other
+    if best is None:
+        raise first_error
+    check_set(best)
+    return best
+
+
+def plans_with(cache: RowCache | None, device, importance, store_id: str, target_ms: float, memory_bytes: float,
+               token_lists, max_tokens: int, rows_per_block: int, fixed_bytes: int = 0, headroom: float = 0.0,
+               prune: bool = True, source: str = "") -> PlanSet:
+    """Length-aware plans around one row cache (None: no rows resident): its bytes fixed, each
+    bucket's embedding read what it leaves to read."""
+    extra = cache.nbytes if cache is not None else 0
+    out = make_plan_set(device, importance, store_id, target_ms, memory_bytes, [len(ids) for ids in token_lists],
+                        max_tokens, fixed_bytes=fixed_bytes + extra, headroom=headroom, prune=prune, source=source,
+                        embed_ms=embed_times(device, cache, token_lists, rows_per_block))
+    return PlanSet(out.buckets, out.buffer, out.lengths, cache)
+
+
+def score(s: PlanSet) -> tuple[float, float]:
+    return round(s.covered, 9), s.expected_accuracy
