@@ -58,3 +58,27 @@ def test_a_profile_far_off_the_engine_is_corrected_towards_it(tiny_store):
     ratio = statistics.median(busy) / fixed.compute_ms(plan.choice.m, 16)
     assert 0.5 < ratio < 2.0
     assert statistics.median(busy) / device.compute_ms(plan.choice.m, 16) > 5
+
+
+def test_corrected_scales_the_io_lane_and_the_embedding_read():
+    cal = Calibration(compute_scale=1.0, first_layer_ms=0.0, requests=3, io_scale=2.0, embed_scale=1.5)
+    dev = corrected(HAND_DEV, cal)
+    assert all(dev.io_ms(b) == pytest.approx(2.0 * HAND_DEV.io_ms(b)) for b in HAND_DEV.bits)
+    assert dev.embed_read_ms(20) == pytest.approx(1.5 * HAND_DEV.embed_read_ms(20))
+    assert dev.calibrated["io_scale"] == 2.0 and dev.calibrated["embed_scale"] == 1.5
+
+
+def test_storage_slower_than_profiled_is_measured_on_the_engine(tiny_store):
+    from tests.test_runtime import SlowReader
+    _, path = tiny_store
+    store = Store(path, "warm", reader=SlowReader(path / "store.bin", 0.002))   # 2 ms a read
+    device, importance = profiles(store, read_ms=0.3)           # claims 0.3 ms for an fp32 shard
+    plan = make_plan(device, importance, store.store_id, 1e4, 0, seq_len=16)  # nothing preloaded
+    with Engine(store, plan, device, storage="warm") as engine:
+        engine.run(TEXTS[0])
+        cal = measure(engine, TEXTS * 3)
+    assert cal.io_scale >= 4.0 and cal.embed_scale >= 4.0    # (bounded at 5: the profile is far off)
+    with Engine(Store(path, "warm"), plan, device, storage="warm") as engine:
+        engine.run(TEXTS[0])
+        fair = measure(engine, TEXTS * 3)
+    assert fair.io_scale < cal.io_scale

@@ -13,11 +13,20 @@ cuts.
 request by request, each layer's busy time (its span on the compute lane minus the time it
 waited for IO) with the profile's compute time at the request's width:
   - `compute_scale`, the median ratio over the layers after the first;
-  - `first_layer_ms`, the median of the first layer's busy time beyond its scaled compute.
+  - `first_layer_ms`, the median of the first layer's busy time beyond its scaled compute;
+and the IO lane's pace with the profile's (the two IO threads beside the compute lane, as
+they run in the engine; the profile times each alone, beside one busy thread):
+  - `io_scale`, the median over layers with streamed shards of the IO lane's progress since
+    the embeddings (the end of the layer's last decode) over the timeline's prediction of it;
+  - `embed_scale`, the median of the embedding rows' read time over the profile's.
+Measured on the full-preset store (2026-12-03, 48 dev requests at T = 13 / 10 ms, M = 2 MB):
+the IO lane ran 1.14x the profile at emulated 100 MB/s (90th percentile 1.33) and 1.66x
+cold (3.0), where the engine's requests then took 1.22x their prediction.
 `corrected` applies them: compute_coef scaled, `first_layer_ms` set (the timeline adds it
-to the first executed layer, planning/plan.py `simulate`), and the figures recorded in the
-profile's `calibrated` field, with the raw profile's id. Plans made from the corrected profile
-predict what the engine does, so the guard's headroom is left for jitter.
+to the first executed layer, planning/plan.py `simulate`), shard read and decode times and
+the embedding read scaled, and the figures recorded in the profile's `calibrated` field,
+with the raw profile's id. Plans made from the corrected profile predict what the engine
+does, so the guard's headroom is left for jitter.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import statistics
 from dataclasses import dataclass, replace
 
 from .errors import InputError
+from .planning import simulate
 from .profiles import DeviceProfile, profile_id
 
 PROBES = 48          # probe requests: spread over the lengths of the texts given
@@ -36,6 +46,8 @@ class Calibration:
     compute_scale: float       # engine busy time / profiled compute, layers after the first
     first_layer_ms: float      # the first layer's busy time beyond its scaled compute
     requests: int
+    io_scale: float = 1.0      # the engine's IO lane progress / the timeline's, layers with streamed shards
+    embed_scale: float = 1.0   # the engine's embedding read / the profile's
 
 
 def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
@@ -63,7 +75,38 @@ def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
     scale = statistics.median(busy / planned for busy, planned in ratios) if ratios else 1.0
     scale = max(scale, 0.5)
     first = statistics.median(busy - scale * planned for busy, planned in firsts) if firsts else 0.0
-    return Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports))
+    io, embed = io_paces(engine, reports)
+    return Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports),
+                       io_scale=_bounded(io), embed_scale=_bounded(embed))
+
+
+MIN_IO_MS = 0.2      # layers whose predicted IO since the embeddings is shorter are not compared
+
+
+def io_paces(engine, reports) -> tuple[list[float], list[float]]:
+    """Per (request, layer with streamed shards): the IO lane's progress since the embedding
+    rows (the layer's last decode ends) over the timeline's; per request: the embedding read
+    over the profile's. Each request is simulated from its own measured embedding time."""
+    device, rows = engine.device, engine.rows.cache
+    io, embed = [], []
+    for r in reports:
+        c = engine.walks[engine.plans.index_for(r.width)].plan.choice
+        planned = device.embed_rows_ms(r.width, r.embed_misses, engine.rows_per_block, r.width > rows.positions)
+        if planned > 0 and r.embed_read_ms > 0:
+            embed.append(r.embed_read_ms / planned)
+        ends: dict[int, float] = {}
+        for lane, name, _, end in r.spans:
+            if lane == "decode":  # "decode L<layer>.S<shard> ..."
+                layer = int(name.split()[1].split(".")[0][1:])
+                ends[layer] = max(ends.get(layer, 0.0), end)
+        for t in simulate(c.layers, c.m, c.bits, c.preload, device, r.width, embed_ms=r.embed_read_ms):
+            if t.layer in ends and t.io_end - r.embed_read_ms > MIN_IO_MS:
+                io.append((ends[t.layer] - r.embed_read_ms) / (t.io_end - r.embed_read_ms))
+    return io, embed
+
+
+def _bounded(ratios: list[float]) -> float:
+    return min(5.0, max(0.5, statistics.median(ratios))) if ratios else 1.0
 
 
 def calibrated(engine, texts: list, log=print, source: str = "dev split") -> DeviceProfile:
@@ -71,7 +114,7 @@ def calibrated(engine, texts: list, log=print, source: str = "dev split") -> Dev
     it was, guard included)."""
     cal = measure(engine, texts)
     log(f"calibrated on the engine ({cal.requests} requests from the {source}): compute x{cal.compute_scale:.2f}, "
-        f"first layer +{cal.first_layer_ms:.2f} ms")
+        f"first layer +{cal.first_layer_ms:.2f} ms, IO x{cal.io_scale:.2f}, embedding rows x{cal.embed_scale:.2f}")
     return corrected(engine.device, cal)
 
 
@@ -79,5 +122,9 @@ def corrected(device: DeviceProfile, cal: Calibration) -> DeviceProfile:
     """The profile as the engine runs: compute scaled, the first layer's extra cost set."""
     return replace(device, compute_coef=tuple(c * cal.compute_scale for c in device.compute_coef),
                    first_layer_ms=cal.first_layer_ms,
+                   shard_read_ms={b: v * cal.io_scale for b, v in device.shard_read_ms.items()},
+                   shard_decode_ms={b: v * cal.io_scale for b, v in device.shard_decode_ms.items()},
+                   embed_ms=tuple(v * cal.embed_scale for v in device.embed_ms),
                    calibrated={"compute_scale": cal.compute_scale, "first_layer_ms": cal.first_layer_ms,
+                               "io_scale": cal.io_scale, "embed_scale": cal.embed_scale,
                                "requests": cal.requests, "raw_profile": profile_id(device)})
