@@ -56,13 +56,7 @@ def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
     with the profile's compute time."""
     if not texts:
         raise InputError("calibration needs at least one probe text")
-    step = max(1, len(texts) // probes)
-    chosen = texts[::step][:probes]
-    guard, engine.guard = engine.guard, False    # every shard of the plan runs as planned
-    try:
-        reports = [(engine.run(*t) if isinstance(t, tuple) else engine.run(t)).report for t in chosen]
-    finally:
-        engine.guard = guard
+    reports = _probe(engine, texts, probes)
     device = engine.device
     ratios, firsts = [], []
     for r in reports:
@@ -78,6 +72,17 @@ def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
     io, embed = io_paces(engine, reports)
     return Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports),
                        io_scale=_bounded(io), embed_scale=_bounded(embed))
+
+
+def _probe(engine, texts: list, probes: int) -> list:
+    """Reports of up to `probes` of `texts` (spread evenly) run with the guard off."""
+    step = max(1, len(texts) // probes)
+    chosen = texts[::step][:probes]
+    guard, engine.guard = engine.guard, False    # every shard of the plan runs as planned
+    try:
+        return [(engine.run(*t) if isinstance(t, tuple) else engine.run(t)).report for t in chosen]
+    finally:
+        engine.guard = guard
 
 
 MIN_IO_MS = 0.2      # layers whose predicted IO since the embeddings is shorter are not compared
