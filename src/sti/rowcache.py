@@ -103,19 +103,17 @@ class ResidentRows:
     def words(self, ids: list[int]) -> tuple[torch.Tensor, int, list[int]]:
         """The word rows of `ids` [len(ids), h], the number of distinct hits, and the
         distinct misses (read from the store here)."""
-        misses = self.cache.misses(ids)
-        read = dict(zip(misses, self.store.table_rows("word", misses))) if misses else {}
-        hit_ids = [i for i in dict.fromkeys(ids) if i in self.slot]
-        out = torch.empty(len(ids), self.store.config.hidden_size)
-        if hit_ids:
-            slots = torch.tensor([self.slot[i] for i in hit_ids])
-            rows = dict(zip(hit_ids, expand(self.word_codes[slots], self.word_scale[slots])))
-        else:
-            rows = {}
-        rows.update(read)
-        for k, i in enumerate(ids):
-            out[k] = rows[i]
-        return out, len(hit_ids), misses
+        distinct = list(dict.fromkeys(ids))
+        at = {t: k for k, t in enumerate(distinct)}
+        rows = torch.empty(len(distinct), self.store.config.hidden_size)
+        hits = [t for t in distinct if t in self.slot]
+        misses = [t for t in distinct if t not in self.slot]
+        if hits:
+            slots = torch.tensor([self.slot[t] for t in hits])
+            rows[[at[t] for t in hits]] = expand(self.word_codes[slots], self.word_scale[slots])
+        if misses:
+            rows[[at[t] for t in misses]] = self.store.table_rows("word", misses)
+        return rows[torch.tensor([at[t] for t in ids])], len(hits), misses
 
     def positions(self, width: int) -> torch.Tensor | None:
         """Position rows 0..width-1 if they are resident, else None (read them)."""
