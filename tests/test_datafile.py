@@ -57,6 +57,10 @@ def test_plain_lines_and_jsonl_on_standard_input():
     assert [r.text for r in plain] == ["one", " two "] and all(r.label is None for r in plain)
     js = list(rows("-", stream=text_stream('{"text": "a", "text_pair": "b"}\n{"text": "c"}\n')))
     assert [(r.text, r.pair) for r in js] == [("a", "b"), ("c", None)]
+    after_blank = list(rows("-", stream=text_stream('\n\n{"text": "a"}\n')))
+    assert [r.text for r in after_blank] == ["a"]  # the first line that is not blank decides
+    with pytest.raises(DataError, match="not standard input"):
+        source_of("-", 1)
 
 
 def test_limit_stops_reading_and_rows_are_lazy(tmp_path):

@@ -142,9 +142,11 @@ def test_importance_on_a_data_file_is_recorded_and_planned_for(store, tmp_path, 
     assert prof.split == "file" and prof.data["examples"] == 20
     assert prof.full_accuracy == pytest.approx(accuracy(weights, tok, examples))
     assert prof.submodel_accuracy["2,2"] == pytest.approx(accuracy(weights, tok, examples, Submodel.of(c, 2, 2)))
-    save_profile(prof, api.importance_profile_path(store, "gradient"))
-    # the profile of the user's data is preferred to the (built-in data's) degrade one saved beside it
+    save_profile(prof, api.importance_profile_path(store, "gradient", data=True))
+    # the profile of the user's data is preferred to the (built-in data's) degrade one saved beside it,
+    # which stays (the benchmark, on the built-in task, asks for it)
     assert api.importance_profile(store, **QUIET).data == prof.data
+    assert api.importance_profile(store, builtin=True, **QUIET).data is None
     requests, source = api.sample_requests(prof)
     assert requests == [(e.text, e.text_pair) for e in examples] and "dev.tsv" in source
     lengths = api.request_lengths(store, requests=requests)
@@ -152,6 +154,7 @@ def test_importance_on_a_data_file_is_recorded_and_planned_for(store, tmp_path, 
     data.write_text(data.read_text() + "w1\tw2\tpositive\n")  # changed: its lengths are no longer the profile's
     monkeypatch.setattr(api, "dev_texts", lambda: ["w1"])
     assert api.sample_requests(prof) == ([("w1", None)], "dev split")
+    assert api.importance_profile(store, **QUIET).data is None  # nor is the profile of the old file preferred
 
 
 def small_base(tmp_path):

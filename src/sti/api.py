@@ -43,10 +43,12 @@ def device_profile_path(store_dir, storage: str) -> Path:
     return profiles_dir(store_dir) / f"device-{storage_slug(storage)}.json"
 
 
-def importance_profile_path(store_dir, method: str) -> Path:
+def importance_profile_path(store_dir, method: str, data: bool = False) -> Path:
+    """Where the importance profile of a method is kept: one measured on the built-in dev
+    split, and (with `data`) one measured on a user's data file, beside it."""
     if not re.fullmatch(r"[a-z]+", method):
         raise InputError(f"unknown importance method {method!r}: use degrade or gradient")
-    return profiles_dir(store_dir) / f"importance-{method}.json"
+    return profiles_dir(store_dir) / f"importance-{method}{'-data' if data else ''}.json"
 
 
 def device_profile(store_dir, storage: str = "cold", measure: bool = True, log=print) -> DeviceProfile:
@@ -77,19 +79,27 @@ def _outdated(path: Path, kind: str) -> bool:
         return False  # unreadable: load_profile says why
 
 
-def importance_profile(store_dir, method: str | None = None, measure: bool = True, log=print) -> ImportanceProfile:
+def importance_profile(store_dir, method: str | None = None, measure: bool = True, log=print,
+                       builtin: bool = False) -> ImportanceProfile:
     """The saved importance profile for this store; measured on the dev split if missing.
-    With `method` None, the best one saved (one measured on the user's data file before one
-    of the built-in dev split; then the paper's `degrade` before `gradient`); if none is,
-    the cheap `gradient` one is measured (on MiniLM and 2 cores well under a minute,
-    against about 9 minutes for `degrade`; their shard rankings agree closely)."""
+    One measured on a user's data file (`sti profile importance --data`) comes first while
+    that file is unchanged (it is of the user's task), unless `builtin` asks for the
+    built-in data's (the benchmark does). With `method` None, the best one saved (the
+    paper's `degrade` before `gradient`); if none is, the cheap `gradient` one is measured
+    (on MiniLM and 2 cores well under a minute, against about 9 minutes for `degrade`;
+    their shard rankings agree closely)."""
     store_id = store_id_of(store_dir)
+    methods = IMPORTANCE_METHODS if method is None else (method,)
+    if not builtin:
+        for m in methods:
+            path = importance_profile_path(store_dir, m, data=True)
+            if path.exists():
+                profile = load_profile(path, store_id)
+                if data_unchanged(profile.data):
+                    return profile
     if method is None:
-        saved = [load_profile(importance_profile_path(store_dir, m), store_id) for m in IMPORTANCE_METHODS
-                 if importance_profile_path(store_dir, m).exists()]
-        if saved:  # one measured on the user's own data first: it is of their task
-            return min(saved, key=lambda p: (p.data is None, IMPORTANCE_METHODS.index(p.method)))
-        method = "gradient"
+        saved = [m for m in IMPORTANCE_METHODS if importance_profile_path(store_dir, m).exists()]
+        method = saved[0] if saved else "gradient"
     path = importance_profile_path(store_dir, method)
     if path.exists() or not measure:
         return load_profile(path, store_id)
@@ -153,14 +163,25 @@ def sample_requests(importance: ImportanceProfile | None = None) -> tuple[list[t
     of sentence pairs is planned for its own lengths), else the built-in dev split. Returns
     (text, second text or None) pairs and where they came from."""
     source = importance.data if importance is not None else None
-    if source is not None:
-        from .assets import sha256_file
+    if data_unchanged(source):
         from .datafile import Columns, rows
         path = Path(source["path"])
-        if path.is_file() and path.stat().st_size == source["size"] and sha256_file(path) == source["sha256"]:
-            columns = Columns(**source.get("columns", {}))
-            return [(r.text, r.pair) for r in rows(path, columns)], f"data file {path.name} (the importance profile's)"
+        found = [(r.text, r.pair) for r in rows(path, Columns(**source.get("columns", {})))]
+        step = max(1, -(-len(found) // MAX_SAMPLE))  # an even spread of at most MAX_SAMPLE requests
+        return found[::step], f"data file {path.name} (the importance profile's)"
     return [(t, None) for t in dev_texts()], "dev split"
+
+
+MAX_SAMPLE = 2000  # sample requests taken from a user's data file
+
+
+def data_unchanged(source: dict | None) -> bool:
+    """Is the data file a profile was measured on still there, unchanged (size and sha256)?"""
+    if source is None:
+        return False
+    from .assets import sha256_file
+    path = Path(source["path"])
+    return path.is_file() and path.stat().st_size == source["size"] and sha256_file(path) == source["sha256"]
 
 
 def request_lengths(store_dir, max_length: int | None = None,

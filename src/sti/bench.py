@@ -199,7 +199,7 @@ class Harness:
             if cfg.ood_limit and len(ex) > cfg.ood_limit:
                 ex = [ex[i] for i in sorted(rng.choice(len(ex), cfg.ood_limit, replace=False))]
             self.ood[name] = ex
-        self.importance = api.importance_profile(store_dir, log=log)
+        self.importance = api.importance_profile(store_dir, log=log, builtin=True)  # the built-in task's
         self.max_tokens = min(api.DEFAULT_MAX_LENGTH, self.config.max_tokens)  # the engine's default cut
         self.cut = Tokenizer(store_dir, max_length=self.max_tokens)  # request lengths as the engine cuts them
         self.dev_texts = [e.text for e in load_split("dev")]

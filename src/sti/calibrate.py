@@ -89,9 +89,12 @@ MIN_IO_MS = 0.2      # layers whose predicted IO since the embeddings is shorter
 
 
 def io_paces(engine, reports) -> tuple[list[float], list[float]]:
-    """Per (request, layer with streamed shards): the IO lane's progress since the embedding
-    rows (the layer's last decode ends) over the timeline's; per request: the embedding read
-    over the profile's. Each request is simulated from its own measured embedding time."""
+    """Per (request, layer the timeline has done more than MIN_IO_MS of IO by): the IO lane's
+    progress since the embedding rows (when the layer's last decode ends, preloaded shards'
+    decodes included) over the timeline's; per request: the embedding read over the
+    profile's. Each request is simulated from its own measured embedding time. The decoder
+    also waits for the compute lane's free groups, so a compute-bound request's IO looks
+    slower than its reads were: the scale errs on the cautious side."""
     device, rows = engine.device, engine.rows.cache
     io, embed = [], []
     for r in reports:

@@ -71,6 +71,8 @@ def finetune(out: Optional[Path] = typer.Option(None, help="output model directo
             raise InputError(f"--max-length must be at least 8 tokens, got {max_length}")
         cfg = replace(cfg, max_length=max_length)
     task = None
+    if (base or max_length) and not out:
+        raise InputError("--base and --max-length make another model than the default one: give --out")
     if train or dev or test or labels:
         if not (train and dev and out):
             raise InputError("fine-tuning on your own data needs --train, --dev and --out")
@@ -170,7 +172,7 @@ def profile_importance(store_dir: Path = typer.Argument(..., help="a store direc
     from .profiles import save_profile
     p = measure_importance(store_dir, method=method, split=split, limit=limit, data=data,
                            columns=_columns(text_column, pair_column, label_column))
-    path = save_profile(p, importance_profile_path(store_dir, method))
+    path = save_profile(p, importance_profile_path(store_dir, method, data=data is not None))
     import numpy as np
     kl = np.array(p.shard_kl)
     where = f"{data} ({p.data['examples']} examples)" if data else split
@@ -273,13 +275,16 @@ def run(store_dir: Path = typer.Argument(..., help="a store directory"),
         try:
             for req in reqs:
                 result = engine.run(req.text, req.pair)
-                tally.add(req, result)
                 if json_out:
                     print(json.dumps(answer_json(req, result)), flush=True)
                 else:
                     print_answer(req, result)
+                tally.add(req, result)  # (after the answer is out: a bad label loses nothing)
         except KeyboardInterrupt:
             say("interrupted: the summary is of the answers given so far")
+        except StiError:
+            say(tally.summary(), highlight=False)  # what was answered before the bad input
+            raise
         say(tally.summary(), highlight=False)
         if result is not None and trace:
             from .trace import write_trace

@@ -102,11 +102,15 @@ def rows(path: str | Path, columns: Columns = Columns(), stream: IO[bytes] | Non
 
 
 def _rows(fmt: str, name: str, lines: Iterator[tuple[int, str]], columns: Columns) -> Iterator[Row]:
-    if fmt == "lines":
+    if fmt == "lines":  # the first line that is not blank says whether this is JSONL
+        blank = []
         first = next(lines, None)
+        while first is not None and not first[1].strip():
+            blank.append(first)
+            first = next(lines, None)
         if first is None:
             return
-        lines = _chain(first, lines)
+        lines = _chain([*blank, first], lines)
         fmt = "jsonl" if first[1].lstrip().startswith("{") else "lines"
     if fmt == "lines":
         yield from _plain_rows(name, lines)
@@ -116,8 +120,8 @@ def _rows(fmt: str, name: str, lines: Iterator[tuple[int, str]], columns: Column
         yield from _table_rows(name, lines, columns, fmt)
 
 
-def _chain(first, rest):
-    yield first
+def _chain(head: list, rest):
+    yield from head
     yield from rest
 
 
@@ -292,6 +296,9 @@ def read_examples(path: str | Path, labels: tuple[str, ...], columns: Columns = 
 
 
 def source_of(path: str | Path, examples: int, columns: Columns = Columns()) -> DataSource:
+    if str(path) == STDIN:
+        raise DataError("this needs a data file, not standard input: the file's sha256 is recorded with what is "
+                        "measured on it")
     p = Path(path)
     return DataSource(path=str(p.resolve()), sha256=sha256_file(p), size=p.stat().st_size, examples=examples,
                       columns=columns)

@@ -293,6 +293,9 @@ def user_task(train: str | Path, dev: str | Path, test: str | Path | None = None
               labels: tuple[str, ...] | None = None, columns: Columns = Columns()) -> Task:
     """A task from the user's files; `labels` by default are the training file's (sorted
     names, or integer ids in order)."""
+    for path in (train, dev, test):
+        if path is not None and str(path) == "-":
+            raise InputError("fine-tuning reads its data files more than once: give files, not standard input (-)")
     if labels is None:
         labels = label_names(row.label for row in rows(train, columns))
     if len(labels) < 2 or len(set(labels)) != len(labels):

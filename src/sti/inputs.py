@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-from .datafile import Columns, label_id, rows
+from .datafile import Columns, format_of, label_id, rows
 from .errors import InputError
 
 
@@ -33,6 +33,8 @@ def requests(texts: list[str], pairs: list[str], input_file: Path | str | None,
         raise InputError(f"{len(texts)} texts but {len(pairs)} --pair options: give one --pair per text")
     if input_file is not None and str(input_file) != "-" and not Path(input_file).is_file():
         raise InputError(f"--input {input_file}: no such file")
+    if input_file is not None:
+        format_of(input_file)  # an unknown format is refused now, not after the engine opens
     return _requests(texts, pairs, input_file, columns)
 
 

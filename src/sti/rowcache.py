@@ -85,7 +85,7 @@ class ResidentRows:
 
     def __init__(self, store, cache: RowCache):
         c = store.config
-        if cache.words and cache.hidden != c.hidden_size:
+        if (cache.words or cache.positions) and cache.hidden != c.hidden_size:
             raise InputError(f"the row cache was planned for hidden size {cache.hidden}, the store's is "
                              f"{c.hidden_size}: plan again for this store")
         if any(not 0 <= t < c.vocab_size for t in cache.words) or not 0 <= cache.positions <= c.max_tokens:

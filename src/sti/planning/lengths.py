@@ -132,8 +132,9 @@ def _rows(d, where: str) -> RowCache | None:
     words = CHECK.int_list(d["words"], f"{where}.words", 0, 1 << 22, max_len=1 << 16)
     if len(set(words)) != len(words):
         raise PlanError(f"{where}.words: token ids must be distinct")
-    return RowCache(words, CHECK.int(d["positions"], f"{where}.positions", 0, 1 << 16),
-                    CHECK.int(d["hidden"], f"{where}.hidden", 0, 1 << 16))
+    positions = CHECK.int(d["positions"], f"{where}.positions", 0, 1 << 16)
+    hidden = CHECK.int(d["hidden"], f"{where}.hidden", 1 if words or positions else 0, 1 << 16)
+    return RowCache(words, positions, hidden)
 
 
 def _entry(e, where: str) -> tuple[int, int, int]:

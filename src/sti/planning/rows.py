@@ -60,7 +60,10 @@ def make_plan_set_with_rows(device, importance, store_id: str, target_ms: float,
     """Length-aware plans (lengths.py) with the best split of M between resident embedding
     rows and the preload buffer, for requests like `token_lists` (token ids of a sample)."""
     best, first_error = None, None
-    for cache in [None, *candidates(token_lists, max_tokens, hidden, memory_bytes - fixed_bytes)]:
+    # no rows resident is costed as the candidates are (the sample's misses), so that only
+    # holding rows, not the cost model, tells them apart
+    nothing = RowCache(hidden=hidden)
+    for cache in [nothing, *candidates(token_lists, max_tokens, hidden, memory_bytes - fixed_bytes)]:
         try:
             other = plans_with(cache, device, importance, store_id, target_ms, memory_bytes, token_lists, max_tokens,
                                rows_per_block, fixed_bytes, headroom, prune, source)
@@ -70,7 +73,7 @@ def make_plan_set_with_rows(device, importance, store_id: str, target_ms: float,
             first_error = first_error or exc
             continue
         if best is None or score(other) > score(best):
-            best = other
+            best = other if cache is not nothing else PlanSet(other.buckets, other.buffer, other.lengths, None)
     if best is None:
         raise first_error
     check_set(best)
