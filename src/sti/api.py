@@ -11,6 +11,7 @@ reused afterwards.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -179,9 +180,19 @@ def data_unchanged(source: dict | None) -> bool:
     """Is the data file a profile was measured on still there, unchanged (size and sha256)?"""
     if source is None:
         return False
-    from .assets import sha256_file
     path = Path(source["path"])
-    return path.is_file() and path.stat().st_size == source["size"] and sha256_file(path) == source["sha256"]
+    if not path.is_file():
+        return False
+    st = path.stat()
+    return st.st_size == source["size"] and _sha256(str(path), st.st_size, st.st_mtime_ns) == source["sha256"]
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, hashed once per version of it (size and modification time): opening
+    an engine asks for it several times (importance profile, plans, calibration)."""
+    from .assets import sha256_file
+    return sha256_file(Path(path))
 
 
 def request_lengths(store_dir, max_length: int | None = None,
@@ -321,8 +332,7 @@ def exact_answers(store_dir, items, max_length: int | None = None, batch_size: i
     tokenizer = Tokenizer(store_dir, max_length=max_length)
     items = iter(items)
     while chunk := list(itertools.islice(items, batch_size)):
-        pairs = [item[1] for item in chunk]
-        batch = tokenizer.encode([item[0] for item in chunk], pairs=pairs if any(p is not None for p in pairs) else None)
+        batch = tokenizer.encode([item[0] for item in chunk], pairs=[item[1] for item in chunk])
         logits = classify(weights, batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)
         for item, row, truncated in zip(chunk, logits, batch.truncated):
             probs = torch.softmax(row, -1)

@@ -203,8 +203,8 @@ class Harness:
         self.max_tokens = min(api.DEFAULT_MAX_LENGTH, self.config.max_tokens)  # the engine's default cut
         self.cut = Tokenizer(store_dir, max_length=self.max_tokens)  # request lengths as the engine cuts them
         self.dev_texts = [e.text for e in load_split("dev")]
-        self.dev_lengths = self.cut.lengths(self.dev_texts)
         self.dev_tokens = self.cut.ids(self.dev_texts)
+        self.dev_lengths = [len(ids) for ids in self.dev_tokens]
         self._lengths: dict = {}
         self.rows: list[Row] = []
         self.profiles: list[dict] = []  # every device profile measured, with where it was used

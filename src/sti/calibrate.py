@@ -102,14 +102,10 @@ def io_paces(engine, reports) -> tuple[list[float], list[float]]:
         planned = device.embed_rows_ms(r.width, r.embed_misses, engine.rows_per_block, r.width > rows.positions)
         if planned > 0 and r.embed_read_ms > 0:
             embed.append(r.embed_read_ms / planned)
-        ends: dict[int, float] = {}
-        for lane, name, _, end in r.spans:
-            if lane == "decode":  # "decode L<layer>.S<shard> ..."
-                layer = int(name.split()[1].split(".")[0][1:])
-                ends[layer] = max(ends.get(layer, 0.0), end)
-        for t in simulate(c.layers, c.m, c.bits, c.preload, device, r.width, embed_ms=r.embed_read_ms):
-            if t.layer in ends and t.io_end - r.embed_read_ms > MIN_IO_MS:
-                io.append((ends[t.layer] - r.embed_read_ms) / (t.io_end - r.embed_read_ms))
+        timeline = simulate(c.layers, c.m, c.bits, c.preload, device, r.width, embed_ms=r.embed_read_ms)
+        for t, lr in zip(timeline, r.layers):
+            if lr.decode_end_ms > 0 and t.io_end - r.embed_read_ms > MIN_IO_MS:
+                io.append((lr.decode_end_ms - r.embed_read_ms) / (t.io_end - r.embed_read_ms))
     return io, embed
 
 

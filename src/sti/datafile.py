@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import sys
 from dataclasses import dataclass
@@ -86,19 +87,17 @@ def rows(path: str | Path, columns: Columns = Columns(), stream: IO[bytes] | Non
     """The rows of a data file (`-`: standard input), one at a time."""
     fmt = format_of(path)
     name = "<stdin>" if str(path) == STDIN else str(path)
-    if stream is None and str(path) == STDIN:
-        stream = sys.stdin.buffer
-    if stream is None:
-        try:
-            stream = open(path, "rb")
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such file") from None
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
-        with stream:
-            yield from _rows(fmt, name, _lines(stream, name), columns)
-    else:
-        yield from _rows(fmt, name, _lines(stream, name), columns)
+    if stream is not None or str(path) == STDIN:  # a stream given, or standard input: not ours to close
+        yield from _rows(fmt, name, _lines(stream or sys.stdin.buffer, name), columns)
+        return
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
+    with f:
+        yield from _rows(fmt, name, _lines(f, name), columns)
 
 
 def _rows(fmt: str, name: str, lines: Iterator[tuple[int, str]], columns: Columns) -> Iterator[Row]:
@@ -110,7 +109,7 @@ def _rows(fmt: str, name: str, lines: Iterator[tuple[int, str]], columns: Column
             first = next(lines, None)
         if first is None:
             return
-        lines = _chain([*blank, first], lines)
+        lines = itertools.chain(blank, [first], lines)
         fmt = "jsonl" if first[1].lstrip().startswith("{") else "lines"
     if fmt == "lines":
         yield from _plain_rows(name, lines)
@@ -118,11 +117,6 @@ def _rows(fmt: str, name: str, lines: Iterator[tuple[int, str]], columns: Column
         yield from _json_rows(name, lines, columns)
     else:
         yield from _table_rows(name, lines, columns, fmt)
-
-
-def _chain(head: list, rest):
-    yield from head
-    yield from rest
 
 
 def _lines(stream: IO[bytes], name: str) -> Iterator[tuple[int, str]]:
@@ -167,11 +161,11 @@ def _json_rows(name: str, lines, columns: Columns) -> Iterator[Row]:
 
 
 def _table_rows(name: str, lines, columns: Columns, fmt: str) -> Iterator[Row]:
-    numbers: list[int] = []
+    last = [0]  # the line number the csv reader has read up to (a record may span lines)
 
     def tracked():
         for number, line in lines:
-            numbers.append(number)
+            last[0] = number
             yield line
 
     kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
@@ -188,19 +182,19 @@ def _table_rows(name: str, lines, columns: Columns, fmt: str) -> Iterator[Row]:
         label_col = _pick(columns.label, LABEL_NAMES, fields, where, "label", header=True)
         index = {h: i for i, h in enumerate(header)}
         for cells in reader:
-            where = f"{name}:{numbers[-1]}"
+            where = f"{name}:{last[0]}"
             if not any(c.strip() for c in cells):
                 continue
             if len(cells) != len(header):
                 sep = "tabs" if fmt == "tsv" else "commas"
                 raise DataError(f"{where}: {len(cells)} fields, but the header names {len(header)} (separated by "
-                                f"{sep}){' : quote fields that hold commas' if fmt == 'csv' else ''}")
+                                f"{sep}){': quote fields that hold commas' if fmt == 'csv' else ''}")
             text = _text(cells[index[text_col]], where, text_col)
             pair = _pair(cells[index[pair_col]] if pair_col else None, where, pair_col)
             label = cells[index[label_col]].strip() if label_col else None
             yield Row(where, text, pair, label)
     except csv.Error as exc:
-        raise DataError(f"{name}:{numbers[-1] if numbers else 1}: malformed {fmt.upper()} ({exc})") from None
+        raise DataError(f"{name}:{last[0] or 1}: malformed {fmt.upper()} ({exc})") from None
 
 
 def _pick(given: str | None, usual: tuple[str, ...], fields: dict, where: str, what: str,

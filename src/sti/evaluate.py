@@ -26,9 +26,7 @@ def batches_by_length(examples: list[Example], tokenizer: Tokenizer, batch_size:
 
 def encode_examples(tokenizer: Tokenizer, examples: list[Example], pad_to: int | None = None):
     """The batch of some examples, with their second texts when they are pairs."""
-    pairs = [e.text_pair for e in examples]
-    return tokenizer.encode([e.text for e in examples], pad_to=pad_to,
-                            pairs=pairs if any(p is not None for p in pairs) else None)
+    return tokenizer.encode([e.text for e in examples], pad_to=pad_to, pairs=[e.text_pair for e in examples])
 
 
 def predict_logits(weights: ModelWeights, tokenizer: Tokenizer, examples: list[Example],

@@ -10,6 +10,7 @@ from typing import Iterator, NamedTuple
 
 from .datafile import Columns, format_of, label_id, rows
 from .errors import InputError
+from .evaluate import percentile
 
 
 class Request(NamedTuple):
@@ -68,9 +69,8 @@ class Tally:
         n = len(self.latencies)
         if not n:
             return "no answers"
-        lat = sorted(self.latencies)
-        p95 = lat[min(n - 1, round(0.95 * (n - 1)))]
-        text = (f"{n} answers: latency median {statistics.median(lat):.1f} ms, p95 {p95:.1f} ms; "
+        lat = self.latencies
+        text = (f"{n} answers: latency median {statistics.median(lat):.1f} ms, p95 {percentile(lat, 95):.1f} ms; "
                 f"{self.met / n:.1%} within T; deadline guard acted on {self.guarded / n:.1%}")
         if self.scored:
             text += f"; accuracy {self.correct / self.scored:.4f} over the {self.scored} labelled"

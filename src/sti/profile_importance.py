@@ -147,7 +147,8 @@ class _Session:
 
     def __init__(self, store: Store, split: str, seed: int, limit: int | None, batch_size: int,
                  max_length: int, tick: Callable[[], None], data: str | Path | None = None, columns=None):
-        self.store, self.split, self.seed, self.tick = store, split, seed, tick
+        self.store, self.seed, self.tick = store, seed, tick
+        self.split = split if data is None else "file"
         c = self.config = store.config
         if 32 not in store.bits:
             raise InputError(f"store {store.path} holds no 32-bit shards: importance is measured against them")
@@ -156,8 +157,6 @@ class _Session:
         self.lowest = min(store.bits)
         self.tokenizer = Tokenizer(store.path, max_length=min(max_length, c.max_tokens))
         examples, self.source = _examples(split, data, limit, c.labels, columns)
-        if data is not None:
-            self.split = "file"
         self.data = _load_data(examples, self.tokenizer, batch_size)
         self.weights = store.load_model(32)
         self.seconds: dict[str, float] = {}

@@ -107,7 +107,7 @@ class ResidentRows:
         at = {t: k for k, t in enumerate(distinct)}
         rows = torch.empty(len(distinct), self.store.config.hidden_size)
         hits = [t for t in distinct if t in self.slot]
-        misses = [t for t in distinct if t not in self.slot]
+        misses = self.cache.misses(distinct)
         if hits:
             slots = torch.tensor([self.slot[t] for t in hits])
             rows[[at[t] for t in hits]] = expand(self.word_codes[slots], self.word_scale[slots])

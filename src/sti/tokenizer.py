@@ -56,7 +56,7 @@ class Tokenizer:
 
     def lengths(self, texts: list[str], pairs: list[str | None] | None = None) -> list[int]:
         """Token count of each text (with its pair, if any) after truncation (special tokens included)."""
-        return [len(e.ids) for e in self._tok.encode_batch(_inputs(texts, pairs))]
+        return [len(ids) for ids in self.ids(texts, pairs)]
 
     def ids(self, texts: list[str], pairs: list[str | None] | None = None) -> list[list[int]]:
         """Token ids of each text (with its pair, if any) after truncation."""

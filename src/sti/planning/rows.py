@@ -31,10 +31,10 @@ MISS_QUANTILE = 90                        # percentile of the sample's miss rati
 def candidates(token_lists, max_tokens: int, hidden: int, room: float) -> list[RowCache]:
     """The caches to try: each number of the most frequent words, with and without the
     first `max_tokens` positions, that fits in `room` bytes."""
-    counts = token_counts(token_lists)
+    ranked = most_frequent(token_counts(token_lists), max(WORD_STEPS))
     out = []
     for n in WORD_STEPS:
-        words = most_frequent(counts, n)
+        words = ranked[:n]
         for positions in (0, max_tokens):
             cache = RowCache(words, positions, hidden)
             if (words or positions) and cache.nbytes <= room and cache not in out:
@@ -60,10 +60,9 @@ def make_plan_set_with_rows(device, importance, store_id: str, target_ms: float,
     """Length-aware plans (lengths.py) with the best split of M between resident embedding
     rows and the preload buffer, for requests like `token_lists` (token ids of a sample)."""
     best, first_error = None, None
-    # no rows resident is costed as the candidates are (the sample's misses), so that only
-    # holding rows, not the cost model, tells them apart
-    nothing = RowCache(hidden=hidden)
-    for cache in [nothing, *candidates(token_lists, max_tokens, hidden, memory_bytes - fixed_bytes)]:
+    # no rows resident (an empty cache) is costed as the candidates are (the sample's misses),
+    # so that only holding rows, not the cost model, tells them apart
+    for cache in [RowCache(hidden=hidden), *candidates(token_lists, max_tokens, hidden, memory_bytes - fixed_bytes)]:
         try:
             other = plans_with(cache, device, importance, store_id, target_ms, memory_bytes, token_lists, max_tokens,
                                rows_per_block, fixed_bytes, headroom, prune, source)
@@ -73,7 +72,7 @@ def make_plan_set_with_rows(device, importance, store_id: str, target_ms: float,
             first_error = first_error or exc
             continue
         if best is None or score(other) > score(best):
-            best = other if cache is not nothing else PlanSet(other.buckets, other.buffer, other.lengths, None)
+            best = other
     if best is None:
         raise first_error
     check_set(best)
@@ -83,13 +82,14 @@ def make_plan_set_with_rows(device, importance, store_id: str, target_ms: float,
 def plans_with(cache: RowCache | None, device, importance, store_id: str, target_ms: float, memory_bytes: float,
                token_lists, max_tokens: int, rows_per_block: int, fixed_bytes: int = 0, headroom: float = 0.0,
                prune: bool = True, source: str = "") -> PlanSet:
-    """Length-aware plans around one row cache (None: no rows resident): its bytes fixed, each
-    bucket's embedding read what it leaves to read."""
+    """Length-aware plans around one row cache (None: no rows resident, every token's row
+    read; an empty cache: the same, costed by the sample's distinct tokens): its bytes fixed,
+    each bucket's embedding read what it leaves to read."""
     extra = cache.nbytes if cache is not None else 0
     out = make_plan_set(device, importance, store_id, target_ms, memory_bytes, [len(ids) for ids in token_lists],
                         max_tokens, fixed_bytes=fixed_bytes + extra, headroom=headroom, prune=prune, source=source,
                         embed_ms=embed_times(device, cache, token_lists, rows_per_block))
-    return PlanSet(out.buckets, out.buffer, out.lengths, cache)
+    return PlanSet(out.buckets, out.buffer, out.lengths, cache if extra else None)
 
 
 def score(s: PlanSet) -> tuple[float, float]:

@@ -431,7 +431,7 @@ class _Groups:
         a = req.now()
         self.group.fill((step, rec.bits), self.engine.store, rec, buf)
         b = req.now()
-        req.add_decode(step.pos, b - a)
+        req.add_decode(step.pos, a, b)
         req.span("decode", f"decode L{step.layer}.S{step.shard} {'head' if self.phase == ATTN else 'ffn'}", a, b)
         if self.group.full:
             self._hand_on()

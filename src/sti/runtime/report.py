@@ -15,6 +15,7 @@ class LayerReport:
     bits: list[int] = field(default_factory=list)
     io_ms: float = 0.0        # IO lane: reading this layer's streamed shards
     decode_ms: float = 0.0    # IO lane: decoding the heads of its shards (streamed and preloaded)
+    decode_end_ms: float = 0.0  # when its last shard (head or FFN slice) was decoded
     compute_ms: float = 0.0
     stall_ms: float = 0.0     # compute lane waiting for the IO lane
     start_ms: float = 0.0

@@ -53,6 +53,8 @@ class Request:
     def span(self, lane: str, name: str, start_ms: float, end_ms: float) -> None:
         self.report.spans.append((lane, name, start_ms, end_ms))
 
-    def add_decode(self, pos: int, ms: float) -> None:
+    def add_decode(self, pos: int, start_ms: float, end_ms: float) -> None:
         with self._report_lock:
-            self.report.layers[pos].decode_ms += ms
+            layer = self.report.layers[pos]
+            layer.decode_ms += end_ms - start_ms
+            layer.decode_end_ms = max(layer.decode_end_ms, end_ms)
