@@ -19,9 +19,9 @@ they run in the engine; the profile times each alone, beside one busy thread):
   - `io_scale`, the median over layers with streamed shards of the IO lane's progress since
     the embeddings (the end of the layer's last decode) over the timeline's prediction of it;
   - `embed_scale`, the median of the embedding rows' read time over the profile's.
-Measured on the full-preset store (2026-12-03, 48 dev requests at T = 13 / 10 ms, M = 2 MB):
-the IO lane ran 1.14x the profile at emulated 100 MB/s (90th percentile 1.33) and 1.66x
-cold (3.0), where the engine's requests then took 1.22x their prediction.
+Measured in three `sti bench` runs on the full-preset store (2026-12-03; the corrected
+profiles are in benchmarks/results/io_calibration/ and headline/): io_scale 1.10-1.11 at
+emulated 100 MB/s and 1.01-1.29 cold, embed_scale 1.24-1.72.
 `corrected` applies them: compute_coef scaled, `first_layer_ms` set (the timeline adds it
 to the first executed layer, planning/plan.py `simulate`), shard read and decode times and
 the embedding read scaled, and the figures recorded in the profile's `calibrated` field,
