@@ -197,3 +197,35 @@ def test_decode_to_bfloat16_rounds_like_torch(name):
         out = torch.empty(w.shape, dtype=torch.bfloat16)
         decode(blob, w.shape, out=out.view(torch.int16).numpy().view(np.uint16))
         assert torch.equal(out, torch.from_numpy(decode(blob, w.shape)).to(torch.bfloat16)), bits
+
+
+@settings(max_examples=120, deadline=None)
+@given(rows=st.integers(1, 24), cols=st.integers(1, 40), extra=st.integers(0, 24), kind=st.sampled_from(
+       ["linear", "gobo", "float32"]), bits=st.sampled_from(codec.PACKED_BITS), bf16=st.booleans(),
+       base=st.integers(0, 9), seed=st.integers(0, 2**31))
+def test_a_part_decodes_into_a_block_of_a_wider_matrix(rows, cols, extra, kind, bits, bf16, base, seed):
+    # the engine's job driver (codec.run_jobs) writes a [rows, cols] part at element `base`
+    # of a matrix `stride` = cols + extra wide, row r at base + r * stride: each of its three
+    # paths (rows on a code boundary, a single contiguous run, via the scratch buffer) gives
+    # exactly decode()'s values (bfloat16: torch's rounding of them), and writes nothing else
+    import torch
+    w = (np.random.default_rng(seed).standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    if kind == "float32":
+        blob, layout, want = w.tobytes(), None, w
+    else:
+        blob = encode(w, bits, kind)
+        layout, want = codec.check(blob, w.shape), decode(blob, w.shape)
+    stride = cols + extra
+    dtype = np.uint16 if bf16 else np.float32
+    sentinel = np.array(12345, dtype)
+    dst = np.full(base + rows * stride + 3, sentinel, dtype)
+    job = codec.job_row(layout, 0, w.size, base, rows, cols, stride)
+    codec.run_jobs(np.frombuffer(blob, np.uint8), np.array([job], np.int64), bits, dst, np.empty(w.size, dtype))
+    if bf16:
+        want = torch.from_numpy(want).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    block = dst[base:base + rows * stride].reshape(rows, stride)
+    np.testing.assert_array_equal(block[:, :cols], want)
+    untouched = np.ones(dst.size, bool)
+    untouched[base:base + rows * stride] = False
+    untouched[base:base + rows * stride] |= np.tile(np.arange(stride) >= cols, rows)
+    assert (dst[untouched] == sentinel).all()

@@ -163,30 +163,52 @@ def _bf16_bits(u):
 
 
 # With `bf16`, a kernel writes bfloat16 (the engine's shard groups may hold weights in
-# bfloat16): each decoded float32 value rounded and stored as its 16 high bits, so the
-# float32 matrix is never written out (half the memory traffic). `bf16` is a compile-time
-# constant like `bits`: the float32 kernels are unchanged.
+# bfloat16): each decoded value rounded and stored as its 16 high bits, so the float32
+# matrix is never written out (half the memory traffic). `bf16` is a compile-time constant
+# like `bits`: the float32 kernels are unchanged.
+#
+# A kernel decodes a tensor as `rows` rows of `cols` values, row r landing at out[r *
+# stride:]: a tensor can fill a block of columns of a wider matrix (the engine's shard
+# groups), and a contiguous one has stride == cols. 8 codes fill b whole bytes, so rows
+# must start on a code boundary: cols % 8 == 0, or a single row (`placement` picks one).
+# A row is decoded into a float32 row buffer, then copied (or, for bfloat16, rounded) into
+# its slice of `out`: the form LLVM vectorises best here. Measured on one 384 x 128 4-bit
+# part written into a block of a 512-column matrix, 1 thread: 19-20 us in float32 or
+# bfloat16, against 36-64 us for the forms that index `out` across rows or round value by
+# value (and 53 us for the previous kernel's decode-then-transpose).
 def _make_linear(bits: int, bf16: bool = False):
     mask = np.uint64((1 << bits) - 1)
 
     @numba.njit(nogil=True, cache=True)
-    def kernel(packed, scale, zero, group, out):
-        n = out.size
+    def kernel(packed, scale, zero, group, out, rows, cols, stride):
         per_group = group // 8
-        tmp = np.empty(8, np.float32)
-        tmpu = tmp.view(np.uint32)
-        for c in range((n + 7) // 8):
-            v = np.uint64(0)
-            for k in range(bits):  # 8 codes of b bits are exactly b bytes
-                v |= np.uint64(packed[c * bits + k]) << np.uint64(8 * k)
-            s, z = scale[c // per_group], zero[c // per_group]
-            for t in range(min(8, n - c * 8)):
-                value = np.float32((v >> np.uint64(t * bits)) & mask) * s + z
+        chunks, tail = cols // 8, cols % 8
+        per_row = chunks + (tail > 0)
+        row = np.empty(cols, np.float32)
+        u = row.view(np.uint32)
+        for r in range(rows):
+            for cc in range(chunks):
+                c = r * per_row + cc
+                v = np.uint64(0)
+                for k in range(bits):  # 8 codes of b bits are exactly b bytes
+                    v |= np.uint64(packed[c * bits + k]) << np.uint64(8 * k)
+                s, z = scale[c // per_group], zero[c // per_group]
+                for t in range(8):
+                    row[cc * 8 + t] = np.float32((v >> np.uint64(t * bits)) & mask) * s + z
+            if tail:  # the last codes of a single-row tensor
+                c = r * per_row + chunks
+                v = np.uint64(0)
+                for k in range(bits):
+                    v |= np.uint64(packed[c * bits + k]) << np.uint64(8 * k)
+                s, z = scale[c // per_group], zero[c // per_group]
+                for t in range(tail):
+                    row[chunks * 8 + t] = np.float32((v >> np.uint64(t * bits)) & mask) * s + z
+            o = out[r * stride:r * stride + cols]
+            for i in range(cols):
                 if bf16:
-                    tmp[t] = value
-                    out[c * 8 + t] = _bf16_bits(tmpu[t])
+                    o[i] = _bf16_bits(u[i])
                 else:
-                    out[c * 8 + t] = value
+                    o[i] = row[i]
     return kernel
 
 
@@ -194,26 +216,39 @@ def _make_gobo(bits: int, bf16: bool = False):
     mask = np.uint64((1 << bits) - 1)
 
     @numba.njit(nogil=True, cache=True)
-    def kernel(packed, centroids, index, values, out):
-        n = out.size
-        if bf16:  # look-ups into the bfloat16 patterns of the centroids and outliers
-            cent, vals = centroids.copy().view(np.uint32), values.copy().view(np.uint32)
-        for c in range((n + 7) // 8):
-            v = np.uint64(0)
-            for k in range(bits):
-                v |= np.uint64(packed[c * bits + k]) << np.uint64(8 * k)
-            for t in range(min(8, n - c * 8)):
-                q = (v >> np.uint64(t * bits)) & mask
-                if bf16:
-                    out[c * 8 + t] = _bf16_bits(cent[q])
-                else:
-                    out[c * 8 + t] = centroids[q]
+    def kernel(packed, centroids, index, values, out, rows, cols, stride):
+        if bf16:  # look-ups into the bfloat16 patterns of the centroids
+            bits32 = centroids.copy().view(np.uint32)
+            cent = np.empty(bits32.size, np.uint16)
+            for i in range(bits32.size):
+                cent[i] = _bf16_bits(bits32[i])
+        per_row = (cols + 7) // 8
+        for r in range(rows):
+            o = out[r * stride:r * stride + cols]
+            for cc in range(per_row):
+                c = r * per_row + cc
+                v = np.uint64(0)
+                for k in range(bits):
+                    v |= np.uint64(packed[c * bits + k]) << np.uint64(8 * k)
+                for t in range(min(8, cols - cc * 8)):
+                    q = (v >> np.uint64(t * bits)) & mask
+                    if bf16:
+                        o[cc * 8 + t] = cent[q]
+                    else:
+                        o[cc * 8 + t] = centroids[q]
+        vals = values.copy().view(np.uint32)
         for k in range(index.size):  # outliers overwrite their placeholder code
+            at = (index[k] // cols) * stride + index[k] % cols
             if bf16:
-                out[index[k]] = _bf16_bits(vals[k])
+                out[at] = _bf16_bits(vals[k])
             else:
-                out[index[k]] = values[k]
+                out[at] = values[k]
     return kernel
+
+
+def placement(n: int, rows: int, cols: int) -> tuple[int, int]:
+    """(rows, cols) a kernel decodes a contiguous [rows, cols] tensor of n values as."""
+    return (rows, cols) if cols % 8 == 0 or rows == 1 else (1, n)
 
 
 _LINEAR = {b: _make_linear(b) for b in PACKED_BITS}
@@ -286,21 +321,22 @@ def check(blob, shape: tuple[int, ...]) -> Layout:
 # which the compute lane (which needs the GIL between every torch op) then waits for. So a
 # shard's parts are described once in a job table and decoded by one nogil call that runs
 # the kernels above. A row: kind, codes, a, b, c (section offsets in the record's bytes), n,
-# param, dst (element offset), rows, cols, transpose (element (r, col) of a transposed
-# [rows, cols] part lands at dst + col * rows + r).
+# param, dst (element offset), rows, cols, stride: element (r, col) of a [rows, cols] part
+# lands at dst + r * stride + col, so a part can fill a block of columns of a wider matrix
+# (stride == cols: the part is contiguous).
 JOB_F32, JOB_LINEAR, JOB_GOBO = 0, 1, 2
 JOB_FIELDS = 11
 
 
 def job_row(layout: Layout | None, part_offset: int, n: int, dst: int, rows: int, cols: int,
-            transpose: bool) -> list[int]:
+            stride: int) -> list[int]:
     """The job of one part: `layout` None for a float32 part (its bytes at part_offset)."""
     if layout is None:
-        return [JOB_F32, 0, part_offset, 0, 0, n, 0, dst, rows, cols, int(transpose)]
+        return [JOB_F32, 0, part_offset, 0, 0, n, 0, dst, rows, cols, stride]
     sec = [part_offset + x for x in layout.sections]
     if layout.codec == "linear":
-        return [JOB_LINEAR, sec[2], sec[0], sec[1], 0, n, layout.param, dst, rows, cols, int(transpose)]
-    return [JOB_GOBO, sec[3], sec[0], sec[1], sec[2], n, layout.param, dst, rows, cols, int(transpose)]
+        return [JOB_LINEAR, sec[2], sec[0], sec[1], 0, n, layout.param, dst, rows, cols, stride]
+    return [JOB_GOBO, sec[3], sec[0], sec[1], sec[2], n, layout.param, dst, rows, cols, stride]
 
 
 def _make_driver(bits: int, bf16: bool):
@@ -317,23 +353,30 @@ def _make_driver(bits: int, bf16: bool):
         u32 = f32.view(np.uint32)
         for j in range(jobs.shape[0]):
             kind, codes, a, b, c, n = jobs[j, 0], jobs[j, 1], jobs[j, 2] // 4, jobs[j, 3] // 4, jobs[j, 4] // 4, jobs[j, 5]
-            param, base, rows, cols, tr = jobs[j, 6], jobs[j, 7], jobs[j, 8], jobs[j, 9], jobs[j, 10]
-            out = scratch[:n] if tr else dst[base:base + n]
+            param, base, rows, cols, stride = jobs[j, 6], jobs[j, 7], jobs[j, 8], jobs[j, 9], jobs[j, 10]
+            via_scratch = False
+            if cols % 8 == 0 or rows == 1:
+                out, rr, cc, st = dst[base:], rows, cols, stride
+            elif stride == cols:
+                out, rr, cc, st = dst[base:base + n], 1, n, n
+            else:  # rows that do not start on a code boundary, into a block: decoded, then copied
+                out, rr, cc, st, via_scratch = scratch, 1, n, n, True
             if kind == 0:
-                for i in range(n):
-                    if bf16:
-                        out[i] = _bf16_bits(u32[a + i])
-                    else:
-                        out[i] = f32[a + i]
+                for r in range(rr):
+                    o = out[r * st:r * st + cc]
+                    for i in range(cc):
+                        if bf16:
+                            o[i] = _bf16_bits(u32[a + r * cc + i])
+                        else:
+                            o[i] = f32[a + r * cc + i]
             elif kind == 1:
                 groups = (n + param - 1) // param
-                linear(raw[codes:], f32[a:a + groups], f32[b:b + groups], param, out)
+                linear(raw[codes:], f32[a:a + groups], f32[b:b + groups], param, out, rr, cc, st)
             else:
-                gobo(raw[codes:], f32[a:a + centroids], u32[b:b + param], f32[c:c + param], out)
-            if tr:  # written in order, read across (cheaper than the other way round)
-                for col in range(cols):
-                    for r in range(rows):
-                        dst[base + col * rows + r] = scratch[r * cols + col]
+                gobo(raw[codes:], f32[a:a + centroids], u32[b:b + param], f32[c:c + param], out, rr, cc, st)
+            if via_scratch:
+                for r in range(rows):
+                    dst[base + r * stride:base + r * stride + cols] = scratch[r * cols:(r + 1) * cols]
     return driver
 
 
@@ -350,7 +393,7 @@ def prepare_jobs(bits: int, bf16: bool) -> None:
 def run_jobs(raw: np.ndarray, jobs: np.ndarray, bits: int, dst: np.ndarray, scratch: np.ndarray) -> None:
     """Decode every part of `jobs` from the record bytes `raw` (uint8) into `dst`: a flat
     float32 array, or uint16 for bfloat16 bit patterns (`scratch`, of dst's dtype, holds a
-    transposed part on its way). `bits` is the record's bitwidth (any packed one for a
+    strided part on its way). `bits` is the record's bitwidth (any packed one for a
     record of float32 parts only)."""
     driver = _DRIVERS[(bits if bits in PACKED_BITS else PACKED_BITS[0], dst.dtype == np.uint16)]
     driver(raw, jobs, dst, scratch)
@@ -368,13 +411,14 @@ def decode(blob, shape: tuple[int, ...], out: np.ndarray | None = None, layout: 
         raise CodecError(f"decode target must be a C-contiguous float32 or uint16 array of {shape}")
     bf16 = out.dtype == np.uint16
     flat, sec, p = out.reshape(-1), lay.sections, lay.param
+    rows, cols = placement(lay.n, *read_header(blob)[2:4])
     if lay.codec == "linear":
         kernel = (_LINEAR_BF16 if bf16 else _LINEAR)[lay.bits]
-        kernel(raw[sec[2]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<f4"), p, flat)
+        kernel(raw[sec[2]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<f4"), p, flat, rows, cols, cols)
     else:
         kernel = (_GOBO_BF16 if bf16 else _GOBO)[lay.bits]
         kernel(raw[sec[3]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<u4"),
-               raw[sec[2]:sec[3]].view("<f4"), flat)
+               raw[sec[2]:sec[3]].view("<f4"), flat, rows, cols, cols)
     return out
 
 

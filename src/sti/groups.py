@@ -51,16 +51,19 @@ class ShardGroup:
         n = phase_elements(phase, size, config)
         self.slab = torch.empty(n, dtype=dtype) if slab is None else slab
         rows = (3, hd) if phase == ATTN else (fs,)
-        # per head: q, k, v rows [3, hd, h] and biases, the output projection's columns as
-        # rows [hd, h]; per FFN slice: FFN-in rows [fs, h] and bias, FFN-out columns as rows
-        shapes = [(size, *rows, h), (size, *rows), (size, rows[-1], h)]
+        self.cols = rows[-1]  # the output matrix's columns one shard owns
+        # per head: q, k, v rows [3, hd, h] and biases; per FFN slice: FFN-in rows [fs, h]
+        # and bias; the output projection (or FFN-out) of all slots as one matrix [h,
+        # size * cols], slot g owning columns g*cols.. (a slot's part is written row by row
+        # into its block, never transposed)
+        shapes = [(size, *rows, h), (size, *rows), (h, size * self.cols)]
         views, at = [], 0
         for shape in shapes:
             count = math.prod(shape)
             views.append(self.slab[at:at + count].view(shape))
             at += count
         self.w, self.b, self.out = views
-        # the output projection's (or FFN-out's) columns decode here, then go in as rows
+        # a slot's output columns decode here, then are copied into their block row by row
         # (`scratch`, if given, is shared: one decoder fills one group at a time)
         self.scratch = torch.empty(h * rows[-1], dtype=dtype) if scratch is None else scratch
         self.flat, self.flat_scratch = _bits(self.slab), _bits(self.scratch)
@@ -71,6 +74,10 @@ class ShardGroup:
     def full(self) -> bool:
         return len(self.shards) == self.size
 
+    def columns(self, start: int, n: int) -> torch.Tensor:
+        """The output matrix's columns of slots start..start+n-1: [h, n * cols] (a view)."""
+        return self.out[:, start * self.cols:(start + n) * self.cols]
+
     def add(self, shard, parts: dict[str, torch.Tensor]) -> None:
         """Copy one shard's decoded tensors into the next slot (converting the dtype)."""
         g = len(self.shards)
@@ -78,16 +85,16 @@ class ShardGroup:
             for i, name in enumerate("qkv"):
                 self.w[g, i].copy_(parts[f"{name}_w"])
                 self.b[g, i].copy_(parts[f"{name}_b"])
-            self.out[g].copy_(parts["o_w"].T)
+            self.columns(g, 1).copy_(parts["o_w"])
         else:
             self.w[g].copy_(parts["i_w"])
             self.b[g].copy_(parts["i_b"])
-            self.out[g].copy_(parts["f_w"].T)
+            self.columns(g, 1).copy_(parts["f_w"])
         self.shards.append(shard)
 
     def fill(self, shard, store, rec, buf) -> None:
         """Decode one shard's record straight into the next slot, in the group's dtype, in
-        one GIL-free call (the output columns go in transposed, as rows)."""
+        one GIL-free call."""
         g = len(self.shards)
         if g not in self._targets:
             self._targets[g] = self.targets(g)
@@ -95,20 +102,21 @@ class ShardGroup:
         self.shards.append(shard)
 
     def targets(self, g: int) -> dict:
-        """Where slot g's parts go in the slab: part name -> (element offset, transposed?)."""
+        """Where slot g's parts go in the slab: part name -> (element offset, row stride;
+        None for a contiguous part)."""
         at = lambda t: (t.data_ptr() - self.slab.data_ptr()) // self.slab.element_size()  # noqa: E731
+        block = (at(self.columns(g, 1)), self.out.shape[1])
         if self.phase == ATTN:
-            out = {f"{n}_{k}": (at(t[g, i]), False) for i, n in enumerate("qkv") for k, t in (("w", self.w), ("b", self.b))}
-            out["o_w"] = (at(self.out[g]), True)
-            return out
-        return {"i_w": (at(self.w[g]), False), "i_b": (at(self.b[g]), False), "f_w": (at(self.out[g]), True)}
+            out = {f"{n}_{k}": (at(t[g, i]), None) for i, n in enumerate("qkv") for k, t in (("w", self.w), ("b", self.b))}
+            return {**out, "o_w": block}
+        return {"i_w": (at(self.w[g]), None), "i_b": (at(self.b[g]), None), "f_w": block}
 
     def clear(self) -> None:
         self.shards = []
 
     def compute(self, x: torch.Tensor, keep: torch.Tensor | None, n: int, start: int = 0) -> torch.Tensor:
         """The contribution of slots start..start+n-1 (before the layer's output bias), float32."""
-        w, b, out = (t[start:start + n] for t in (self.w, self.b, self.out))
+        w, b, out = self.w[start:start + n], self.b[start:start + n], self.columns(start, n)
         if self.phase == ATTN:
             return heads_output(x, keep, w, b, out)
         return ffn_slices(x, w, b, out)
@@ -129,20 +137,20 @@ class ShardGroup:
 def heads_output(x: torch.Tensor, keep: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                  out: torch.Tensor) -> torch.Tensor:
     """Attention output of g heads at once: w [g, 3, hd, h] (q, k, v rows), b [g, 3, hd],
-    out [g, hd, h] (the output projection's columns of each head, as rows)."""
+    out [h, g * hd] (the output projection's columns of these heads)."""
     bsz, s, h = x.shape
     g, _, hd, _ = w.shape
     y = F.linear(x.to(w.dtype), w.reshape(g * 3 * hd, h), b.reshape(-1)).view(bsz, s, g, 3, hd)
     q, k, v = (y[:, :, :, i].transpose(1, 2) for i in range(3))         # [bsz, g, s, hd]
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0 / math.sqrt(hd))
-    return torch.matmul(ctx.transpose(1, 2).reshape(bsz, s, g * hd), out.reshape(g * hd, h)).float()
+    return F.linear(ctx.transpose(1, 2).reshape(bsz, s, g * hd), out).float()
 
 
 def ffn_slices(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """FFN output of g slices at once: w [g, fs, h] (in rows), b [g, fs], out [g, fs, h]."""
+    """FFN output of g slices at once: w [g, fs, h] (in rows), b [g, fs], out [h, g * fs]."""
     g, fs, h = w.shape
     hidden = F.gelu(F.linear(x.to(w.dtype), w.reshape(g * fs, h), b.reshape(-1)))
-    return torch.matmul(hidden, out.reshape(g * fs, h)).float()
+    return F.linear(hidden, out).float()
 
 
 def layer_by_groups(x: torch.Tensor, keep: torch.Tensor, attn: list[tuple[ShardGroup, int]],

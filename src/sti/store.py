@@ -479,7 +479,7 @@ class Store:
 
     def decode_jobs(self, rec: Record, buf, key, targets: dict, dst: np.ndarray, scratch: np.ndarray) -> None:
         """Decode the record's parts named in `targets` (name -> (element offset in the flat
-        `dst`, transposed?)) in one GIL-free call (codec.run_jobs). The job table is built
+        `dst`, row stride or None if contiguous)) in one GIL-free call (codec.run_jobs). The job table is built
         once per record and `key` (the caller's name for the layout of `targets`)."""
         jobs = self._jobs.get((rec.offset, key))
         if jobs is None:
@@ -490,12 +490,12 @@ class Store:
                 if p.offset % 4:  # the decoder reads float32 sections in place (sti writes 8-aligned parts)
                     raise StoreError(f"{self.data_path}: record {rec.name}, part {p.name}: offset {p.offset} "
                                      "is not a multiple of 4")
-                at, transpose = targets[p.name]
+                at, stride = targets[p.name]
                 layout = None
                 if p.encoding == "blob":
                     layout = self._layout(rec, p, buf[p.offset:p.offset + p.length])
                 r, c = p.shape if len(p.shape) == 2 else (1, math.prod(p.shape))
-                rows.append(codecs.job_row(layout, p.offset, math.prod(p.shape), at, r, c, transpose))
+                rows.append(codecs.job_row(layout, p.offset, math.prod(p.shape), at, r, c, stride or c))
             jobs = self._jobs[(rec.offset, key)] = np.array(rows, dtype=np.int64).reshape(-1, codecs.JOB_FIELDS)
         codecs.run_jobs(np.frombuffer(buf, dtype=np.uint8), jobs, rec.bits, dst, scratch)
 
