@@ -14,8 +14,10 @@ Models: the real MiniLM store ($STI_HOME/stores/minilm-l6-rt-elastic-full-linear
 --store) and a random-weight BERT-base store of bits 4 and 32 (built once under
 $STI_HOME/scale/bert-base-compute; --no-bert-base skips it).
 
-Writes benchmarks/results/engine_compute.json; top-level keys `ratio_own_32bit`,
-`ratio_own_4bit`, `ratio_pad128_4bit` (MiniLM). It uses only APIs that predate the grouped
+The engine runs in each compute dtype of --dtypes (float32 and bfloat16) and in the one its
+device profile chooses ("auto", `sti.profile_device.choose_dtype`); the top-level ratios are
+those of the chosen one. Writes benchmarks/results/engine_compute.json; top-level keys
+`ratio_own_32bit`, `ratio_own_4bit`, `ratio_pad128_4bit` (MiniLM), `compute_dtype`. It uses only APIs that predate the grouped
 compute path too, so the same file run against an older checkout (PYTHONPATH=OLD/src)
 measures "before".
 
@@ -152,6 +154,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--no-bert-base", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="the engine's compute dtypes to run")
     args = ap.parse_args()
     torch.set_num_threads(1)
     texts = [e.text for e in load_split("test")[:args.requests]]
@@ -160,21 +163,26 @@ def main() -> None:
         weights = s.load_model(32)
     hf = hf_models(args.model if args.model.exists() else None, weights)
     device = measure_device(args.store, storage="warm", seq_len=48, threads=1, samples=8, repeat=5)
-    for bits, pad in ((32, None), (4, None), (32, 128), (4, 128)):
-        rows.append({"model": "minilm", **measure(args.store, bits, texts, pad, weights, hf, device)})
-        print(json.dumps(rows[-1]), flush=True)
+    chosen = {"minilm": device.compute_dtype}
+    for dtype in dict.fromkeys([*args.dtypes, device.compute_dtype]):
+        dev = dataclasses.replace(device, compute_dtype=dtype)
+        for bits, pad in ((32, None), (4, None), (32, 128), (4, 128)):
+            rows.append({"model": "minilm", **measure(args.store, bits, texts, pad, weights, hf, dev)})
+            print(json.dumps(rows[-1]), flush=True)
     if not args.no_bert_base:
         store = bert_base_store()
         with Store(store) as s:
             weights = s.load_model(32)
         device = measure_device(store, storage="warm", seq_len=48, threads=1, samples=8, repeat=5)
+        chosen["bert-base (random)"] = device.compute_dtype
         for bits in (32, 4):
             rows.append({"model": "bert-base (random)", **measure(store, bits, texts[:60], None, weights, None, device)})
             print(json.dumps(rows[-1]), flush=True)
-    key = {(r["model"], r["bits"], r["seq"]): r["ratio"] for r in rows}
+    # the top-level ratios are of the dtype the device profile chose ("auto"), as users run it
+    key = {(r["model"], r["bits"], r["seq"]): r["ratio"] for r in rows if r["compute_dtype"] == chosen[r["model"]]}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
-    result = {"ratio_own_32bit": key[("minilm", 32, "own")], "ratio_own_4bit": key[("minilm", 4, "own")],
+    result = {"compute_dtype": chosen, "ratio_own_32bit": key[("minilm", 32, "own")], "ratio_own_4bit": key[("minilm", 4, "own")],
               "ratio_pad128_4bit": key[("minilm", 4, "pad128")],
               "ratio_bert_base_4bit": key.get(("bert-base (random)", 4, "own")),
               "rows": rows, "conditions": {"machine": machine(), "torch_threads": 1, "storage": "warm, all preloaded",

@@ -70,9 +70,9 @@ def word_tokenizer(directory):
     return directory
 
 
-def generous_profiles(store_dir):
+def generous_profiles(store_dir, compute_dtype: str = "float32"):
     """Profiles (saved beside the store, storage "warm") under which any plan fits: the
-    engine's answer then depends on the weights only."""
+    engine's answer then depends on the weights (and the compute dtype) only."""
     from sti import api
     from sti.profiles import DeviceProfile, ImportanceProfile, save_profile
     from sti.store import Store
@@ -83,8 +83,9 @@ def generous_profiles(store_dir):
     device = DeviceProfile(store_id=store_id, storage="warm", threads=1, seq_len=16, shard_bytes=sizes,
                            shard_read_ms={b: 0.001 for b in bits}, shard_decode_ms={b: 0.001 for b in bits},
                            layer_read_ms=0.001, compute_coef=(0.01, 0.0, 0.0, 0.0), compute_fit_error=0.0,
-                           embed_ms=(0.01, 0.0), head_ms=0.01)
-    grid = {f"{n},{m}": 0.5 + 0.01 * n * m for n in range(1, c.num_layers + 1) for m in range(1, c.num_shards + 1)}
+                           embed_ms=(0.01, 0.0), head_ms=0.01, compute_dtype=compute_dtype)
+    grid = {f"{n},{m}": 0.5 + 0.4 * n * m / (c.num_layers * c.num_shards)
+            for n in range(1, c.num_layers + 1) for m in range(1, c.num_shards + 1)}
     importance = ImportanceProfile(store_id=store_id, method="degrade", split="dev", seed=0, lowest_bits=min(bits),
                                    full_accuracy=grid[f"{c.num_layers},{c.num_shards}"], submodel_accuracy=grid,
                                    shard_kl=tuple(tuple(0.01 for _ in range(c.num_shards)) for _ in range(c.num_layers)),

@@ -30,6 +30,8 @@ Systems (`SYSTEMS`):
   hf-from-pretrained    transformers `from_pretrained` then run (per request, cold files)
   hf-disk-offload       accelerate `disk_offload` (weights read from disk during forward)
   preload               the whole fp32 model resident (fastest; memory = the model)
+  preload-bf16          transformers' model resident in bfloat16 (our head in fp32): the fused
+                        model at the arithmetic the engine may compute in (the T unit stays fp32)
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from .store import Store
 from .tokenizer import Tokenizer
 
 SYSTEMS = ("sti-joint", "sti-paper", "stdpl-fp32", "stdpl-4bit", "small-submodel", "load-exec",
-           "hf-from-pretrained", "hf-disk-offload", "preload")
+           "hf-from-pretrained", "hf-disk-offload", "preload", "preload-bf16")
 PLANNED = ("sti-joint", "sti-paper")
 FIXED = ("stdpl-fp32", "stdpl-4bit", "small-submodel")  # the engine on a given schedule, no planner
 SEQ_MODES = {"own": None, "pad128": 128}
@@ -383,6 +385,15 @@ def hf_runner(h: Harness, mode: str, pad_to):
             hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
             return head_logits(head, hidden, batch.attention_mask)
 
+    if mode == "bf16":  # resident, every weight and activation in bfloat16, as transformers runs it
+        resident = AutoModel.from_pretrained(h.model_dir, dtype=torch.bfloat16, **kw).eval()
+
+        def one(text):
+            batch = h.tokenizer.encode([text], pad_to=pad_to)
+            with torch.inference_mode():
+                hidden = resident(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+                return head_logits(head, hidden.float(), batch.attention_mask)
+        return one, None
     if mode == "from_pretrained":
         def one(text):
             for f in weight_files(h.model_dir)[1]:
@@ -486,6 +497,17 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
                 for name, ex in sets.items()}
         m = runs["test"]
         fields = dict(served_accuracy={name: served_ids(r["labels"], sets[name]) for name, r in runs.items()})
+        per_target = lambda target: reference_fields(m, target)  # noqa: E731
+    elif system == "preload-bf16":
+        one, _ = hf_runner(h, "bf16", pad_to)
+        one(h.served_test[0].text)
+        acc = h.accuracy_of(*whole)
+        rss = PeakRSS()
+        runs = {name: time_requests(one, [e.text for e in ex]) for name, ex in sets.items()}
+        m = {"lat": runs["test"][0], "peak_model_bytes": model_bytes(h.weights32) // 2, "rss_growth_bytes": rss.growth()}
+        fields = dict(served_accuracy={name: served_ids([int(x.argmax()) for x in logits], sets[name])
+                                       for name, (_, logits) in runs.items()})
+        note = "accuracy (batches) is the fp32 weights'; served is bfloat16's"
         per_target = lambda target: reference_fields(m, target)  # noqa: E731
     elif system == "load-exec":
         def load():

@@ -127,8 +127,9 @@ STORAGE_HELP = "cold (O_DIRECT), warm (page cache) or emulate:BANDWIDTH[,LATENCY
 def profile_device(store_dir: Path = typer.Argument(..., help="a store directory"),
                    storage: str = typer.Option("cold", help=STORAGE_HELP),
                    seq_len: int = typer.Option(64, help="sequence length the figures are centred on"),
-                   compute_dtype: str = typer.Option("float32", help="float32, or bfloat16 (shard groups held and "
-                                                     "multiplied in bfloat16: faster, not exact)")) -> None:
+                   compute_dtype: str = typer.Option("auto", help="auto (the faster here, timed), float32, or "
+                                                     "bfloat16 (shard groups held and multiplied in bfloat16: "
+                                                     "faster on CPUs with bfloat16 units, not exact)")) -> None:
     """Time reads, decodes and layer compute on this machine; save the profile beside the store."""
     from rich.progress import Progress as Bar
     from .api import device_profile_path
@@ -153,6 +154,8 @@ def profile_device(store_dir: Path = typer.Argument(..., help="a store directory
         m = store.config.num_shards
     console.print(f"full layer at L={p.seq_len}: {p.compute_ms(m):.2f} ms; embedding rows "
                   f"{p.embed_ms[0]:.2f} + {p.embed_ms[1]:.3f}/token ms; head {p.head_ms:.3f} ms; {p.threads} threads")
+    timed = ", ".join(f"{k} {v:.2f} ms" for k, v in p.dtype_layer_ms.items())
+    console.print(f"computes in {p.compute_dtype}" + (f" (a whole layer: {timed})" if timed else ""))
     console.print(f"saved {path}")
 
 

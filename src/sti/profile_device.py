@@ -185,6 +185,30 @@ def first_shards(groups: list, m: int, size: int) -> list:
     return [(g, min(size, m - k * size)) for k, g in enumerate(groups) if k * size < m]
 
 
+# bfloat16 is chosen only when it computes a layer clearly faster: it is not exact (on the
+# real MiniLM model its logits are within 0.06 of float32's, no label changed; see
+# docs/MEASUREMENTS.md), so a tie goes to float32
+DTYPE_MARGIN = 0.9
+
+
+def choose_dtype(store: Store, seq_len: int, repeat: int) -> tuple[str, dict[str, float]]:
+    """The compute dtype the engine runs fastest in on this machine, and what each took: a
+    whole layer (every shard), group by group as the compute lane runs it, at `seq_len`."""
+    c, took = store.config, {}
+    x, keep = torch.randn(1, seq_len, c.hidden_size), attention_keep(torch.ones(1, seq_len))
+    with torch.inference_mode():
+        for dtype in DTYPES:
+            turn = itertools.cycle(layer_groups(store, range(c.num_layers), dtype))
+
+            def run():
+                attn, ffn, shared = next(turn)
+                layer_by_groups(x, keep, _whole(attn), _whole(ffn), shared, c)
+            run()  # warm-up
+            took[dtype] = median_ms(run, max(repeat, 5))
+    fast = "bfloat16" if took["bfloat16"] < DTYPE_MARGIN * took["float32"] else "float32"
+    return fast, took
+
+
 def measure_compute(store: Store, ms: list[int], lengths: tuple[int, ...], repeat: int,
                     tick, load: Background | None = None, dtype: str = "float32") -> list[tuple[int, int, float]]:
     """(m, L, median ms) of one layer with m shards at sequence length L, as the compute
@@ -265,15 +289,16 @@ def machine() -> dict:
 def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 64,
                    threads: int | None = None, samples: int = 24, repeat: int = 7,
                    progress: Progress | None = None, compute_from: DeviceProfile | None = None,
-                   under_load: bool = True, compute_dtype: str = "float32") -> DeviceProfile:
+                   under_load: bool = True, compute_dtype: str = "auto") -> DeviceProfile:
     """Measure this machine for the store at `store_dir` with the given storage mode.
     `compute_from`, a profile of the same store and threads, lends its compute figures, so
     profiling another storage only times the IO (with `under_load`, those figures were taken
     beside the lending profile's storage, not this one's).
     `under_load` times each lane beside the other's work, as the engine runs them.
-    `compute_dtype` is what the engine will decode into and multiply in (float32 or bfloat16)."""
-    if compute_dtype not in DTYPES:
-        raise InputError(f"compute dtype must be one of {', '.join(DTYPES)}, got {compute_dtype!r}")
+    `compute_dtype` is what the engine will decode into and multiply in: float32, bfloat16,
+    or "auto", the faster of the two here (`choose_dtype`; with `compute_from`, its choice)."""
+    if compute_dtype not in (*DTYPES, "auto"):
+        raise InputError(f"compute dtype must be auto or one of {', '.join(DTYPES)}, got {compute_dtype!r}")
     if not isinstance(seq_len, int) or not 1 <= seq_len <= 4096:
         raise InputError(f"seq_len must be an integer in 1..4096, got {seq_len!r}")
     threads = threads or max(1, (os.cpu_count() or 2) - 1)
@@ -290,6 +315,11 @@ def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 
             if progress is not None and progress(done, total) is False:
                 raise Cancelled("device profiling cancelled; nothing was saved")
 
+        dtype_ms = {}
+        if compute_dtype == "auto" and compute_from is not None and compute_from.store_id == store.store_id:
+            compute_dtype, dtype_ms = compute_from.compute_dtype, compute_from.dtype_layer_ms
+        elif compute_dtype == "auto":
+            compute_dtype, dtype_ms = choose_dtype(store, seq_len, repeat)
         sizes, reads, decodes = measure_io(store, samples, compute_load(store, seq_len, compute_dtype)
                                            if under_load else None, compute_dtype)
         layer_recs = [store.layers[i] for i in sorted(store.layers)]
@@ -311,4 +341,4 @@ def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 
             store_id=store.store_id, storage=store.reader.mode, threads=threads, seq_len=seq_len,
             shard_bytes=sizes, shard_read_ms=reads, shard_decode_ms=decodes, layer_read_ms=layer_ms,
             compute_coef=coef, compute_fit_error=fit_err, embed_ms=embed_ms, head_ms=head_ms,
-            io_under_load=under_load, compute_dtype=compute_dtype, machine=machine(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            io_under_load=under_load, compute_dtype=compute_dtype, dtype_layer_ms=dtype_ms, machine=machine(), created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

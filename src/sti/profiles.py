@@ -49,6 +49,12 @@ def _dtype(v, where: str) -> str:
     return v
 
 
+def _dtypes_map(d, where: str) -> dict:
+    if not isinstance(d, dict) or len(d) > len(COMPUTE_DTYPES):
+        raise ProfileError(f"{where}: expected an object keyed by compute dtype")
+    return d
+
+
 def _bits_map(d, where: str, lo: float = 0.0) -> dict[int, float]:
     if not isinstance(d, dict) or not d or len(d) > 16:
         raise ProfileError(f"{where}: expected an object keyed by bitwidth")
@@ -87,6 +93,7 @@ class DeviceProfile:
     head_ms: float                    # embeddings LayerNorm + pooling + classifier (ms)
     io_under_load: bool = False       # IO timed beside a running compute lane (as in the engine)
     compute_dtype: str = "float32"    # the dtype the engine decodes into and multiplies in (groups.py)
+    dtype_layer_ms: dict = field(default_factory=dict)  # a whole layer in each dtype, when it was chosen by timing
     # what the first executed layer costs in the engine beyond compute_ms (0 until calibrated on
     # the engine, calibrate.py; `calibrated` then says how: scale, probe requests, raw profile)
     first_layer_ms: float = 0.0
@@ -163,6 +170,8 @@ class DeviceProfile:
                 embed_ms=embed, head_ms=_num(d["head_ms"], f"{where}.head_ms"),
                 io_under_load=d.get("io_under_load", False) is True,
                 compute_dtype=_dtype(d.get("compute_dtype", "float32"), f"{where}.compute_dtype"),
+                dtype_layer_ms={_dtype(k, f"{where}.dtype_layer_ms"): _num(v, f"{where}.dtype_layer_ms[{k}]")
+                                for k, v in _dtypes_map(d.get("dtype_layer_ms", {}), f"{where}.dtype_layer_ms").items()},
                 first_layer_ms=_num(d.get("first_layer_ms", 0.0), f"{where}.first_layer_ms"),
                 calibrated=d.get("calibrated") if isinstance(d.get("calibrated"), dict) else {},
                 machine=d.get("machine") if isinstance(d.get("machine"), dict) else {},
