@@ -200,7 +200,9 @@ def test_fault_in_the_compute_lane_stops_the_io_lane(base, monkeypatch):
     engine = make_engine(path, memory_bytes=0, target_ms=1e6)  # everything streamed
     text = TEXTS[4]
     good = engine.run(text).logits.clone()
-    real_compute, real_decode = ShardGroup.compute, engine.store.decode_jobs
+    from sti import codec
+    from sti.weights import FFN_PARTS
+    real_compute, real_decode = ShardGroup.compute, codec.run_jobs
     for nth in (1, 4, 9):
         calls = {"n": 0}
 
@@ -210,14 +212,14 @@ def test_fault_in_the_compute_lane_stops_the_io_lane(base, monkeypatch):
                 raise StoreError("injected compute failure")
             return real_compute(group, *args)
 
-        def failing_decode(rec, buf, key, targets, *rest):
-            if "i_w" in targets:
+        def failing_decode(raw, jobs, *rest):
+            if len(jobs) == len(FFN_PARTS):  # an FFN slice's parts
                 calls["n"] += 1
                 if calls["n"] == nth:
-                    raise StoreError(f"injected decode failure in {rec.name}")
-            return real_decode(rec, buf, key, targets, *rest)
+                    raise StoreError("injected decode failure")
+            return real_decode(raw, jobs, *rest)
         for target, name, fake, what in ((ShardGroup, "compute", failing_compute, "compute"),
-                                         (engine.store, "decode_jobs", failing_decode, "decode")):
+                                         (codec, "run_jobs", failing_decode, "decode")):
             calls["n"] = 0
             monkeypatch.setattr(target, name, fake)
             with pytest.raises(StoreError, match=f"injected {what} failure"):

@@ -185,7 +185,7 @@ def test_the_decoder_runs_ahead_only_as_far_as_its_group_pools(tiny_store, monke
 
 def test_shards_are_decoded_off_the_compute_lane(tiny_store, monkeypatch):
     # shards at 2 bits, some preloaded: the decoder thread, not the caller's thread, decodes
-    # every head and every FFN slice
+    # every head and every FFN slice, the preloaded ones several in one call
     import threading
     from dataclasses import replace
     _, path = tiny_store
@@ -197,24 +197,33 @@ def test_shards_are_decoded_off_the_compute_lane(tiny_store, monkeypatch):
     importance = replace(importance, bits_error={2: 0.0, 4: 0.0, 32: 0.0})  # 2 bits costs nothing
     plan = make_plan(device, importance, store.store_id, 1e6, 10**9, seq_len=16)
     assert plan.choice.preload and {b for *_, b in plan.choice.preload} == {2} and plan.choice.m > 1
+    import sti.runtime.engine as rt
+    monkeypatch.setattr(rt, "group_sizes", lambda *a: (4, 4))  # a layer's shards in one group
     engine = Engine(store, plan, device, storage="warm")
-    real, calls = engine.store.decode_jobs, []
+    from sti import codec
+    real, calls = codec.run_jobs, []
 
-    def spy(rec, buf, key, targets, *rest):
-        calls.append((threading.current_thread().name, tuple(sorted(targets))))
-        return real(rec, buf, key, targets, *rest)
-    monkeypatch.setattr(engine.store, "decode_jobs", spy)
+    def spy(raw, jobs, *rest):  # every decode, one shard's or a run of preloaded ones', comes here
+        calls.append((threading.current_thread().name, len(jobs)))
+        return real(raw, jobs, *rest)
+    monkeypatch.setattr(codec, "run_jobs", spy)
     with engine:
         got = engine.run(TEXTS[2])
         ref = reference_logits(engine.store, got.report, TEXTS[2], engine.tokenizer)
     assert (got.logits - ref).abs().max() < 1e-5
-    heads = [who for who, names in calls if names == tuple(sorted(ATTN_PARTS))]
-    ffns = [who for who, names in calls if names == tuple(sorted(FFN_PARTS))]
-    assert len(heads) == len(ffns) == plan.choice.n * plan.choice.m and len(calls) == 2 * len(heads)
-    assert all(who.startswith("sti-io") for who in heads + ffns)  # none on the compute lane
-    decoded = {name for lane, name, *_ in got.report.spans if lane == "decode"}
-    assert decoded == {f"decode L{r.layer}.S{s} {part}" for r in got.report.layers for s in r.shard_ids
-                       for part in ("head", "ffn")}
+    shards = plan.choice.n * plan.choice.m
+    assert sum(n for _, n in calls) == shards * (len(ATTN_PARTS) + len(FFN_PARTS))  # every part, once
+    # a preloaded layer's FFN slices (known at once) are decoded in one call
+    assert plan.choice.preload[-4:] == ((2, 0, 2), (2, 1, 2), (2, 2, 2), (2, 3, 2))
+    assert 4 * len(FFN_PARTS) in [n for _, n in calls]
+    assert all(who.startswith("sti-io") for who, _ in calls)  # none on the compute lane
+    decoded = set()
+    for lane, name, *_ in got.report.spans:  # "decode L<layer>.S<shard>,<shard>... head|ffn"
+        if lane == "decode":
+            where, part = name.split()[1:]
+            layer, shards_ = where.removeprefix("L").split(".S")
+            decoded |= {(int(layer), int(j), part) for j in shards_.split(",")}
+    assert decoded == {(r.layer, s, part) for r in got.report.layers for s in r.shard_ids for part in ("head", "ffn")}
 
 
 def test_compute_guard_projects_the_lanes_pace_over_the_layers_left(tiny_store):

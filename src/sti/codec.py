@@ -339,6 +339,16 @@ def job_row(layout: Layout | None, part_offset: int, n: int, dst: int, rows: int
     return [JOB_GOBO, sec[3], sec[0], sec[1], sec[2], n, layout.param, dst, rows, cols, stride]
 
 
+BYTE_FIELDS = slice(1, 5)   # the fields that are byte offsets into the record (codes, a, b, c)
+
+
+def shifted(jobs: np.ndarray, by: int) -> np.ndarray:
+    """A job table whose record starts `by` bytes into a larger buffer (a multiple of 4)."""
+    out = jobs.copy()
+    out[:, BYTE_FIELDS] += by
+    return out
+
+
 def _make_driver(bits: int, bf16: bool):
     linear = (_LINEAR_BF16 if bf16 else _LINEAR)[bits]
     gobo = (_GOBO_BF16 if bf16 else _GOBO)[bits]

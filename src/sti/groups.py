@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import codec as codecs
 from .config import ModelConfig
 
 ATTN, FFN = "attn", "ffn"
@@ -69,6 +70,7 @@ class ShardGroup:
         self.flat, self.flat_scratch = _bits(self.slab), _bits(self.scratch)
         self.shards: list = []   # what fills each slot, in order (the caller's records)
         self._targets: dict[int, dict] = {}
+        self._batches: dict[tuple, list] = {}
 
     @property
     def full(self) -> bool:
@@ -100,6 +102,26 @@ class ShardGroup:
             self._targets[g] = self.targets(g)
         store.decode_jobs(rec, buf, (self.phase, self.size, g), self._targets[g], self.flat, self.flat_scratch)
         self.shards.append(shard)
+
+    def fill_many(self, items: list, store, arena: np.ndarray) -> None:
+        """Decode several shards into the next slots, their records all held in `arena` (the
+        engine's preload buffer; items: (shard, record, byte offset in arena)), in one
+        GIL-free call per bitwidth: each call hands the GIL back and forth once, however many
+        shards it decodes. The joined job tables are kept for the next request."""
+        g0 = len(self.shards)
+        key = (g0, tuple(rec.offset for _, rec, _ in items))
+        calls = self._batches.get(key)
+        if calls is None:
+            by_bits: dict[int, list] = {}
+            for g, (_, rec, at) in enumerate(items, g0):
+                if g not in self._targets:
+                    self._targets[g] = self.targets(g)
+                jobs = store.jobs(rec, memoryview(arena)[at:at + rec.length], (self.phase, self.size, g), self._targets[g])
+                by_bits.setdefault(rec.bits, []).append(codecs.shifted(jobs, at))
+            calls = self._batches[key] = [(bits, np.concatenate(t)) for bits, t in by_bits.items()]
+        for bits, jobs in calls:
+            codecs.run_jobs(arena, jobs, bits, self.flat, self.flat_scratch)
+        self.shards.extend(shard for shard, _, _ in items)
 
     def targets(self, g: int) -> dict:
         """Where slot g's parts go in the slab: part name -> (element offset, row stride;

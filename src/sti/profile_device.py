@@ -193,18 +193,23 @@ DTYPE_MARGIN = 0.9
 
 def choose_dtype(store: Store, seq_len: int, repeat: int) -> tuple[str, dict[str, float]]:
     """The compute dtype the engine runs fastest in on this machine, and what each took: a
-    whole layer (every shard), group by group as the compute lane runs it, at `seq_len`."""
-    c, took = store.config, {}
+    whole layer (every shard), group by group as the compute lane runs it, at `seq_len`.
+    The dtypes take turns, so that a drift of the machine's speed favours neither."""
+    c = store.config
     x, keep = torch.randn(1, seq_len, c.hidden_size), attention_keep(torch.ones(1, seq_len))
+    turns = {dtype: itertools.cycle(layer_groups(store, range(c.num_layers), dtype)) for dtype in DTYPES}
+    times: dict[str, list[float]] = {dtype: [] for dtype in DTYPES}
+
+    def run(dtype: str) -> None:
+        attn, ffn, shared = next(turns[dtype])
+        layer_by_groups(x, keep, _whole(attn), _whole(ffn), shared, c)
     with torch.inference_mode():
         for dtype in DTYPES:
-            turn = itertools.cycle(layer_groups(store, range(c.num_layers), dtype))
-
-            def run():
-                attn, ffn, shared = next(turn)
-                layer_by_groups(x, keep, _whole(attn), _whole(ffn), shared, c)
-            run()  # warm-up
-            took[dtype] = median_ms(run, max(repeat, 5))
+            run(dtype)  # warm-up
+        for _ in range(max(repeat, 9)):
+            for dtype in DTYPES:
+                times[dtype].append(median_ms(lambda: run(dtype), 1))
+    took = {dtype: float(np.median(t)) for dtype, t in times.items()}
     fast = "bfloat16" if took["bfloat16"] < DTYPE_MARGIN * took["float32"] else "float32"
     return fast, took
 

@@ -479,8 +479,14 @@ class Store:
 
     def decode_jobs(self, rec: Record, buf, key, targets: dict, dst: np.ndarray, scratch: np.ndarray) -> None:
         """Decode the record's parts named in `targets` (name -> (element offset in the flat
-        `dst`, row stride or None if contiguous)) in one GIL-free call (codec.run_jobs). The job table is built
-        once per record and `key` (the caller's name for the layout of `targets`)."""
+        `dst`, row stride or None if contiguous)) in one GIL-free call (codec.run_jobs). The
+        job table is built once per record and `key` (the caller's name for the layout of
+        `targets`)."""
+        codecs.run_jobs(np.frombuffer(buf, dtype=np.uint8), self.jobs(rec, buf, key, targets), rec.bits, dst, scratch)
+
+    def jobs(self, rec: Record, buf, key, targets: dict) -> np.ndarray:
+        """The job table (codec.job_row rows, byte offsets into the record) that decodes the
+        record's parts named in `targets`; cached by record and `key`."""
         jobs = self._jobs.get((rec.offset, key))
         if jobs is None:
             rows = []
@@ -497,7 +503,7 @@ class Store:
                 r, c = p.shape if len(p.shape) == 2 else (1, math.prod(p.shape))
                 rows.append(codecs.job_row(layout, p.offset, math.prod(p.shape), at, r, c, stride or c))
             jobs = self._jobs[(rec.offset, key)] = np.array(rows, dtype=np.int64).reshape(-1, codecs.JOB_FIELDS)
-        codecs.run_jobs(np.frombuffer(buf, dtype=np.uint8), jobs, rec.bits, dst, scratch)
+        return jobs
 
     def _layout(self, rec: Record, p, view) -> "codecs.Layout":
         """A blob's checked layout; checked the first time it is decoded (later reads of the

@@ -24,6 +24,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -95,12 +96,17 @@ class Engine:
         self.bytes.add(nbytes([*self.head.tensors().values(), *self.misc.values()]))
         self.rows = ResidentRows(s, self.plans.rows or RowCache(hidden=self.config.hidden_size))
         self.bytes.add(self.rows.nbytes)
-        self.preload: dict[tuple[int, int], tuple[Record, memoryview]] = {}
-        for layer, shard, bits in self.plans.buffer:
-            rec = s.shard_record(layer, shard, bits)
-            self.preload[(layer, shard)] = (rec, s.read(rec))
-            self.bytes.add(rec.length)
-        self.preload_bytes = sum(rec.length for rec, _ in self.preload.values())
+        # the preload buffer: its records side by side in one array (each 8-aligned), so that
+        # the decoder can decode several of them in one call (ShardGroup.fill_many)
+        recs = [s.shard_record(layer, shard, bits) for layer, shard, bits in self.plans.buffer]
+        starts = [sum(r.length + -r.length % 8 for r in recs[:i]) for i in range(len(recs))]
+        self.arena = np.zeros(sum(r.length + -r.length % 8 for r in recs), np.uint8)
+        self.preload: dict[tuple[int, int], tuple[Record, memoryview, int]] = {}
+        for rec, at in zip(recs, starts):
+            self.arena[at:at + rec.length] = np.frombuffer(s.read(rec), np.uint8)
+            self.preload[(rec.layer, rec.shard)] = (rec, memoryview(self.arena)[at:at + rec.length], at)
+        self.bytes.add(self.arena.nbytes)
+        self.preload_bytes = sum(rec.length for rec in recs)
         self.resident_bytes = self.bytes.now
         budget = self.plans.first.request.memory_bytes
         if self.preload_bytes + self.rows.nbytes > budget:
@@ -290,30 +296,41 @@ class Engine:
 
     def _decode_heads(self, pos: int, steps: list[Step], req: Request, inbox: queue.SimpleQueue):
         """The layer's heads into attention groups, in arrival order; returns the shards
-        decoded (step, record, bytes) for their FFN slices, or None if the reader stopped."""
+        decoded (step, record, bytes, place in the preload buffer or None) for their FFN
+        slices, or None if the reader stopped."""
         kept, groups = [], _Groups(self, req, ATTN, pos)
         for _ in steps:
-            item = inbox.get()
+            item = self._next(inbox, groups)
             if item is None:
                 return None
             step, got = item
             if got is SKIPPED or req.cancelled or step.shard_key in req.dropped:
                 self._let_go(step, got)
                 continue
-            rec, buf = self.preload[step.shard_key] if got is PRELOADED else got
-            if not groups.add(step, rec, buf):
+            entry = self.preload[step.shard_key] if got is PRELOADED else (*got, None)
+            if not groups.add(step, *entry):
                 return None
-            kept.append((step, rec, buf))
+            kept.append((step, *entry))
         groups.finish()
         return kept
+
+    @staticmethod
+    def _next(inbox: queue.SimpleQueue, groups: "_Groups"):
+        """The reader's next item; before waiting for it, the shards put aside to decode
+        together are decoded (the compute lane may be waiting for them)."""
+        try:
+            return inbox.get(block=False)
+        except queue.Empty:
+            groups.flush()
+            return inbox.get()
 
     def _decode_ffns(self, pos: int, kept: list, req: Request) -> None:
         """The kept shards' FFN slices into FFN groups; each packed record is let go once
         its slice is decoded."""
         groups = _Groups(self, req, FFN, pos)
-        for step, rec, buf in kept:
+        for step, rec, buf, at in kept:
             if not (req.cancelled or step.shard_key in req.dropped):
-                groups.add(step, rec, buf)  # (if the request was cancelled, nothing more is used)
+                groups.add(step, rec, buf, at)  # (if the request was cancelled, nothing more is used)
             self._let_go(step, (rec, buf))
         groups.finish()
 
@@ -416,28 +433,53 @@ class Engine:
 class _Groups:
     """The decoder filling one phase of one layer: shards go into groups from the pool in
     order, and each group is handed to the compute lane, under (phase, layer position,
-    count), when it is full; `finish` hands on the last and then None (no more)."""
+    count), when it is full; `finish` hands on the last and then None (no more). Preloaded
+    shards are put aside and decoded together (one call for the run of them, `flush`) when
+    the group is full, before a streamed shard, before the decoder waits, and at the end."""
 
     def __init__(self, engine: Engine, req: Request, phase: str, pos: int):
         self.engine, self.req, self.phase, self.pos = engine, req, phase, pos
-        self.group, self.count = None, 0
+        self.group, self.count, self.pending = None, 0, []
 
-    def add(self, step: Step, rec: Record, buf) -> bool:
-        """Decode one shard into the current group; False if the request was cancelled."""
-        req = self.req
-        self.group = self.group or self.engine.pool.acquire(self.phase)
+    def add(self, step: Step, rec: Record, buf, at: int | None = None) -> bool:
+        """Decode one shard into the current group (`at`: its place in the preload buffer;
+        such a shard waits to be decoded with the next ones); False if the request was
+        cancelled."""
+        if at is None:
+            self.flush()
         if self.group is None:
-            return False
-        a = req.now()
+            self.group = self.engine.pool.acquire(self.phase)
+            if self.group is None:
+                return False
+        if at is not None:
+            self.pending.append(((step, rec.bits), rec, at))
+            if len(self.group.shards) + len(self.pending) == self.group.size:
+                self.flush()
+            return True
+        a = self.req.now()
         self.group.fill((step, rec.bits), self.engine.store, rec, buf)
-        b = req.now()
-        req.add_decode(step.pos, a, b)
-        req.span("decode", f"decode L{step.layer}.S{step.shard} {'head' if self.phase == ATTN else 'ffn'}", a, b)
-        if self.group.full:
-            self._hand_on()
+        self._decoded([step], a)
         return True
 
+    def flush(self) -> None:
+        """Decode the shards put aside, in one call."""
+        if not self.pending:
+            return
+        a = self.req.now()
+        self.group.fill_many(self.pending, self.engine.store, self.engine.arena)
+        self._decoded([s for (s, _), _, _ in self.pending], a)
+        self.pending = []
+
+    def _decoded(self, steps: list[Step], start: float) -> None:
+        req, end = self.req, self.req.now()
+        req.add_decode(self.pos, start, end)
+        shards = ",".join(str(s.shard) for s in steps)
+        req.span("decode", f"decode L{steps[0].layer}.S{shards} {'head' if self.phase == ATTN else 'ffn'}", start, end)
+        if self.group.full:
+            self._hand_on()
+
     def finish(self) -> None:
+        self.flush()
         if self.group is not None:
             self._hand_on()
         self.req.put((self.phase, self.pos, self.count), None)
