@@ -105,7 +105,7 @@ def measure(store_dir: Path, bits: int, texts: list[str], pad_to: int | None, we
     tok = Tokenizer(store_dir)
     batches = [tok.encode([t], pad_to=pad_to) for t in texts]
     runs = {"engine": [], "sti fp32": [], **{k: [] for k in (hf or {})}}
-    peaks, turns = [], []
+    peaks, turns, logits = [], [], {}
     with Engine(Store(store_dir, "warm"), plan, device, storage="warm", guard=False, threads=1, pad_to=pad_to) as e:
         e.run(texts[0])
         for start in range(0, len(texts), BLOCK):
@@ -113,7 +113,11 @@ def measure(store_dir: Path, bits: int, texts: list[str], pad_to: int | None, we
             turn = {}
             for name in runs:
                 if name == "engine":
-                    reports = [(timed(lambda i=i: peaks.append(e.run(texts[i]).report.peak_model_bytes))) for i in block]
+                    def serve(i):
+                        result = e.run(texts[i])
+                        peaks.append(result.report.peak_model_bytes)
+                        logits[i] = result.logits
+                    reports = [timed(lambda i=i: serve(i)) for i in block]
                     turn[name] = reports
                     continue
                 model = weights if name == "sti fp32" else hf[name]
@@ -129,7 +133,25 @@ def measure(store_dir: Path, bits: int, texts: list[str], pad_to: int | None, we
             "engine_median_ms": med.pop("engine"), "fused_median_ms": med,
             "ratio": statistics.median(turns), "ratio_per_block": [round(t, 3) for t in turns],
             "ratio_vs_hf_bf16": (statistics.median(runs["engine"]) / med["hf bf16"]) if "hf bf16" in med else None,
-            "peak_model_bytes": max(peaks), "compute_dtype": getattr(device, "compute_dtype", "float32")}
+            "peak_model_bytes": max(peaks), "compute_dtype": getattr(device, "compute_dtype", "float32"),
+            "logits": [logits[i].tolist() for i in range(len(texts))]}
+
+
+def dtype_agreement(rows: list[dict]) -> list[dict]:
+    """bfloat16 against float32, for each (model, bits, lengths) run in both: how many
+    answers agree and how far apart the logits are (the cost of bfloat16's arithmetic)."""
+    out = []
+    for r in rows:
+        twin = next((t for t in rows if t["compute_dtype"] == "float32" and r["compute_dtype"] == "bfloat16"
+                     and (t["model"], t["bits"], t["seq"]) == (r["model"], r["bits"], r["seq"])), None)
+        if twin is None:
+            continue
+        a, b = torch.tensor(r["logits"]), torch.tensor(twin["logits"])
+        d = (a - b).abs()
+        out.append({"model": r["model"], "bits": r["bits"], "seq": r["seq"], "requests": len(a),
+                    "labels_agree": int((a.argmax(-1) == b.argmax(-1)).sum()),
+                    "max_abs_logit_diff": d.max().item(), "median_abs_logit_diff": d.median().item()})
+    return out
 
 
 def _forward(name: str, model, batch):
@@ -168,7 +190,7 @@ def main() -> None:
         dev = dataclasses.replace(device, compute_dtype=dtype)
         for bits, pad in ((32, None), (4, None), (32, 128), (4, 128)):
             rows.append({"model": "minilm", **measure(args.store, bits, texts, pad, weights, hf, dev)})
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "logits"}), flush=True)
     if not args.no_bert_base:
         store = bert_base_store()
         with Store(store) as s:
@@ -177,7 +199,7 @@ def main() -> None:
         chosen["bert-base (random)"] = device.compute_dtype
         for bits in (32, 4):
             rows.append({"model": "bert-base (random)", **measure(store, bits, texts[:60], None, weights, None, device)})
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "logits"}), flush=True)
     # the top-level ratios are of the dtype the device profile chose ("auto"), as users run it
     key = {(r["model"], r["bits"], r["seq"]): r["ratio"] for r in rows if r["compute_dtype"] == chosen[r["model"]]}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -185,12 +207,16 @@ def main() -> None:
     result = {"compute_dtype": chosen, "ratio_own_32bit": key[("minilm", 32, "own")], "ratio_own_4bit": key[("minilm", 4, "own")],
               "ratio_pad128_4bit": key[("minilm", 4, "pad128")],
               "ratio_bert_base_4bit": key.get(("bert-base (random)", 4, "own")),
-              "rows": rows, "conditions": {"machine": machine(), "torch_threads": 1, "storage": "warm, all preloaded",
+              "bf16_vs_fp32": dtype_agreement(rows),
+              "rows": [{k: v for k, v in r.items() if k != "logits"} for r in rows], "conditions": {"machine": machine(), "torch_threads": 1, "storage": "warm, all preloaded",
                                            "guard": False, "sti_source": str(Path(sys.modules["sti"].__file__).parent),
                                            "commit": commit,
                                            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    for d in result["bf16_vs_fp32"]:
+        print(f"bf16 vs fp32, {d['model']} {d['bits']}-bit {d['seq']}: {d['labels_agree']}/{d['requests']} labels agree, "
+              f"max |logit diff| {d['max_abs_logit_diff']:.4f}")
     print(f"ratios (engine / sti fp32, median per sentence): own 32-bit {result['ratio_own_32bit']:.2f}, "
           f"own 4-bit {result['ratio_own_4bit']:.2f}, pad128 4-bit {result['ratio_pad128_4bit']:.2f}; wrote {args.out}")
 

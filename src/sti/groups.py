@@ -163,7 +163,7 @@ def heads_output(x: torch.Tensor, keep: torch.Tensor, w: torch.Tensor, b: torch.
     bsz, s, h = x.shape
     g, _, hd, _ = w.shape
     y = F.linear(x.to(w.dtype), w.reshape(g * 3 * hd, h), b.reshape(-1)).view(bsz, s, g, 3, hd)
-    q, k, v = (y[:, :, :, i].transpose(1, 2) for i in range(3))         # [bsz, g, s, hd]
+    q, k, v = y.permute(3, 0, 2, 1, 4).unbind(0)                        # [bsz, g, s, hd] each
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0 / math.sqrt(hd))
     return F.linear(ctx.transpose(1, 2).reshape(bsz, s, g * hd), out).float()
 
