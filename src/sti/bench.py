@@ -145,8 +145,7 @@ def fixed_plan(device, importance, store_id: str, layers, m: int, bits, seq_len:
     timeline = simulate(layers, m, bits, (), device, seq_len)
     latency = timeline[-1].compute_end + device.head_ms
     streamed = [sum(device.shard_bytes[b] for b in row) for row in bits]
-    inflight, working = predicted_memory(streamed, device.shard_bytes[32], importance.num_shards, seq_len, hidden,
-                                         device.compute_dtype)
+    inflight, working = predicted_memory(streamed, device.shard_bytes[32], importance.num_shards, seq_len, hidden)
     acc = importance.submodel_acc(len(layers), m) - sum(
         importance.shard_penalty(layer, j, b) for layer, row in zip(layers, bits) for j, b in enumerate(row))
     return Plan(

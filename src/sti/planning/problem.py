@@ -232,16 +232,16 @@ def aib_slack(K: int, C: float, layer_io) -> list[float]:
     return out
 
 
-def predicted_memory(streamed: list[float], fp32_shard: float, n_shards: int, seq_len: int, hidden: float,
-                     compute_dtype: str) -> tuple[float, float]:
+def predicted_memory(streamed: list[float], fp32_shard: float, n_shards: int, seq_len: int,
+                     hidden: float) -> tuple[float, float]:
     """(in flight, working set) bytes of a plan that streams `streamed[k]` packed bytes in
     its k-th layer. In flight: two consecutive layers' streamed bytes (one read while the
     other is computed) and one fp32 shard of slack. Working set: the activations, and the
-    engine's shard groups, a quarter of an fp32 layer's weights (half that in bfloat16),
-    allocated when it opens (runtime/engine.py, groups.group_sizes)."""
+    engine's shard groups, a quarter of an fp32 layer's weights in either compute dtype (in
+    bfloat16 they hold twice the shards), allocated when it opens (groups.group_sizes)."""
     pairs = [streamed[k] + streamed[k + 1] for k in range(len(streamed) - 1)] or streamed
     inflight = float(max(pairs) + fp32_shard if any(streamed) else 0.0)
-    groups = fp32_shard * n_shards / 4 * (0.5 if compute_dtype == "bfloat16" else 1.0)
+    groups = fp32_shard * n_shards / 4
     return inflight, 4.0 * seq_len * hidden * 8 + groups
 
 
@@ -264,8 +264,7 @@ def assemble(P: Problem, planner: str, n: int, m: int, bits, held: dict) -> Plan
     preload_bytes = float(sum(P.nbytes[b] for _, _, b in preload))
     streamed = [sum(P.nbytes[b] for j, b in enumerate(row) if (layer, j) not in held)
                 for layer, row in zip(layers, bits)]
-    inflight, working = predicted_memory(streamed, P.fp32_bytes, P.n_shards, P.seq_len, P.hidden,
-                                         P.device.compute_dtype)
+    inflight, working = predicted_memory(streamed, P.fp32_bytes, P.n_shards, P.seq_len, P.hidden)
     plan = Plan(
         PlanRequest(planner=planner, store_id=P.device.store_id, device_id=P.device_id,
                     importance_id=P.importance_id, target_ms=P.target_ms, memory_bytes=P.memory_bytes,
