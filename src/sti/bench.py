@@ -382,17 +382,11 @@ def hf_runner(h: Harness, mode: str, pad_to):
         batch = h.tokenizer.encode([text], pad_to=pad_to)
         with torch.inference_mode():
             hidden = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-            return head_logits(head, hidden, batch.attention_mask)
+            return head_logits(head, hidden.float(), batch.attention_mask)  # (a bfloat16 model's too)
 
     if mode == "bf16":  # resident, every weight and activation in bfloat16, as transformers runs it
         resident = AutoModel.from_pretrained(h.model_dir, dtype=torch.bfloat16, **kw).eval()
-
-        def one(text):
-            batch = h.tokenizer.encode([text], pad_to=pad_to)
-            with torch.inference_mode():
-                hidden = resident(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-                return head_logits(head, hidden.float(), batch.attention_mask)
-        return one, None
+        return (lambda text: forward(resident, text)), None
     if mode == "from_pretrained":
         def one(text):
             for f in weight_files(h.model_dir)[1]:

@@ -236,7 +236,8 @@ def _make_gobo(bits: int, bf16: bool = False):
                         o[cc * 8 + t] = cent[q]
                     else:
                         o[cc * 8 + t] = centroids[q]
-        vals = values.copy().view(np.uint32)
+        if bf16:  # and of the outliers
+            vals = values.copy().view(np.uint32)
         for k in range(index.size):  # outliers overwrite their placeholder code
             at = (index[k] // cols) * stride + index[k] % cols
             if bf16:

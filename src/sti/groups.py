@@ -98,9 +98,7 @@ class ShardGroup:
         """Decode one shard's record straight into the next slot, in the group's dtype, in
         one GIL-free call."""
         g = len(self.shards)
-        if g not in self._targets:
-            self._targets[g] = self.targets(g)
-        store.decode_jobs(rec, buf, (self.phase, self.size, g), self._targets[g], self.flat, self.flat_scratch)
+        store.decode_jobs(rec, buf, (self.phase, self.size, g), self._slot(g), self.flat, self.flat_scratch)
         self.shards.append(shard)
 
     def fill_many(self, items: list, store, arena: np.ndarray) -> None:
@@ -114,14 +112,18 @@ class ShardGroup:
         if calls is None:
             by_bits: dict[int, list] = {}
             for g, (_, rec, at) in enumerate(items, g0):
-                if g not in self._targets:
-                    self._targets[g] = self.targets(g)
-                jobs = store.jobs(rec, memoryview(arena)[at:at + rec.length], (self.phase, self.size, g), self._targets[g])
+                jobs = store.jobs(rec, memoryview(arena)[at:at + rec.length], (self.phase, self.size, g), self._slot(g))
                 by_bits.setdefault(rec.bits, []).append(codecs.shifted(jobs, at))
             calls = self._batches[key] = [(bits, np.concatenate(t)) for bits, t in by_bits.items()]
         for bits, jobs in calls:
             codecs.run_jobs(arena, jobs, bits, self.flat, self.flat_scratch)
         self.shards.extend(shard for shard, _, _ in items)
+
+    def _slot(self, g: int) -> dict:
+        """`targets(g)`, computed once."""
+        if g not in self._targets:
+            self._targets[g] = self.targets(g)
+        return self._targets[g]
 
     def targets(self, g: int) -> dict:
         """Where slot g's parts go in the slab: part name -> (element offset, row stride;

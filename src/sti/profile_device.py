@@ -320,8 +320,9 @@ def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 
             if progress is not None and progress(done, total) is False:
                 raise Cancelled("device profiling cancelled; nothing was saved")
 
+        lends = compute_from is not None and compute_from.store_id == store.store_id and compute_from.threads == threads
         dtype_ms = {}
-        if compute_dtype == "auto" and compute_from is not None and compute_from.store_id == store.store_id:
+        if compute_dtype == "auto" and lends:
             compute_dtype, dtype_ms = compute_from.compute_dtype, compute_from.dtype_layer_ms
         elif compute_dtype == "auto":
             compute_dtype, dtype_ms = choose_dtype(store, seq_len, repeat)
@@ -332,8 +333,7 @@ def measure_device(store_dir: str | Path, storage: str = "cold", seq_len: int = 
         tick()
         embed_ms = measure_embed(store, repeat)
         tick()
-        if compute_from is not None and compute_from.store_id == store.store_id and compute_from.threads == threads \
-                and compute_from.compute_dtype == compute_dtype:
+        if lends and compute_from.compute_dtype == compute_dtype:
             coef, fit_err, head_ms = compute_from.compute_coef, compute_from.compute_fit_error, compute_from.head_ms
             tick(total - done)
         else:

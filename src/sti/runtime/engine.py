@@ -18,6 +18,7 @@ across requests. The deadline guards are in guards.py.
 from __future__ import annotations
 
 import collections
+import itertools
 import queue
 import statistics
 import threading
@@ -99,8 +100,9 @@ class Engine:
         # the preload buffer: its records side by side in one array (each 8-aligned), so that
         # the decoder can decode several of them in one call (ShardGroup.fill_many)
         recs = [s.shard_record(layer, shard, bits) for layer, shard, bits in self.plans.buffer]
-        starts = [sum(r.length + -r.length % 8 for r in recs[:i]) for i in range(len(recs))]
-        self.arena = np.zeros(sum(r.length + -r.length % 8 for r in recs), np.uint8)
+        ends = list(itertools.accumulate(r.length + -r.length % 8 for r in recs))
+        starts = [0, *ends[:-1]]
+        self.arena = np.zeros(ends[-1] if ends else 0, np.uint8)
         self.preload: dict[tuple[int, int], tuple[Record, memoryview, int]] = {}
         for rec, at in zip(recs, starts):
             self.arena[at:at + rec.length] = np.frombuffer(s.read(rec), np.uint8)
