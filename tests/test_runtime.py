@@ -284,13 +284,17 @@ def test_dropping_early_shards_never_blocks_the_decoder(tiny_store, monkeypatch,
     def drop_ranks_1_and_2(steps, pos, *args):
         return [s for s in steps[pos] if s.rank in (1, 2)]
     monkeypatch.setattr(rt, "compute_guard", drop_ranks_1_and_2)
+    # only those drops: on a loaded machine the IO guard may rightly skip shard 3 for being
+    # late (it did, in 2 of 8 full-suite runs with bfloat16), which is not what this tests
+    monkeypatch.setattr(rt, "io_guard", lambda *a: [])
     with Engine(store, plan, device, storage="warm") as engine:
         if sizes:
             assert engine.group_sizes == sizes
         for text in TEXTS:
             got = run_with_timeout(lambda: engine.run(text), seconds=10.0)
             assert engine.bytes.now == engine.resident_bytes and pools_free(engine)
-            assert all(1 not in r.shard_ids and 2 not in r.shard_ids and 3 in r.shard_ids for r in got.report.layers)
+            used = [r.shard_ids for r in got.report.layers]
+            assert all(1 not in ids and 2 not in ids and 3 in ids for ids in used), used
             ref = reference_logits(store, got.report, text, engine.tokenizer)
             assert (got.logits - ref).abs().max() < (1e-5 if dtype == "float32" else 0.05)
 
