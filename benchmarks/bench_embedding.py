@@ -8,10 +8,16 @@ Three measurements, in one run, on the real store at emulated 100 MB/s, one torc
      out-of-domain set (the worst case: a cache holds only some rows compact);
   2. the engine's embedding time per request (the IO lane getting the rows,
      `Report.embed_read_ms`), over every test request at their own lengths and padded to 128,
-     without a cache and with the 256, 1024 and 2048 most frequent dev-split tokens' word
+     without a cache and with the 256, 1024 and 2048 most frequent training-split tokens' word
      rows plus 128 position rows (plans for T = 1.5x, M = 2 MB around each; guard off);
   3. served accuracy at T = 1x and 1.5x, M = 2 MB: `sti bench`'s sti-joint without and with
      the row cache (the planner choosing its size), back to back.
+  4. the pages a request's missed rows would take under other layouts of the word table on
+     disk (the store's fp32 rows in token order, two to a 4 KiB page; int8 rows ten to a page
+     in token order; int8 rows in training-split frequency order), counted, not timed (every
+     page costs one read of the same size), without a cache and with the 1024 most frequent
+     tokens resident; and the cache's misses when it is ranked on the dev split (the
+     requests plans are costed on) against the training split (what plans now use).
 Writes benchmarks/results/embedding.json (key `embed_ms_median_100MBps`: own lengths, the
 largest cache of at most 0.5 MB; `..._pad128` its twin) and prints the tables.
 """
@@ -63,7 +69,7 @@ def embed_times(store_dir: Path, device, full_ms: float) -> list[dict]:
     test = [e.text for e in load_split("test")]
     cut = Tokenizer(store_dir, max_length=api.DEFAULT_MAX_LENGTH)
     dev_tokens = cut.ids([e.text for e in load_split("dev")])
-    counts = token_counts(dev_tokens)
+    counts = api.row_counts(store_dir, api.DEFAULT_MAX_LENGTH)  # what plans rank by
     with Store(store_dir) as s:
         hidden, per_block, fixed, store_id = s.config.hidden_size, s.tables["word"][1], api.resident_bytes(s), s.store_id
     out = []
@@ -84,6 +90,39 @@ def embed_times(store_dir: Path, device, full_ms: float) -> list[dict]:
             out.append(row)
             print(f"  {n:5d} words {row['bytes'] / 1e3:6.0f} KB  {mode:6}  embedding {row['embed_ms_median']:.2f} ms "
                   f"median, {row['embed_ms_p95']:.2f} p95; {hits:.1%} of distinct tokens resident")
+    return out
+
+
+def layouts(store_dir: Path) -> dict:
+    """Pages of missed word rows per test request under three on-disk layouts (see the
+    module's docstring), and misses with the cache ranked on dev against train counts."""
+    cut = Tokenizer(store_dir, max_length=api.DEFAULT_MAX_LENGTH)
+    test = cut.ids([e.text for e in load_split("test")])
+    train = api.row_counts(store_dir, api.DEFAULT_MAX_LENGTH)
+    dev = token_counts(cut.ids([e.text for e in load_split("dev")]))
+    with Store(store_dir) as s:
+        vocab, hidden, per_page = s.config.vocab_size, s.config.hidden_size, s.tables["word"][1]
+    compact_per_page = 4096 // (hidden + 4)   # int8 codes and a float32 scale a row
+    ranked = most_frequent(train, len(train))
+    order = {t: k for k, t in enumerate([*ranked, *sorted(set(range(vocab)) - set(ranked))])}
+    pages = {"fp32_token_order": lambda t: t // per_page, "int8_token_order": lambda t: t // compact_per_page,
+             "int8_frequency_order": lambda t: order[t] // compact_per_page}
+    out = {"rows_per_page": {"fp32": per_page, "int8": compact_per_page}, "caches": []}
+    for n in (0, 1024):
+        held = set(ranked[:n])
+        missed = [[t for t in dict.fromkeys(ids) if t not in held] for ids in test]
+        row = {"words": n, "misses_median": statistics.median(map(len, missed)),
+               "misses_mean": statistics.fmean(map(len, missed))}
+        for name, page in pages.items():
+            counts = [len({page(t) for t in m}) for m in missed]
+            row[f"pages_{name}_median"], row[f"pages_{name}_mean"] = statistics.median(counts), statistics.fmean(counts)
+        if n:
+            by_dev = set(most_frequent(dev, n))
+            row["misses_mean_ranked_on_dev"] = statistics.fmean(sum(t not in by_dev for t in set(ids)) for ids in test)
+        out["caches"].append(row)
+        print(f"  {n:5d} words resident: misses {row['misses_mean']:.2f} a request (mean); pages "
+              + ", ".join(f"{k} {row[f'pages_{k}_mean']:.2f}" for k in pages)
+              + (f"; ranked on dev: misses {row['misses_mean_ranked_on_dev']:.2f}" if n else ""))
     return out
 
 
@@ -131,6 +170,8 @@ def main() -> None:
                                                     if r["words"] == best and r["seq"] == "pad128")
     result["embed_ms_median_100MBps_no_cache"] = next(r["embed_ms_median"] for r in times
                                                       if r["words"] == 0 and r["seq"] == "own")
+    print("4. pages of missed rows under other on-disk layouts (counted)")
+    result["layouts"] = layouts(store)
     print("3. served accuracy without and with the row cache (sti bench, back to back)")
     result["served"] = served(store, model)
     atomic_write_json(result, OUT)

@@ -130,3 +130,18 @@ def test_plan_set_json_keeps_the_rows_and_refuses_rows_outside_m(store):
     cheat = dataclasses.replace(plans, rows=RowCache(cache.words, 16 + 2000, cache.hidden))
     with pytest.raises(PlanError, match="must be counted in M"):
         PlanSet.from_json(cheat.to_json())
+
+
+def test_rows_held_are_the_most_frequent_by_the_given_counts(store):
+    # the cache is ranked by the frequency sample (e.g. the training split), not by the
+    # requests whose misses the plans are costed on
+    with Store(store) as s:
+        device, importance = profiles(s)
+        tokens = Tokenizer(store).ids(SAMPLE)
+        other = token_counts(Tokenizer(store).ids(["w7 w8 w9 w10", "w7 w8", "w8"] * 5))
+        args = (slow_rows(device), importance, s.store_id, 4.0, 1e6, tokens, 16, s.config.hidden_size,
+                s.tables["word"][1])
+        own, given = make_plan_set_with_rows(*args), make_plan_set_with_rows(*args, counts=other)
+    assert own.rows and given.rows
+    assert own.rows.words == most_frequent(token_counts(tokens), len(own.rows.words))
+    assert given.rows.words == most_frequent(other, len(given.rows.words)) != own.rows.words[:len(given.rows.words)]

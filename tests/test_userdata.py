@@ -13,12 +13,14 @@ from typer.testing import CliRunner
 from sti import api
 from sti.cli import app
 from sti.config import ModelConfig
+from sti.data import Example
 from sti.datafile import read_examples
 from sti.encoder import Submodel, classify
 from sti.errors import InputError
 from sti.evaluate import accuracy
 from sti.profile_importance import measure_importance
 from sti.profiles import save_profile
+from sti.rowcache import token_counts
 from sti.store import Store, build_store
 from sti.tokenizer import Tokenizer
 from sti.weights import ModelWeights, load_model_dir, save_model_dir
@@ -151,10 +153,16 @@ def test_importance_on_a_data_file_is_recorded_and_planned_for(store, tmp_path, 
     assert requests == [(e.text, e.text_pair) for e in examples] and "dev.tsv" in source
     lengths = api.request_lengths(store, requests=requests)
     assert lengths == tok.lengths([e.text for e in examples], [e.text_pair for e in examples])
+    # the row cache's token frequencies are the whole file's
+    ids = Tokenizer(store, max_length=16).ids([e.text for e in examples], [e.text_pair for e in examples])
+    assert api.row_counts(store, 16, prof) == token_counts(ids)
     data.write_text(data.read_text() + "w1\tw2\tpositive\n")  # changed: its lengths are no longer the profile's
     monkeypatch.setattr(api, "dev_texts", lambda: ["w1"])
     assert api.sample_requests(prof) == ([("w1", None)], "dev split")
     assert api.importance_profile(store, **QUIET).data is None  # nor is the profile of the old file preferred
+    import sti.data
+    monkeypatch.setattr(sti.data, "load_split", lambda name: [Example("t0", "w4 w4 w2", 0)] if name == "train" else [])
+    assert api.row_counts(store, 16, prof) == token_counts(Tokenizer(store, max_length=16).ids(["w4 w4 w2"]))
 
 
 def small_base(tmp_path):

@@ -208,6 +208,34 @@ def request_lengths(store_dir, max_length: int | None = None,
     return Tokenizer(store_dir, max_length=max_length).lengths([t for t, _ in requests], [p for _, p in requests])
 
 
+def row_counts(store_dir, max_length: int, importance: ImportanceProfile | None = None):
+    """How many requests hold each token (`rowcache.token_counts`), counted on the requests
+    the model learned from: every example of the importance profile's data file if it is
+    still there unchanged, else the built-in training split. The row cache holds the most
+    frequent ones; plans measure its misses on other requests (`sample_requests`)."""
+    source = importance.data if importance is not None else None
+    if data_unchanged(source):
+        return _counts(str(store_dir), max_length, source["path"], source["sha256"],
+                       tuple(sorted(source.get("columns", {}).items())))
+    return _counts(str(store_dir), max_length, None, None, ())
+
+
+@functools.lru_cache(maxsize=8)
+def _counts(store_dir: str, max_length: int, path, sha256, columns):
+    """Counted once per store, length and data file version (tokenizing the training split
+    takes about half a second, and an engine plans several times as it opens)."""
+    from .rowcache import token_counts
+    from .tokenizer import Tokenizer
+    if path is None:
+        from .data import load_split
+        requests = [(e.text, None) for e in load_split("train")]
+    else:
+        from .datafile import Columns, rows
+        requests = [(r.text, r.pair) for r in rows(Path(path), Columns(**dict(columns)))]
+    ids = Tokenizer(store_dir, max_length=max_length).ids([t for t, _ in requests], [p for _, p in requests])
+    return token_counts(ids)
+
+
 def _saved_importance(store_dir, method: str | None = None) -> ImportanceProfile | None:
     try:
         return importance_profile(store_dir, method, measure=False)
@@ -250,7 +278,8 @@ def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
                         device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6), tokens,
                         max_length, store.config.hidden_size, store.tables["word"][1],
                         fixed_bytes=resident_bytes(store), headroom=headroom, prune=prune,
-                        source=f"{source}, {len(tokens)} requests")
+                        source=f"{source}, {len(tokens)} requests",
+                        counts=row_counts(store_dir, max_length, importance))
                 lengths = request_lengths(store_dir, max_length, requests)
             return make_plan_set(device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6),
                                  lengths, max_length, fixed_bytes=resident_bytes(store), headroom=headroom,

@@ -206,6 +206,7 @@ class Harness:
         self.dev_texts = [e.text for e in load_split("dev")]
         self.dev_tokens = self.cut.ids(self.dev_texts)
         self.dev_lengths = [len(ids) for ids in self.dev_tokens]
+        self.row_counts = api.row_counts(store_dir, self.max_tokens)  # the training split's
         self._lengths: dict = {}
         self.rows: list[Row] = []
         self.profiles: list[dict] = []  # every device profile measured, with where it was used
@@ -415,7 +416,7 @@ def planned(h: Harness, system: str, device, target: float, mem: float, pad_to) 
         return make_plan_set_with_rows(device, h.importance, h.store_id, target, int(mem * 1e6), h.dev_tokens,
                                        h.max_tokens, h.config.hidden_size, h.rows_per_block, fixed_bytes=h.fixed,
                                        headroom=cfg.headroom, prune=h.config.elastic,
-                                       source=f"dev split, {len(h.dev_tokens)} requests")
+                                       source=f"dev split, {len(h.dev_tokens)} requests", counts=h.row_counts)
     if planner == "joint" and pad_to is None and cfg.length_aware:
         return make_plan_set(device, h.importance, h.store_id, target, int(mem * 1e6), h.dev_lengths, h.max_tokens,
                              fixed_bytes=h.fixed, headroom=cfg.headroom, prune=h.config.elastic,

@@ -4,14 +4,17 @@ A byte of M can hold a preloaded shard's weights (less to stream, so more or bet
 by T) or a cached embedding row (less to read before the first layer, which leaves the IO
 lane that time for shards). Which buys more accuracy depends on T, M, the storage and the
 requests, so the planner measures both sides the same way: for each candidate cache (the
-most frequent tokens' word rows of a sample of requests, and the first positions), its bytes
+word rows of the tokens in the most requests of a frequency sample, e.g. the training split,
+and the first positions), its bytes
 are counted as fixed, each length bucket's embedding read time is what that cache leaves to
 read, the length-aware plans are made (lengths.py), and the candidate whose plans have the
 best expected accuracy wins (no cache on a tie).
 
 A bucket's read time assumes the 90th percentile of the sample's miss ratio (distinct word
 rows not cached, per token): a request with more misses runs late by their reads, and the
-deadline guard absorbs it.
+deadline guard absorbs it. The frequencies are counted on other requests than the ones the
+miss ratio is measured on (training split vs dev split), so the ratio is not the in-sample
+one of the very requests the cache was chosen for.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ WORD_STEPS = (0, 256, 512, 1024, 2048)   # candidate numbers of cached word rows
 MISS_QUANTILE = 90                        # percentile of the sample's miss ratio a plan assumes
 
 
-def candidates(token_lists, max_tokens: int, hidden: int, room: float) -> list[RowCache]:
-    """The caches to try: each number of the most frequent words, with and without the
-    first `max_tokens` positions, that fits in `room` bytes."""
-    ranked = most_frequent(token_counts(token_lists), max(WORD_STEPS))
+def candidates(counts, max_tokens: int, hidden: int, room: float) -> list[RowCache]:
+    """The caches to try: each number of the most frequent words (by `counts`, requests per
+    token), with and without the first `max_tokens` positions, that fits in `room` bytes."""
+    ranked = most_frequent(counts, max(WORD_STEPS))
     out = []
     for n in WORD_STEPS:
         words = ranked[:n]
@@ -56,13 +59,17 @@ def embed_times(device, cache: RowCache | None, token_lists, rows_per_block: int
 
 def make_plan_set_with_rows(device, importance, store_id: str, target_ms: float, memory_bytes: float,
                             token_lists, max_tokens: int, hidden: int, rows_per_block: int, fixed_bytes: int = 0,
-                            headroom: float = 0.0, prune: bool = True, source: str = "") -> PlanSet:
+                            headroom: float = 0.0, prune: bool = True, source: str = "",
+                            counts=None) -> PlanSet:
     """Length-aware plans (lengths.py) with the best split of M between resident embedding
-    rows and the preload buffer, for requests like `token_lists` (token ids of a sample)."""
+    rows and the preload buffer, for requests like `token_lists` (token ids of a sample).
+    `counts` (requests per token, `rowcache.token_counts`) ranks the tokens to hold; by
+    default the sample's own."""
+    counts = token_counts(token_lists) if counts is None else counts
     best, first_error = None, None
     # no rows resident (an empty cache) is costed as the candidates are (the sample's misses),
     # so that only holding rows, not the cost model, tells them apart
-    for cache in [RowCache(hidden=hidden), *candidates(token_lists, max_tokens, hidden, memory_bytes - fixed_bytes)]:
+    for cache in [RowCache(hidden=hidden), *candidates(counts, max_tokens, hidden, memory_bytes - fixed_bytes)]:
         try:
             other = plans_with(cache, device, importance, store_id, target_ms, memory_bytes, token_lists, max_tokens,
                                rows_per_block, fixed_bytes, headroom, prune, source)
