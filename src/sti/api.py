@@ -293,18 +293,22 @@ def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
 def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "cold", planner: str = "joint",
                 seq_len: int | None = None, guard: bool = True, method: str | None = None, log=print,
                 headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False, max_length: int | None = None,
-                warmup: bool = True, lengths=None, calibrate: bool = True, row_cache: bool = True):
+                warmup: bool = True, lengths=None, calibrate: bool = True, row_cache: bool = True,
+                follow: bool = False):
     """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer;
     requests longer than `max_length` tokens are truncated. The plans are `plan`'s (length-
     aware unless a `seq_len` or the paper planner is asked for), made from the device profile
     corrected on the engine itself (`calibrated_device`, about a second) unless `calibrate`
     is False; `row_cache` lets the plans hold embedding rows resident (see `plan`). With
     `warmup`, one throwaway request runs first, so that the caller's first answer is not
-    slowed (and cut by the deadline guard) by lazy initialisation."""
+    slowed (and cut by the deadline guard) by lazy initialisation. With `follow`, the engine
+    follows the device: when it runs slower or faster than its profile, it plans again and
+    swaps the plans in between requests (runtime/follow.py); `engine.retarget` and
+    `engine.resize` change T and M on an open engine either way."""
     args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
     device = calibrated_device(*args, max_length=max_length, lengths=lengths, row_cache=row_cache) if calibrate \
         else device_profile(store_dir, storage, log=log)
-    return _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache)
+    return _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache, follow)
 
 
 def calibrated_device(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
@@ -321,19 +325,66 @@ def calibrated_device(store_dir, latency_ms: float, memory_mb: float, planner: s
         return calibrated(engine, requests, log, source)
 
 
-def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache=True):
+def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache=True, follow=False):
     from .runtime import Engine
     store = Store(store_dir, storage)
     try:
         max_length = check_max_length(store, max_length)
         plans = plan(*args, max_length=max_length, lengths=lengths, device=device, row_cache=row_cache)
-        engine = Engine(store, plans, device, storage=storage, guard=guard, max_length=max_length)
+        replan = _Replanner(args, max_length, lengths, row_cache)
+        if follow:
+            replan.prepare()   # so that the first replan is as quick as the later ones
+        engine = Engine(store, plans, device, storage=storage, guard=guard, max_length=max_length,
+                        replan=replan, follow=follow)
         if warmup:  # an engine's first request pays for lazy initialisation: not the caller's
             engine.run("warm up")
         return engine
     except BaseException:
         store.close()
         raise
+
+
+class _Replanner:
+    """How an engine opened here plans again (`Engine.replan`): with `kept` (the device
+    drifted), each bucket streamed around the kept preload buffer and rows, which stay
+    (planning/lengths.py `plan_set_around`, a few ms; the paper planner plans afresh);
+    without it (new targets), `plan` from scratch for the engine's current profile. What a
+    quick replan needs (the importance profile, the sample's token ids) is loaded once,
+    by `prepare` (opening the store alone takes about a second)."""
+
+    def __init__(self, args, max_length: int, lengths, row_cache: bool):
+        self.args, self.max_length, self.lengths, self.row_cache = args, max_length, lengths, row_cache
+        self._ready = None
+
+    def prepare(self):
+        if self._ready is None:
+            from .tokenizer import Tokenizer
+            store_dir, method, seq_len = self.args[0], self.args[6], self.args[5]
+            importance = importance_profile(store_dir, method, log=_quiet)
+            tokens = None
+            if self.row_cache and seq_len is None and self.lengths is None:  # the plans costed the rows' misses
+                requests = sample_requests(importance)[0]
+                tokens = Tokenizer(store_dir, max_length=self.max_length).ids(*map(list, zip(*requests)))
+            with Store(store_dir) as store:
+                self._ready = (importance, tokens, store.config.hidden_size, store.tables["word"][1])
+        return self._ready
+
+    def __call__(self, device, latency_ms: float, memory_mb: float, kept=None):
+        store_dir, _, _, planner, storage, seq_len, method, _, headroom, allow_pruning = self.args
+        if kept is None or planner != "joint":
+            return plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, _quiet, headroom,
+                        allow_pruning, self.max_length, self.lengths, device, self.row_cache)
+        from .planning.lengths import plan_set_around
+        from .planning.rows import embed_times
+        from .rowcache import RowCache
+        importance, tokens, hidden, per_block = self.prepare()
+        embed = None if tokens is None else embed_times(device, kept.rows or RowCache(hidden=hidden), tokens,
+                                                        per_block)
+        return plan_set_around(kept, device, importance, headroom, embed)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """A replan runs beside requests: nothing to print."""
 
 
 def classify_exact(store_dir, texts: list[str], max_length: int | None = None, batch_size: int = 32,

@@ -107,7 +107,7 @@ class ShardGroup:
         GIL-free call per bitwidth: each call hands the GIL back and forth once, however many
         shards it decodes. The joined job tables are kept for the next request."""
         g0 = len(self.shards)
-        key = (g0, tuple(rec.offset for _, rec, _ in items))
+        key = (g0, tuple((rec.offset, at) for _, rec, at in items))  # `at`: a new buffer may move a record
         calls = self._batches.get(key)
         if calls is None:
             by_bits: dict[int, list] = {}

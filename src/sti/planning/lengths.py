@@ -243,6 +243,34 @@ def make_plan_set(device: DeviceProfile, importance: ImportanceProfile, store_id
     return out
 
 
+def plan_set_around(kept: PlanSet, device: DeviceProfile, importance: ImportanceProfile, headroom: float = 0.0,
+                    embed_ms=None, hidden: float | None = None) -> PlanSet:
+    """`kept`'s buckets planned again for `device`, each streamed around `kept`'s preload
+    buffer and resident rows, which stay (so nothing resident changes and the engine can
+    swap the plans in between two requests): the quick replan of an engine whose device
+    drifted from its profile. T, M and the rest are `kept`'s; `embed_ms` as for
+    `make_plan_set`."""
+    req = kept.first.request
+    held = {(layer, shard): bits for layer, shard, bits in kept.buffer}
+    embed = embed_ms or (lambda L: None)
+    buckets = []
+    for b in kept.buckets:
+        P = Problem.of(device, importance, req.store_id, req.target_ms * (1 - headroom), req.memory_bytes,
+                       b.max_tokens, req.fixed_bytes, hidden, None, req.prune, embed(b.max_tokens))
+        d = around(P, held)
+        plan = None
+        if d is not None:
+            plan = assemble(P, req.planner, *d[1:])
+            plan = replace(plan, request=replace(plan.request, target_ms=req.target_ms))
+        buckets.append(Bucket(b.max_tokens, b.weight, plan))
+    if all(b.plan is None for b in buckets):
+        raise PlanError(f"no plan around the preload buffer meets T = {req.target_ms:g} ms on this device any more",
+                        min_target_ms=None, min_memory_bytes=None)
+    out = PlanSet(tuple(buckets), kept.buffer, kept.lengths, kept.rows)
+    check_set(out)
+    return out
+
+
 def _best_around(P: Problem, buffer, mine: list[Plan]):
     """(accuracy, n, m, rows, held used) of the best plan for P's length with `buffer`:
     streamed around it, or a bucket's own plan that holds exactly this buffer, if it also

@@ -22,6 +22,7 @@ import itertools
 import queue
 import statistics
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from ..encoder import attention_keep, embed, head_logits
 from ..groups import ATTN, DTYPES, FFN, group_sizes
 from .. import codec as codecs
-from ..errors import InputError
+from ..errors import InputError, StiError
 from ..planning import Plan, PlanSet, simulate
 from ..planning.lengths import check_set
 from ..profiles import DeviceProfile, profile_id
@@ -40,6 +41,7 @@ from ..rowcache import ResidentRows, RowCache
 from ..store import Record, Store
 from ..tokenizer import Tokenizer
 from ..weights import Embeddings
+from .follow import Band, Follower, request_paces, rescaled
 from .guards import GUARD_SHARE, Pace, compute_guard, io_guard
 from .memory import GroupPool, ModelBytes, PeakRSS, Window, nbytes
 from .report import LayerReport, Report, Result
@@ -53,86 +55,126 @@ SLABS = 2                  # shard groups in the pool: one being computed, one b
 class Engine:
     """Runs requests against one store with one plan, or with length-aware plans (a
     `PlanSet`: each request runs the plan of its length). The preload buffer is loaded once
-    and stays resident; requests are served one at a time (concurrent callers queue)."""
+    and stays resident; requests are served one at a time (concurrent callers queue).
+
+    Given `replan` (how to plan again: `replan(device, latency_ms, memory_mb, kept)` returns
+    a PlanSet; `kept`, when given, is the current set, whose resident parts should stay), the
+    engine can change its targets (`retarget`, `resize`), and with `follow` it follows the
+    device: when its lanes drift from the profile (follow.py), it plans again on a thread of
+    its own and swaps the plans in between two requests. Every change is in `history`, and
+    in the report of the first request served with the new plans."""
 
     def __init__(self, store: str | Path | Store, plans: Plan | PlanSet, device: DeviceProfile,
                  storage: str = "cold", guard: bool = True, threads: int | None = None,
-                 max_length: int = 128, pad_to: int | None = None):
+                 max_length: int = 128, pad_to: int | None = None, replan=None, follow: bool | Band = False):
         self.store = store if isinstance(store, Store) else Store(store, storage)
-        self.plans = plans if isinstance(plans, PlanSet) else PlanSet.single(plans)
-        check_set(self.plans)  # a set built by hand gets the checks of one read from a file
-        for plan in self.plans.plans:
-            _check_plan(plan, self.store, device)
-        self.device, self.guard = device, guard
+        if follow and replan is None:
+            raise InputError("an engine follows the device only if it can plan again: give it `replan` "
+                             "(sti.open_engine does)")
+        self.guard = guard
         self.pad_to = pad_to  # pad every request to this many tokens (the paper pads to 128)
         self.config = self.store.config
         self.threads = threads or device.threads
         # never longer than the model has position embeddings for
         self.tokenizer = Tokenizer(self.store.path, max_length=min(max_length, self.config.max_tokens))
+        self.lowest_bits = min(self.store.bits)
+        self.rows_per_block = self.store.tables["position"][1]
+        self.closed = False
+        self.head = self.store.head()
+        self.misc = self.store.embed_misc()
+        self.shared, self.preload, self.arena, self.pool, self.rows = {}, {}, np.zeros(0, np.uint8), None, None
+        self._requests = 0
+        self._install(plans, device)
+        self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sti-io")  # the reader, the decoder
+        self.replan = replan
+        self.follower = Follower(follow if isinstance(follow, Band) else Band()) if follow else None
+        self.history: list[dict] = []
+        self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sti-plan") if replan else None
+        self._pending = None    # (future of (plans, device), what it is for) of a replan under way
+        self._announce = None   # the history entry the next report carries
+        self._opened = time.monotonic()
+
+    def _install(self, plans: Plan | PlanSet, device: DeviceProfile) -> None:
+        """Take these plans and this profile: the resident parts and buffers they need are
+        built first (the preload records both plan sets hold are copied, not read again),
+        then everything is swapped at once, so a failure leaves the engine as it was."""
+        plans = plans if isinstance(plans, PlanSet) else PlanSet.single(plans)
+        check_set(plans)  # a set built by hand gets the checks of one read from a file
+        for plan in plans.plans:
+            _check_plan(plan, self.store, device)
         # one schedule per bucket that has a plan (the same object for buckets sharing one)
-        walks = {id(p): schedule(p) for p in self.plans.plans}
-        self.walks = [walks[id(self.plans.plan_for(b.max_tokens))] for b in self.plans.buckets]
+        walks = {id(p): schedule(p) for p in plans.plans}
+        walks = [walks[id(plans.plan_for(b.max_tokens))] for b in plans.buckets]
+        resident = self._resident(plans)
+        window, pool = self._buffers(walks, plans, device)
+        self.plans, self.device, self.walks = plans, device, walks
+        self.shared, self.rows, self.arena, self.preload, self.preload_bytes = resident
+        self.window, self.pool = window, pool
+        self.bytes = ModelBytes()
+        self.bytes.add(nbytes([t for sh in self.shared.values() for t in vars(sh).values()]))
+        self.bytes.add(nbytes([*self.head.tensors().values(), *self.misc.values()]))
+        self.bytes.add(self.rows.nbytes + self.arena.nbytes + self.pool.nbytes)
+        self.resident_bytes = self.bytes.now
         # how much slower than the profile the compute lane ran in recent requests (their
         # median) is the compute guard's pace for a request until its own first layer is
         # done; the engine's first request pays for lazy initialisation and is left out
         self._slowdowns: collections.deque = collections.deque(maxlen=PACE_MEMORY)
-        self._requests = 0
-        self.lowest_bits = min(self.store.bits)
-        self.rows_per_block = self.store.tables["position"][1]
-        self.closed = False
-        self.bytes = ModelBytes()
-        self._load_resident()
-        self._size_buffers()
-        self._lock = threading.Lock()
         self._predictions: dict[tuple[int, int, int], float] = {}
-        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sti-io")  # the reader, the decoder
 
-    def _load_resident(self) -> None:
-        """The parts always resident (layer records, head, embedding misc) and the preload buffer."""
+    def _resident(self, plans: PlanSet):
+        """The parts always resident for `plans`: layer records, embedding rows, and the
+        preload buffer, its records side by side in one array (each 8-aligned), so that the
+        decoder can decode several of them in one call (ShardGroup.fill_many)."""
         s = self.store
-        self.shared = {i: s.layer_shared(i) for i in sorted({i for p in self.plans.plans for i in p.choice.layers})}
-        self.head = s.head()
-        self.misc = s.embed_misc()
-        self.bytes.add(nbytes([t for sh in self.shared.values() for t in vars(sh).values()]))
-        self.bytes.add(nbytes([*self.head.tensors().values(), *self.misc.values()]))
-        self.rows = ResidentRows(s, self.plans.rows or RowCache(hidden=self.config.hidden_size))
-        self.bytes.add(self.rows.nbytes)
-        # the preload buffer: its records side by side in one array (each 8-aligned), so that
-        # the decoder can decode several of them in one call (ShardGroup.fill_many)
-        recs = [s.shard_record(layer, shard, bits) for layer, shard, bits in self.plans.buffer]
+        layers = sorted({i for p in plans.plans for i in p.choice.layers})
+        shared = {i: self.shared.get(i) or s.layer_shared(i) for i in layers}
+        cache = plans.rows or RowCache(hidden=self.config.hidden_size)
+        rows = self.rows if self.rows is not None and self.rows.cache == cache \
+            else ResidentRows(s, cache)
+        recs = [s.shard_record(layer, shard, bits) for layer, shard, bits in plans.buffer]
         ends = list(itertools.accumulate(r.length + -r.length % 8 for r in recs))
         starts = [0, *ends[:-1]]
-        self.arena = np.zeros(ends[-1] if ends else 0, np.uint8)
-        self.preload: dict[tuple[int, int], tuple[Record, memoryview, int]] = {}
+        arena = np.zeros(ends[-1] if ends else 0, np.uint8)
+        preload: dict[tuple[int, int], tuple[Record, memoryview, int]] = {}
         for rec, at in zip(recs, starts):
-            self.arena[at:at + rec.length] = np.frombuffer(s.read(rec), np.uint8)
-            self.preload[(rec.layer, rec.shard)] = (rec, memoryview(self.arena)[at:at + rec.length], at)
-        self.bytes.add(self.arena.nbytes)
-        self.preload_bytes = sum(rec.length for rec in recs)
-        self.resident_bytes = self.bytes.now
-        budget = self.plans.first.request.memory_bytes
-        if self.preload_bytes + self.rows.nbytes > budget:
-            raise InputError(f"the preload buffer and the resident rows need {self.preload_bytes + self.rows.nbytes} "
+            old = self.preload.get((rec.layer, rec.shard))
+            if old is not None and old[0] == rec:   # held already: no read
+                arena[at:at + rec.length] = self.arena[old[2]:old[2] + rec.length]
+            else:
+                arena[at:at + rec.length] = np.frombuffer(s.read(rec), np.uint8)
+            preload[(rec.layer, rec.shard)] = (rec, memoryview(arena)[at:at + rec.length], at)
+        preload_bytes = sum(rec.length for rec in recs)
+        budget = plans.first.request.memory_bytes
+        if preload_bytes + rows.nbytes > budget:
+            raise InputError(f"the preload buffer and the resident rows need {preload_bytes + rows.nbytes} "
                              f"bytes, more than the plan's budget of {budget}")
+        return shared, rows, arena, preload, preload_bytes
 
-    def _size_buffers(self) -> None:
+    def _buffers(self, walks, plans: PlanSet, device: DeviceProfile):
         """The window bounding the packed bytes in flight, and the pool of shard groups (in
-        the device profile's compute dtype) bounding the decoded ones."""
-        steps = [s for w in self.walks for layer in w.steps for s in layer]
+        the device profile's compute dtype) bounding the decoded ones (kept if it fits)."""
+        steps = [s for w in walks for layer in w.steps for s in layer]
         biggest = max([self.store.shard_record(s.layer, s.shard, s.bits).length for s in steps if not s.preloaded]
                       or [0])
-        inflight = max(p.predicted.inflight_bytes for p in self.plans.plans)
-        self.window = Window(max(int(inflight), 2 * biggest))
-        dtype = DTYPES[self.device.compute_dtype]
+        inflight = max(p.predicted.inflight_bytes for p in plans.plans)
+        window = Window(max(int(inflight), 2 * biggest))
+        dtype = DTYPES[device.compute_dtype]
         for bits in {s.bits for s in steps} | {self.lowest_bits}:
             codecs.prepare_jobs(bits, dtype == torch.bfloat16)  # the decoder's kernels, compiled now
-        self.group_sizes = group_sizes(self.config, dtype, SLABS)
-        self.pool = GroupPool(SLABS, self.group_sizes, self.config, dtype)
-        self.bytes.add(self.pool.nbytes)
-        self.resident_bytes = self.bytes.now
+        sizes = group_sizes(self.config, dtype, SLABS)
+        if self.pool is not None and self.pool.sizes == sizes and self.pool.dtype == dtype:
+            return window, self.pool
+        return window, GroupPool(SLABS, sizes, self.config, dtype)
+
+    @property
+    def group_sizes(self) -> tuple[int, int]:
+        return self.pool.sizes
 
     def close(self) -> None:
         self.closed = True
+        if self._planner is not None:
+            self._planner.shutdown(wait=True, cancel_futures=True)
         self._io.shutdown(wait=True)
         self.store.close()
 
@@ -157,8 +199,102 @@ class Engine:
         pad = None if self.pad_to is None else min(self.pad_to, self.tokenizer.max_length)
         batch = self.tokenizer.encode([text], pad_to=pad, pairs=None if pair is None else [pair])
         with self._lock, torch.inference_mode():
+            self._take_replan()
             torch.set_num_threads(self.threads)
-            return self._serve(batch)
+            result = self._serve(batch)
+            if self._announce is not None:
+                result.report.replanned, self._announce = self._announce, None
+            self._follow(result.report)
+            return result
+
+    # --- following the device, changing targets ----------------------------------------------
+    def _follow(self, report: Report) -> None:
+        """Feed the follower this request's paces; when the device has drifted, plan again
+        (around the resident parts, which stay) on the planning thread."""
+        if self.follower is None or self._requests <= 1:  # the first request pays for lazy initialisation
+            return
+        drift = self.follower.add(request_paces(report, self.device, self.rows_per_block,
+                                                self.rows.cache.positions))
+        if drift is None or self._pending is not None:
+            return
+        device = rescaled(self.device, drift)
+        # a lane that drifted but takes little of the request (the embedding rows, say) is
+        # not worth a new plan: only a change of the plan's predicted latency is
+        width, misses = report.width, report.embed_misses
+        before, after = self._predicted_ms(self.plans.index_for(width), width, misses), \
+            self._predicted_ms(self.plans.index_for(width), width, misses, device)
+        if abs(after / before - 1.0) <= self.follower.band.width:
+            return
+        req = self.plans.first.request
+        why = {"kind": "drift", "drift": {k: round(v, 4) for k, v in drift.items()}}
+        self._plan_async(device, req.target_ms, req.memory_bytes / 1e6, self.plans, why, drift)
+
+    def _plan_async(self, device, latency_ms: float, memory_mb: float, kept, why: dict, drift: dict) -> None:
+        start = time.monotonic()
+
+        def job():
+            plans = self.replan(device, latency_ms, memory_mb, kept)
+            return plans, device, (time.monotonic() - start) * 1e3
+        self._pending = (self._planner.submit(job), {**why, "request": self._requests,
+                                                    "at_s": round(start - self._opened, 3)}, drift)
+
+    def _take_replan(self) -> None:
+        """Between two requests: swap in the plans a finished replan made."""
+        if self._pending is None or not self._pending[0].done():
+            return
+        future, entry, drift = self._pending
+        self._pending = None
+        try:
+            plans, device, plan_ms = future.result()
+        except StiError as exc:  # no plan for the drifted device: keep these (the guard keeps T)
+            self.history.append({**entry, "error": str(exc)})
+            self.follower.replanned({})
+            return
+        self._swap(plans, device, {**entry, "plan_ms": round(plan_ms, 2)})
+        self.follower.replanned(drift)
+
+    def _swap(self, plans: PlanSet, device: DeviceProfile, entry: dict) -> dict:
+        """Install new plans (the caller holds the lock: no request is in flight) and record it."""
+        old = self._summary()
+        a = time.monotonic()
+        self._install(plans, device)
+        entry = {**entry, "swap_ms": round((time.monotonic() - a) * 1e3, 2), "old": old, "new": self._summary()}
+        self.history.append(entry)
+        self._announce = entry
+        return entry
+
+    def _summary(self) -> dict:
+        p = self.plans.first.request
+        return {"expected_accuracy": round(self.plans.expected_accuracy, 5), "target_ms": p.target_ms,
+                "memory_bytes": p.memory_bytes, "preload_bytes": self.preload_bytes,
+                "rows_bytes": self.rows.nbytes, "device_id": p.device_id}
+
+    def retarget(self, latency_ms: float | None = None, memory_mb: float | None = None) -> dict:
+        """Plan for a new latency target and/or preload budget (None: keep it) and swap the
+        plans in between two requests: requests in flight or queued are served, by the old
+        plans or the new. Planning happens before the swap, outside the engine's lock;
+        until the swap both preload buffers are held (the new one is built from the old
+        where they share records). Returns the history entry. Raises PlanError (the engine
+        unchanged) if nothing fits the new targets."""
+        if self.replan is None:
+            raise InputError("this engine cannot plan again: open it with sti.open_engine, or give it `replan`")
+        req = self.plans.first.request
+        latency = req.target_ms if latency_ms is None else latency_ms
+        memory = req.memory_bytes / 1e6 if memory_mb is None else memory_mb
+        a = time.monotonic()
+        plans = self.replan(self.device, latency, memory, None)
+        entry = {"kind": "retarget", "request": self._requests, "at_s": round(a - self._opened, 3),
+                 "plan_ms": round((time.monotonic() - a) * 1e3, 2)}
+        with self._lock:
+            if self._pending is not None:   # a replan made for the old targets is of no use now
+                self._pending[0].cancel()
+                self._pending = None
+                self.follower.replanned({})
+            return self._swap(plans, self.device, entry)
+
+    def resize(self, memory_mb: float) -> dict:
+        """`retarget` with a new preload budget only."""
+        return self.retarget(memory_mb=memory_mb)
 
     def _serve(self, batch) -> Result:
         """The reader and the decoder start on the IO threads; this thread computes."""
@@ -200,16 +336,20 @@ class Engine:
                       truncated=batch.truncated[0], preload_bytes=self.preload_bytes,
                       plan_tokens=plan.request.seq_len, layers=[LayerReport(layer) for layer in plan.choice.layers])
 
-    def _predicted_ms(self, bucket: int, width: int, distinct: int) -> float:
+    def _predicted_ms(self, bucket: int, width: int, distinct: int, device: DeviceProfile | None = None) -> float:
         """The latency of the plan of `bucket` for a request `width` tokens wide (padding
-        included) holding `distinct` different tokens (the embedding rows it reads)."""
+        included) holding `distinct` different tokens (the embedding rows it reads), by the
+        engine's device profile (or by `device`, not kept)."""
         key = (bucket, width, distinct)
-        if key not in self._predictions:
-            c, d = self.walks[bucket].plan.choice, self.device
-            embed_ms = d.embed_rows_ms(width, distinct, self.rows_per_block, width > self.rows.cache.positions)
-            timeline = simulate(c.layers, c.m, c.bits, c.preload, d, width, embed_ms=embed_ms)
-            self._predictions[key] = timeline[-1].compute_end + d.head_ms
-        return self._predictions[key]
+        if device is None and key in self._predictions:
+            return self._predictions[key]
+        c, d = self.walks[bucket].plan.choice, device or self.device
+        embed_ms = d.embed_rows_ms(width, distinct, self.rows_per_block, width > self.rows.cache.positions)
+        timeline = simulate(c.layers, c.m, c.bits, c.preload, d, width, embed_ms=embed_ms)
+        out = timeline[-1].compute_end + d.head_ms
+        if device is None:
+            self._predictions[key] = out
+        return out
 
     # --- the reader -------------------------------------------------------------------------
     def _read_lane(self, ids: torch.Tensor, req: Request, out: queue.SimpleQueue) -> None:
@@ -281,6 +421,8 @@ class Engine:
         b = req.now()
         self.bytes.add(rec.length)
         req.report.layers[step.pos].io_ms += b - a
+        req.report.read_ms += b - a
+        req.report.read_profiled_ms += self.device.shard_read_ms[bits]
         pace.add(self.device.shard_read_ms[bits], b - a)
         req.span("io", f"read L{step.layer}.S{step.shard}@{bits}", a, b)
         return rec, buf

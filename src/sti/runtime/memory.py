@@ -96,6 +96,7 @@ class GroupPool:
     them), so what it decodes ahead is bounded by the slabs."""
 
     def __init__(self, slabs: int, sizes: tuple[int, int], config, dtype):
+        self.sizes, self.dtype = tuple(sizes), dtype
         n = max(phase_elements(ATTN, sizes[0], config), phase_elements(FFN, sizes[1], config))
         self.slabs = [torch.empty(n, dtype=dtype) for _ in range(slabs)]
         scratch = torch.empty(config.hidden_size * max(config.head_dim, config.ffn_slice), dtype=dtype)

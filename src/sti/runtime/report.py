@@ -37,6 +37,9 @@ class Report:
     embed_hits: int = 0            # distinct tokens whose word rows were resident (rowcache.py)
     embed_misses: int = 0          # distinct tokens whose word rows were read from the store
     head_ms: float = 0.0
+    read_ms: float = 0.0           # IO lane: reading the streamed shards, all layers
+    read_profiled_ms: float = 0.0  # the device profile's time for those reads
+    replanned: dict | None = None  # the first request served after new plans: the engine's history entry
     layers: list[LayerReport] = field(default_factory=list)
     guard_changes: list[tuple] = field(default_factory=list)  # (layer, shard, planned bits, bits or None)
     peak_model_bytes: int = 0      # our accounting: preload + resident parts + shards in flight

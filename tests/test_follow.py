@@ -1,0 +1,189 @@
+"""Following the device (runtime/follow.py): the drift estimate's band and hysteresis with
+injected paces, no replan storm under noise, plans swapped only between requests, and
+new targets (resize) while callers keep sending requests."""
+
+import dataclasses
+import random
+import threading
+
+import pytest
+import torch
+
+from sti.errors import InputError
+from sti.planning import PlanSet, make_plan, make_plan_set
+from sti.planning.lengths import plan_set_around
+from sti.runtime import Engine
+from sti.runtime.follow import Band, Follower, rescaled
+from sti.store import Store
+from tests.test_runtime import TEXTS, profiles, tiny_store  # noqa: F401 (a fixture)
+
+BAND = Band()  # the default: 7%, a window of 15, patience 4
+
+
+def feed(follower, levels):
+    """Feed a compute lane running at `levels` (x the original profile) to the follower;
+    each replan scales the profile by the drift it reports, so the paces measured after it
+    are against the new profile. Returns (request index, drift) of each replan."""
+    fired, scale = [], 1.0
+    for i, level in enumerate(levels):
+        drift = follower.add({"compute": level / scale, "read": None, "embed": None})
+        if drift is not None:
+            fired.append((i, drift))
+            scale *= drift["compute"]
+            follower.replanned(drift)
+    return fired
+
+
+def noisy(rng, level, n, amp):
+    return [level * (1.0 + rng.uniform(-amp, amp)) for _ in range(n)]
+
+
+def test_noise_and_single_outliers_never_replan():
+    rng = random.Random(0)
+    for amp in (0.03, 0.12, 0.2):   # each request off by up to 20%: the running median far less
+        levels = noisy(rng, 1.0, 600, amp)
+        levels[300] = levels[301] = 10.0  # a GC pause, a page fault
+        assert feed(Follower(BAND), levels) == [], amp
+
+
+def test_a_lasting_change_replans_within_a_window_and_its_correction_holds():
+    rng = random.Random(1)
+    fired = feed(Follower(BAND), noisy(rng, 1.0, 60, 0.05) + noisy(rng, 1.4, 300, 0.05))
+    assert len(fired) == 1, fired
+    at, drift = fired[0]
+    assert 60 < at <= 60 + BAND.window // 2 + BAND.patience + 2  # a few requests after the change
+    assert set(drift) == {"compute"} and drift["compute"] == pytest.approx(1.4, rel=0.06)
+
+
+def test_recovery_plans_back_down():
+    rng = random.Random(2)
+    fired = feed(Follower(BAND), noisy(rng, 1.0, 40, 0.03) + noisy(rng, 1.5, 60, 0.03) + noisy(rng, 1.0, 60, 0.03))
+    assert len(fired) == 2, fired
+    (_, up), (_, down) = fired
+    assert up["compute"] > 1.3 and down["compute"] < 0.8
+    assert up["compute"] * down["compute"] == pytest.approx(1.0, rel=0.05)  # back where it started
+
+
+def test_the_baseline_is_the_first_window_and_lanes_without_data_stay_out():
+    f = Follower(BAND)
+    for _ in range(2 * BAND.window):
+        assert f.add({"compute": 2.0, "read": None, "embed": float("nan")}) is None
+    assert f.baseline == {"compute": 2.0} and f.drift() == {}  # the running window starts empty
+    with pytest.raises(ValueError):
+        Band(width=0.0)
+
+
+def test_rescaled_scales_only_the_drifted_lanes(tiny_store):
+    _, path = tiny_store
+    with Store(path) as s:
+        device, _ = profiles(s)
+    d = rescaled(device, {"compute": 2.0})
+    assert d.compute_coef == tuple(2 * c for c in device.compute_coef) and d.head_ms == 2 * device.head_ms
+    assert d.shard_read_ms == device.shard_read_ms and d.embed_ms == device.embed_ms
+    r = rescaled(device, {"read": 3.0, "embed": 0.5})
+    assert r.shard_read_ms == {b: 3 * v for b, v in device.shard_read_ms.items()}
+    assert r.embed_ms == tuple(0.5 * v for v in device.embed_ms) and r.compute_coef == device.compute_coef
+
+
+def test_plans_around_a_kept_buffer_keep_it_and_meet_t_on_the_new_device(tiny_store):
+    _, path = tiny_store
+    with Store(path) as s:
+        device, importance = profiles(s, read_ms=0.5, compute_ms=0.2)
+        kept = make_plan_set(device, importance, s.store_id, 4.0, 20000, [3, 5, 9, 12, 14], 16, headroom=0.1)
+    assert kept.buffer, "the case needs a preload buffer"
+    slow, fast = rescaled(device, {"read": 1.5}), rescaled(device, {"read": 0.7})
+    got = {name: plan_set_around(kept, d, importance, 0.1) for name, d in (("slow", slow), ("fast", fast))}
+    for s in got.values():
+        assert s.buffer == kept.buffer and s.rows == kept.rows and len(s.buckets) == len(kept.buckets)
+        assert all(p.predicted.latency_ms <= 0.9 * 4.0 + 1e-9 for p in s.plans)
+        assert all(set(p.choice.preload) <= set(kept.buffer) for p in s.plans)
+    assert got["fast"].expected_accuracy >= got["slow"].expected_accuracy  # faster storage: never worse
+
+
+class Replans:
+    """A replan function for the tiny store: plans as the api's would (single plans at 16
+    tokens), and counts its calls."""
+
+    def __init__(self, store, importance):
+        self.store_id, self.importance, self.calls = store.store_id, importance, []
+
+    def __call__(self, device, latency_ms, memory_mb, kept=None):
+        self.calls.append((device, latency_ms, memory_mb, kept))
+        if kept is not None:
+            return plan_set_around(kept, device, self.importance)
+        return PlanSet.single(make_plan(device, self.importance, self.store_id, latency_ms, int(memory_mb * 1e6),
+                                        seq_len=16))
+
+
+def test_a_drifted_engine_replans_off_the_request_and_swaps_between_requests(tiny_store, monkeypatch):
+    import sti.runtime.engine as rt
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store)
+    plan = make_plan(device, importance, store.store_id, 50.0, 0, seq_len=16)
+    replans = Replans(store, importance)
+    # injected: the compute lane runs 2x slower than profiled from the 40th request on
+    levels = iter([1.0] * 40 + [2.0] * 100)
+    monkeypatch.setattr(rt, "request_paces", lambda report, dev, *a: {
+        "compute": next(levels) * device.compute_coef[0] / dev.compute_coef[0], "read": None, "embed": None})
+    with Engine(store, plan, device, storage="warm", replan=replans, follow=BAND) as engine:
+        reports = [engine.run(TEXTS[i % len(TEXTS)]).report for i in range(80)]
+        assert len(replans.calls) == 1 and len(engine.history) == 1
+        new_device, latency, memory, kept = replans.calls[0]
+        assert kept is not None and latency == 50.0 and memory == 0
+        assert new_device.compute_coef == tuple(2 * c for c in device.compute_coef)
+        swapped = [i for i, r in enumerate(reports) if r.replanned is not None]
+        assert len(swapped) == 1 and 40 < swapped[0] <= 40 + 20  # within 20 requests of the change
+        assert engine.device == new_device and engine.history[0]["kind"] == "drift"
+        assert engine.history[0]["drift"] == {"compute": 2.0}
+        # the request after the swap answers exactly as a fresh engine with the new plans
+        got = engine.run(TEXTS[1])
+    with Engine(Store(path, "warm"), engine.plans, new_device, storage="warm") as fresh:
+        assert torch.equal(fresh.run(TEXTS[1]).logits, got.logits)
+
+
+def test_an_engine_without_a_planner_cannot_follow_or_resize(tiny_store):
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store)
+    plan = make_plan(device, importance, store.store_id, 50.0, 0, seq_len=16)
+    with pytest.raises(InputError, match="plan again"):
+        Engine(store, plan, device, follow=True)
+    with Engine(store, plan, device) as engine, pytest.raises(InputError, match="cannot plan again"):
+        engine.resize(1.0)
+
+
+def test_resize_under_concurrent_callers_loses_no_request(tiny_store):
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store, read_ms=0.2)
+    big = int(2 * store.shard_record(0, 0, 32).length * store.config.num_shards * store.config.num_layers)
+    plan = make_plan(device, importance, store.store_id, 50.0, big, seq_len=16)
+    assert plan.choice.preload, "the case needs a preload buffer to shrink"
+    engine = Engine(store, plan, device, storage="warm", replan=Replans(store, importance))
+    errors, done = [], []
+
+    def caller(k):
+        try:
+            for i in range(25):
+                done.append(engine.run(TEXTS[(k + i) % len(TEXTS)]).label)
+        except BaseException as exc:  # noqa: BLE001 (the test reports every failure)
+            errors.append(exc)
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    sizes = [0.0, big / 1e6 / 4, big / 1e6]
+    entries = [engine.resize(mb) for mb in sizes]
+    for t in threads:
+        t.join()
+    assert not errors and len(done) == 8 * 25
+    assert [e["new"]["memory_bytes"] for e in entries] == [int(mb * 1e6) for mb in sizes]
+    engine.resize(sizes[1])
+    small = engine.plans
+    assert engine.preload_bytes <= int(sizes[1] * 1e6) and engine.bytes.now == engine.resident_bytes
+    got = engine.run(TEXTS[3])
+    assert got.report.peak_model_bytes <= engine.resident_bytes + engine.window.limit
+    engine.close()
+    with Engine(Store(path, "warm"), small, device, storage="warm") as fresh:
+        assert torch.equal(fresh.run(TEXTS[3]).logits, got.logits)
+        assert fresh.resident_bytes == engine.resident_bytes
