@@ -187,3 +187,12 @@ def test_resize_under_concurrent_callers_loses_no_request(tiny_store):
     with Engine(Store(path, "warm"), small, device, storage="warm") as fresh:
         assert torch.equal(fresh.run(TEXTS[3]).logits, got.logits)
         assert fresh.resident_bytes == engine.resident_bytes
+
+
+def test_an_absolute_band_corrects_a_profile_that_was_off_from_the_start():
+    rng = random.Random(3)
+    levels = noisy(rng, 0.8, 200, 0.03)   # the profile was 25% pessimistic all along
+    assert feed(Follower(BAND), levels) == []  # judged against the first requests: nothing changed
+    fired = feed(Follower(Band(absolute=True)), levels)
+    assert len(fired) == 1 and fired[0][1]["compute"] == pytest.approx(0.8, rel=0.03)
+    assert fired[0][0] < 2 * BAND.window + BAND.window + BAND.patience

@@ -100,6 +100,25 @@ def test_eval_scores_the_labels_the_engine_returned(store, tmp_path):
     assert stopped.requests == 5 and stopped.interrupted and stopped.total == len(examples)
 
 
+def test_eval_resizes_the_engine_between_requests_and_reports_it(store, tmp_path):
+    data = rows_tsv(tmp_path / "rows.tsv", n=10)
+    args = ("eval", store, "--data", data, "--latency-ms", 1e5, "--memory-mb", 1000, "--storage", "warm",
+            "--no-calibrate")
+    figures = json.loads(cli(*args, "--resize-after", "4:0.01", "--follow", "--json"))
+    assert figures["requests"] == 10 and len(figures["changes"]) == 1
+    change = figures["changes"][0]
+    assert change["kind"] == "retarget" and change["from_request"] == 4
+    assert change["old"]["memory_bytes"] == 1000 * 10**6 and change["new"]["memory_bytes"] == 10**4
+    assert change["new"]["preload_bytes"] < min(10**4, change["old"]["preload_bytes"])
+    assert "from request 4: new targets: T 100000 ms, M 0.01 MB" in cli(*args, "--resize-after", "4:0.01")
+    # a budget nothing fits: said, and the engine serves on with its plans
+    assert "no plan fits 0 MB, the plans are kept" in cli(*args, "--resize-after", "4:0")
+    with pytest.raises(InputError, match="N:MB"):
+        cli(*args, "--resize-after", "four")
+    with pytest.raises(InputError, match="emulated storage only"):
+        cli(*args, "--slow-after", "3")
+
+
 def test_macro_f1_for_more_than_two_labels():
     from sti.evaluate import macro_f1
     # label 0: P 1/2 R 1 -> 2/3; label 1: P 1 R 1/2 -> 2/3; label 2: 1

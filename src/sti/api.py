@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from .errors import InputError, StiError
-from .planning import PlanSet, make_plan, make_plan_set
+from .planning import PlanError, PlanSet, make_plan, make_plan_set
 from .profiles import DeviceProfile, ImportanceProfile, load_profile, save_profile
 from .storage import parse_storage
 from .store import Store
@@ -294,16 +294,17 @@ def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "
                 seq_len: int | None = None, guard: bool = True, method: str | None = None, log=print,
                 headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False, max_length: int | None = None,
                 warmup: bool = True, lengths=None, calibrate: bool = True, row_cache: bool = True,
-                follow: bool = False):
+                follow=False):
     """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer;
     requests longer than `max_length` tokens are truncated. The plans are `plan`'s (length-
     aware unless a `seq_len` or the paper planner is asked for), made from the device profile
     corrected on the engine itself (`calibrated_device`, about a second) unless `calibrate`
     is False; `row_cache` lets the plans hold embedding rows resident (see `plan`). With
     `warmup`, one throwaway request runs first, so that the caller's first answer is not
-    slowed (and cut by the deadline guard) by lazy initialisation. With `follow`, the engine
-    follows the device: when it runs slower or faster than its profile, it plans again and
-    swaps the plans in between requests (runtime/follow.py); `engine.retarget` and
+    slowed (and cut by the deadline guard) by lazy initialisation. With `follow` (True,
+    or a `runtime.follow.Band`), the engine follows the device: when it runs slower or
+    faster than its profile, it plans again and swaps the plans in between requests
+    (runtime/follow.py); `engine.retarget` and
     `engine.resize` change T and M on an open engine either way."""
     args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
     device = calibrated_device(*args, max_length=max_length, lengths=lengths, row_cache=row_cache) if calibrate \
@@ -422,13 +423,16 @@ def exact_answers(store_dir, items, max_length: int | None = None, batch_size: i
 
 def evaluate_file(store_dir, data, latency_ms: float, memory_mb: float, storage: str = "cold",
                   planner: str = "joint", limit: int | None = None, columns=None, log=print, progress=None,
+                  slow_after: int | None = None, resize_after: tuple[int, float] | None = None,
                   **engine_options):
     """Serve every example of a labelled data file (TSV, CSV or JSONL: datafile.py) through an
     engine under (T, M), as a user's requests would be: the accuracy of the labels it returned,
     latency over every request, hit and guard rates, peak model bytes, beside the fused full
     model's accuracy on the same examples (`evaluate.Served`). `engine_options` go to
     `open_engine`; `progress(done, total)` returning False (or Ctrl-C) stops early with what
-    was measured."""
+    was measured. For demonstrations of an engine following the device (`follow=True`):
+    `slow_after` N halves the emulated storage's bandwidth before request N, `resize_after`
+    (N, MB) resizes the preload budget before request N."""
     from dataclasses import replace
     from .datafile import Columns, read_examples, source_of
     from .evaluate import serve
@@ -437,8 +441,21 @@ def evaluate_file(store_dir, data, latency_ms: float, memory_mb: float, storage:
         labels = store.config.labels
     examples = read_examples(data, labels, columns, limit)
     source = source_of(data, len(examples), columns).to_dict()
+    if slow_after is not None and not storage.startswith("emulate"):
+        raise InputError(f"--slow-after slows emulated storage only, not {storage!r}: give --storage emulate:...")
+
+    def before(i: int, engine) -> None:
+        if i == slow_after:
+            engine.store.reader.bandwidth /= 2
+            log(f"before request {i}: the emulated storage is now 2x slower")
+        if resize_after is not None and i == resize_after[0]:
+            try:
+                engine.resize(resize_after[1])
+                log(f"before request {i}: the preload budget is now {resize_after[1]:g} MB")
+            except PlanError as exc:   # the engine is unchanged: serve on with the plans it has
+                log(f"before request {i}: no plan fits {resize_after[1]:g} MB, the plans are kept ({exc})")
     with open_engine(store_dir, latency_ms, memory_mb, storage=storage, planner=planner, log=log,
                      **engine_options) as engine:
         with Store(store_dir) as store:
             full = store.load_model(max(store.bits))  # the whole model, resident, for comparison
-        return replace(serve(engine, examples, full, progress), data=source)
+        return replace(serve(engine, examples, full, progress, before), data=source)

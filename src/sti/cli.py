@@ -326,6 +326,12 @@ def eval_(store_dir: Path = typer.Argument(..., help="a store directory"),
           max_length: Optional[int] = typer.Option(None, help=MAX_LENGTH_HELP),
           calibrate: bool = typer.Option(True, help="correct the device profile on the engine first"),
           row_cache: bool = typer.Option(True, help=ROW_CACHE_HELP),
+          follow: bool = typer.Option(False, help="follow the device: replan when it runs slower or faster "
+                                      "than its profile"),
+          slow_after: Optional[int] = typer.Option(None, help="demonstration: halve the emulated storage's "
+                                                   "bandwidth before request N"),
+          resize_after: Optional[str] = typer.Option(None, help="demonstration: N:MB resizes the preload budget "
+                                                     "to MB before request N"),
           text_column: Optional[str] = TEXT_COLUMN, pair_column: Optional[str] = PAIR_COLUMN,
           label_column: Optional[str] = LABEL_COLUMN,
           json_out: bool = typer.Option(False, "--json", help="print the figures as JSON")) -> None:
@@ -342,11 +348,25 @@ def eval_(store_dir: Path = typer.Argument(..., help="a store directory"),
         served = evaluate_file(store_dir, data, latency_ms, memory_mb, storage=storage, planner=planner, limit=limit,
                                columns=_columns(text_column, pair_column, label_column), log=out.print,
                                progress=lambda d, t: bar.update(task, completed=d, total=t) or True,
-                               max_length=max_length, calibrate=calibrate, row_cache=row_cache)
+                               max_length=max_length, calibrate=calibrate, row_cache=row_cache, follow=follow,
+                               slow_after=slow_after, resize_after=_resize_after(resize_after))
     if json_out:
         print(json.dumps(served.to_dict(), indent=1))
     else:
         print_served(served, console)
+
+
+def _resize_after(spec: str | None) -> tuple[int, float] | None:
+    if spec is None:
+        return None
+    try:
+        n, mb = spec.split(":")
+        out = int(n), float(mb)
+    except ValueError:
+        raise InputError(f"--resize-after takes N:MB (e.g. 200:0.5), got {spec!r}") from None
+    if out[0] < 0 or not out[1] >= 0:
+        raise InputError(f"--resize-after needs N >= 0 and MB >= 0, got {spec!r}")
+    return out
 
 
 @app.command()

@@ -101,6 +101,8 @@ class Served:
     preload_bytes: int
     interrupted: bool = False
     data: dict | None = None         # the data file: path, sha256, size, examples
+    changes: tuple = ()              # the engine's replans and new targets while serving (Engine.history,
+                                     # requests counted from the first example)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -108,15 +110,20 @@ class Served:
         return d
 
 
-def serve(engine, examples: list[Example], full: ModelWeights | None = None, progress=None) -> Served:
+def serve(engine, examples: list[Example], full: ModelWeights | None = None, progress=None,
+          before=None) -> Served:
     """Every example through `engine`, one request at a time: the labels it returned scored
     against the examples' labels, latency over every request. `full` (the whole model at full
     precision) answers the same examples in batches for comparison. `progress(done, total)`
-    returning False, or Ctrl-C, stops early: the figures are then of the requests served."""
+    returning False, or Ctrl-C, stops early: the figures are then of the requests served.
+    `before(i, engine)`, if given, runs before request i (demonstrations change the device)."""
     names = engine.config.labels
     predicted, reports, interrupted = [], [], False
+    history, first = len(engine.history), engine.requests
     try:
         for i, e in enumerate(examples):
+            if before is not None:
+                before(i, engine)
             result = engine.run(e.text, e.text_pair)
             predicted.append(names.index(result.label))
             reports.append(result.report)
@@ -142,7 +149,10 @@ def serve(engine, examples: list[Example], full: ModelWeights | None = None, pro
         target_ms=target, **latency_stats([r.latency_ms for r in reports], target),
         guard_rate=sum(bool(r.guard_changes) for r in reports) / len(reports),
         peak_model_bytes=max(r.peak_model_bytes for r in reports), preload_bytes=engine.preload_bytes,
-        interrupted=interrupted)
+        interrupted=interrupted,
+        changes=tuple({**c, "request": c["request"] - first, **({"from_request": c["from_request"] - first}
+                                                                  if "from_request" in c else {})}
+                      for c in engine.history[history:]))
 
 
 def _share(predicted, gold) -> float:

@@ -72,3 +72,18 @@ def print_served(served, console: Console) -> None:
                   f"{s.latency_p99_ms:.1f} (T = {s.target_ms:.1f} ms); within T {s.hit_rate:.1%} "
                   f"[{lo:.1%}, {hi:.1%}]; deadline guard acted on {s.guard_rate:.1%}")
     console.print(f"model bytes: peak {s.peak_model_bytes / 1e6:.2f} MB (preload buffer {s.preload_bytes / 1e6:.2f} MB)")
+    for c in s.changes:
+        at = f"from request {c['from_request']}" if "from_request" in c else f"at request {c['request']}"
+        console.print(f"{at}: {describe_change(c)}", highlight=False)
+
+
+def describe_change(c: dict) -> str:
+    """One line for an engine history entry (Engine.history)."""
+    if "error" in c:
+        return f"replan for {c.get('drift')} failed, plans kept: {c['error']}"
+    old, new = c["old"], c["new"]
+    why = ("device drifted: " + ", ".join(f"{k} x{v:.2f}" for k, v in c["drift"].items())) if c["kind"] == "drift" \
+        else f"new targets: T {new['target_ms']:g} ms, M {new['memory_bytes'] / 1e6:g} MB"
+    return (f"{why}; replanned in {c['plan_ms']:.0f} ms, swapped in {c['swap_ms']:.0f} ms; expected accuracy "
+            f"{old['expected_accuracy']:.4f} -> {new['expected_accuracy']:.4f}, preload buffer "
+            f"{old['preload_bytes'] / 1e6:.2f} -> {new['preload_bytes'] / 1e6:.2f} MB")

@@ -62,7 +62,8 @@ class Engine:
     engine can change its targets (`retarget`, `resize`), and with `follow` it follows the
     device: when its lanes drift from the profile (follow.py), it plans again on a thread of
     its own and swaps the plans in between two requests. Every change is in `history`, and
-    in the report of the first request served with the new plans."""
+    in the report of the first request served with the new plans: `request` is the
+    request count when it was asked for, `from_request` the first request served with it."""
 
     def __init__(self, store: str | Path | Store, plans: Plan | PlanSet, device: DeviceProfile,
                  storage: str = "cold", guard: bool = True, threads: int | None = None,
@@ -185,6 +186,11 @@ class Engine:
         self.close()
 
     @property
+    def requests(self) -> int:
+        """Requests this engine has served, its warm-up included (history entries count so)."""
+        return self._requests
+
+    @property
     def compute_slowdown(self) -> float:
         """The median compute pace of recent requests (1.0 before there are any)."""
         return statistics.median(self._slowdowns) if self._slowdowns else 1.0
@@ -258,7 +264,8 @@ class Engine:
         old = self._summary()
         a = time.monotonic()
         self._install(plans, device)
-        entry = {**entry, "swap_ms": round((time.monotonic() - a) * 1e3, 2), "old": old, "new": self._summary()}
+        entry = {**entry, "swap_ms": round((time.monotonic() - a) * 1e3, 2), "from_request": self._requests,
+                 "old": old, "new": self._summary()}
         self.history.append(entry)
         self._announce = entry
         return entry

@@ -14,7 +14,9 @@ into a running estimate of each lane's pace against the profile the plans were m
 
 Each lane's pace is compared with its *baseline*, the median of the first 2 x `window`
 requests the engine served (the profile was just calibrated on the engine, so the baseline
-is what "as profiled" looks like on this engine, extra costs and all). The drift of a lane
+is what "as profiled" looks like on this engine, extra costs and all; with
+`Band(absolute=True)`, a pace of 1.0 instead: the profile itself is judged, and corrected
+if it was off from the start). The drift of a lane
 is the median of its last `window` paces over its baseline: a windowed median, so one slow
 request (a page fault, a GC) moves nothing. When a lane's drift stays outside the band
 (1 +- `width`) for `patience` requests in a row, `Follower.add` returns the drifts; the
@@ -36,6 +38,7 @@ from dataclasses import dataclass, replace
 from ..profiles import DeviceProfile
 
 LANES = ("compute", "read", "embed")
+TRACE = 2000        # requests whose paces and drifts the follower keeps, for looking back
 SIGNIFICANCE = 4.0   # a drift must exceed this many standard errors of its running median
 
 
@@ -44,6 +47,9 @@ class Band:
     width: float = 0.07      # a lane drifted when its estimate is more than 7% off its baseline
     window: int = 15         # requests in the baseline and in each running median
     patience: int = 4        # requests in a row outside the band before a replan
+    # judge each lane against the profile itself (a pace of 1.0) rather than against the
+    # engine's first requests: corrects a profile that was off from the start, too
+    absolute: bool = False
 
     def __post_init__(self):
         if not (0 < self.width < 1 and self.window >= 1 and self.patience >= 1):
@@ -60,6 +66,7 @@ class Follower:
         self._first: dict[str, list[float]] = {lane: [] for lane in LANES}
         self._recent = {lane: collections.deque(maxlen=band.window) for lane in LANES}
         self.streak = 0
+        self.trace: collections.deque = collections.deque(maxlen=TRACE)  # (paces, drift) of recent requests
 
     def add(self, paces: dict[str, float | None]) -> dict[str, float] | None:
         """One request's paces (a lane it did not use: None). Returns the drifts of the
@@ -73,9 +80,11 @@ class Follower:
             self._first[lane].append(pace)
             if len(self._first[lane]) == 2 * self.band.window:
                 first = self._first[lane]
-                self.baseline[lane] = base = statistics.median(first)
+                base = statistics.median(first)
                 self._spread[lane] = statistics.median(abs(v - base) for v in first) / base
+                self.baseline[lane] = 1.0 if self.band.absolute else base
         off = self.outside()
+        self.trace.append((paces, self.drift()))
         self.streak = self.streak + 1 if off else 0
         return off if self.streak >= self.band.patience else None
 
