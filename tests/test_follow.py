@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sti.errors import InputError
-from sti.planning import PlanSet, make_plan, make_plan_set
+from sti.planning import PlanError, PlanSet, make_plan, make_plan_set
 from sti.planning.lengths import plan_set_around
 from sti.runtime import Engine
 from sti.runtime.follow import Band, Follower, rescaled
@@ -196,3 +196,81 @@ def test_an_absolute_band_corrects_a_profile_that_was_off_from_the_start():
     fired = feed(Follower(Band(absolute=True)), levels)
     assert len(fired) == 1 and fired[0][1]["compute"] == pytest.approx(0.8, rel=0.03)
     assert fired[0][0] < 2 * BAND.window + BAND.window + BAND.patience
+
+
+def test_memory_pressure_reads_psi_and_cgroup_events(tmp_path):
+    from sti.runtime.pressure import MemoryPressure
+    psi, events = tmp_path / "memory", tmp_path / "memory.events"
+    psi.write_text("some avg10=25.50 avg60=3.00 avg300=1.00 total=99\nfull avg10=1.00 avg60=0 avg300=0 total=9\n")
+    assert MemoryPressure(psi, tmp_path / "none").pressed() is True
+    psi.write_text("some avg10=0.00 avg60=30.00 avg300=1.00 total=99\n")  # pressed a minute ago, not now
+    assert MemoryPressure(psi, tmp_path / "none").pressed() is False
+    assert MemoryPressure(tmp_path / "none", tmp_path / "none").pressed() is None  # the system tells neither
+    events.write_text("low 0\nhigh 3\nmax 0\noom 0\n")
+    p = MemoryPressure(tmp_path / "none", events)
+    assert p.pressed() is False
+    events.write_text("low 0\nhigh 5\nmax 0\noom 0\n")
+    assert p.pressed() is True and p.pressed() is False  # throttled since the last look, then not
+
+
+def test_memory_pressure_polls_at_most_once_a_period_and_grows_after_calm(tmp_path):
+    from sti.runtime.pressure import MemoryPressure
+    psi, t = tmp_path / "memory", [0.0]
+    psi.write_text("some avg10=50.00 avg60=0 avg300=0 total=1\n")
+    p = MemoryPressure(psi, tmp_path / "none", poll_s=1.0, calm_s=10.0, clock=lambda: t[0])
+    assert p.poll() == "shrink" and p.poll() is None   # the same second: not read again
+    psi.write_text("some avg10=0.00 avg60=0 avg300=0 total=1\n")
+    got = []
+    for step in range(1, 25):
+        t[0] = float(step)
+        got.append(p.poll())
+    assert got.count("grow") == 2 and got[9] == "grow" and got[19] == "grow" and set(got) <= {None, "grow"}
+
+
+class Scripted:
+    """A memory pressure source whose polls say what the test says."""
+
+    def __init__(self, actions):
+        self.actions = iter(actions)
+
+    def poll(self):
+        return next(self.actions, None)
+
+
+def test_pressure_shrinks_the_buffer_between_requests_and_grows_it_back_to_the_budget(tiny_store):
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store, read_ms=0.2)
+    big = int(store.shard_record(0, 0, 32).length * store.config.num_shards * store.config.num_layers)
+    plan = make_plan(device, importance, store.store_id, 50.0, big, seq_len=16)
+    actions = [None, "shrink", None, None, "shrink", None, None, "grow", None, None, "grow", None, None, "grow"]
+    with Engine(store, plan, device, storage="warm", replan=Replans(store, importance),
+                memory_pressure=Scripted(actions)) as engine:
+        budgets = []
+        for i in range(len(actions) + 3):
+            engine.run(TEXTS[i % len(TEXTS)])
+            budgets.append(engine.plans.first.request.memory_bytes)
+            assert engine.preload_bytes <= budgets[-1] and engine.bytes.now == engine.resident_bytes
+        kinds = {e["kind"] for e in engine.history}
+    halvings = sorted(set(budgets), reverse=True)
+    assert halvings[0] == big and kinds == {"memory pressure"}
+    assert big // 4 - 1 <= min(budgets) <= big // 4 + 1          # halved twice
+    assert budgets[-1] == big and max(budgets) == big             # grown back, never past the budget
+    assert len(engine.history) == 4                               # the third grow had nothing to do
+
+
+def test_pressure_never_shrinks_below_what_meets_t(tiny_store):
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store, read_ms=500.0)   # slow storage: T needs a preload buffer
+    big = int(store.shard_record(0, 0, 32).length * store.config.num_shards * store.config.num_layers)
+    plan = make_plan(device, importance, store.store_id, 20.0, big, seq_len=16)
+    with Engine(store, plan, device, storage="warm", replan=Replans(store, importance),
+                memory_pressure=Scripted(["shrink"] * 30)) as engine:
+        for i in range(30):
+            engine.run(TEXTS[i % len(TEXTS)])
+        least = engine.plans.first.request.memory_bytes
+        with pytest.raises(PlanError):
+            make_plan(device, importance, store.store_id, 20.0, least - 1, seq_len=16)
+    assert 0 < least < big
+    assert len([e for e in engine.history if "error" in e]) <= 1   # refused once, then not asked again

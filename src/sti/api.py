@@ -294,7 +294,7 @@ def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "
                 seq_len: int | None = None, guard: bool = True, method: str | None = None, log=print,
                 headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False, max_length: int | None = None,
                 warmup: bool = True, lengths=None, calibrate: bool = True, row_cache: bool = True,
-                follow=False):
+                follow=False, follow_memory_pressure: bool = False):
     """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer;
     requests longer than `max_length` tokens are truncated. The plans are `plan`'s (length-
     aware unless a `seq_len` or the paper planner is asked for), made from the device profile
@@ -304,12 +304,14 @@ def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "
     slowed (and cut by the deadline guard) by lazy initialisation. With `follow` (True,
     or a `runtime.follow.Band`), the engine follows the device: when it runs slower or
     faster than its profile, it plans again and swaps the plans in between requests
-    (runtime/follow.py); `engine.retarget` and
+    (runtime/follow.py); with `follow_memory_pressure`, it halves its preload budget while
+    Linux reports memory pressure and grows it back when calm (runtime/pressure.py); `engine.retarget` and
     `engine.resize` change T and M on an open engine either way."""
     args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
     device = calibrated_device(*args, max_length=max_length, lengths=lengths, row_cache=row_cache) if calibrate \
         else device_profile(store_dir, storage, log=log)
-    return _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache, follow)
+    return _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache, follow,
+                   follow_memory_pressure)
 
 
 def calibrated_device(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
@@ -326,7 +328,8 @@ def calibrated_device(store_dir, latency_ms: float, memory_mb: float, planner: s
         return calibrated(engine, requests, log, source)
 
 
-def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache=True, follow=False):
+def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache=True, follow=False,
+            pressure=False):
     from .runtime import Engine
     store = Store(store_dir, storage)
     try:
@@ -335,8 +338,9 @@ def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths
         replan = _Replanner(args, max_length, lengths, row_cache)
         if follow:
             replan.prepare()   # so that the first replan is as quick as the later ones
+        from .runtime.pressure import MemoryPressure
         engine = Engine(store, plans, device, storage=storage, guard=guard, max_length=max_length,
-                        replan=replan, follow=follow)
+                        replan=replan, follow=follow, memory_pressure=MemoryPressure() if pressure else None)
         if warmup:  # an engine's first request pays for lazy initialisation: not the caller's
             engine.run("warm up")
         return engine

@@ -34,7 +34,7 @@ from ..encoder import attention_keep, embed, head_logits
 from ..groups import ATTN, DTYPES, FFN, group_sizes
 from .. import codec as codecs
 from ..errors import InputError, StiError
-from ..planning import Plan, PlanSet, simulate
+from ..planning import Plan, PlanError, PlanSet, simulate
 from ..planning.lengths import check_set
 from ..profiles import DeviceProfile, profile_id
 from ..rowcache import ResidentRows, RowCache
@@ -44,6 +44,7 @@ from ..weights import Embeddings
 from .follow import Band, Follower, request_paces, rescaled
 from .guards import GUARD_SHARE, Pace, compute_guard, io_guard
 from .memory import GroupPool, ModelBytes, PeakRSS, Window, nbytes
+from .pressure import MemoryPressure
 from .report import LayerReport, Report, Result
 from .request import PRELOADED, SKIPPED, Request
 from .schedule import Step, schedule
@@ -61,15 +62,17 @@ class Engine:
     a PlanSet; `kept`, when given, is the current set, whose resident parts should stay), the
     engine can change its targets (`retarget`, `resize`), and with `follow` it follows the
     device: when its lanes drift from the profile (follow.py), it plans again on a thread of
-    its own and swaps the plans in between two requests. Every change is in `history`, and
+    its own and swaps the plans in between two requests; with `memory_pressure`
+    (pressure.py) it shrinks its preload budget while the OS is short of memory. Every change is in `history`, and
     in the report of the first request served with the new plans: `request` is the
     request count when it was asked for, `from_request` the first request served with it."""
 
     def __init__(self, store: str | Path | Store, plans: Plan | PlanSet, device: DeviceProfile,
                  storage: str = "cold", guard: bool = True, threads: int | None = None,
-                 max_length: int = 128, pad_to: int | None = None, replan=None, follow: bool | Band = False):
+                 max_length: int = 128, pad_to: int | None = None, replan=None, follow: bool | Band = False,
+                 memory_pressure: MemoryPressure | None = None):
         self.store = store if isinstance(store, Store) else Store(store, storage)
-        if follow and replan is None:
+        if (follow or memory_pressure is not None) and replan is None:
             raise InputError("an engine follows the device only if it can plan again: give it `replan` "
                              "(sti.open_engine does)")
         self.guard = guard
@@ -95,6 +98,9 @@ class Engine:
         self._pending = None    # (future of (plans, device), what it is for) of a replan under way
         self._announce = None   # the history entry the next report carries
         self._opened = time.monotonic()
+        self.memory_pressure = memory_pressure
+        self._ceiling_mb = self.plans.first.request.memory_bytes / 1e6  # pressure never grows it past this
+        self._floor_mb = None   # nor shrinks it below this, once a shrink to less was refused
 
     def _install(self, plans: Plan | PlanSet, device: DeviceProfile) -> None:
         """Take these plans and this profile: the resident parts and buffers they need are
@@ -211,6 +217,7 @@ class Engine:
             if self._announce is not None:
                 result.report.replanned, self._announce = self._announce, None
             self._follow(result.report)
+            self._heed_pressure()
             return result
 
     # --- following the device, changing targets ----------------------------------------------
@@ -235,11 +242,33 @@ class Engine:
         why = {"kind": "drift", "drift": {k: round(v, 4) for k, v in drift.items()}}
         self._plan_async(device, req.target_ms, req.memory_bytes / 1e6, self.plans, why, drift)
 
-    def _plan_async(self, device, latency_ms: float, memory_mb: float, kept, why: dict, drift: dict) -> None:
-        start = time.monotonic()
+    def _heed_pressure(self) -> None:
+        """Under memory pressure halve the preload budget (not below the least that meets T);
+        after a calm spell double it, up to the budget asked for (pressure.py)."""
+        if self.memory_pressure is None or self._pending is not None:
+            return
+        action = self.memory_pressure.poll()
+        req = self.plans.first.request
+        now = req.memory_bytes / 1e6
+        want = now / 2 if action == "shrink" else min(self._ceiling_mb, 2 * now) if action == "grow" else now
+        if action == "shrink" and self._floor_mb is not None and now <= self._floor_mb:
+            return   # as small as T allows: a shrink was refused here already
+        if want != now:
+            self._plan_async(self.device, req.target_ms, want, None, {"kind": "memory pressure", "action": action},
+                             {}, floor=action == "shrink")
+
+    def _plan_async(self, device, latency_ms: float, memory_mb: float, kept, why: dict, drift: dict,
+                    floor: bool = False) -> None:
+        start, current = time.monotonic(), self.plans.first.request.memory_bytes
 
         def job():
-            plans = self.replan(device, latency_ms, memory_mb, kept)
+            try:
+                plans = self.replan(device, latency_ms, memory_mb, kept)
+            except PlanError as exc:   # (floor) too little for T: the least M that meets it, if that is less
+                least = exc.min_memory_bytes
+                if not floor or least is None or least >= current:
+                    raise
+                plans = self.replan(device, latency_ms, least / 1e6, kept)
             return plans, device, (time.monotonic() - start) * 1e3
         self._pending = (self._planner.submit(job), {**why, "request": self._requests,
                                                     "at_s": round(start - self._opened, 3)}, drift)
@@ -254,10 +283,16 @@ class Engine:
             plans, device, plan_ms = future.result()
         except StiError as exc:  # no plan for the drifted device: keep these (the guard keeps T)
             self.history.append({**entry, "error": str(exc)})
-            self.follower.replanned({})
+            if entry["kind"] == "memory pressure":
+                self._floor_mb = self.plans.first.request.memory_bytes / 1e6
+            if self.follower is not None:
+                self.follower.replanned({})
             return
         self._swap(plans, device, {**entry, "plan_ms": round(plan_ms, 2)})
-        self.follower.replanned(drift)
+        if drift:
+            self._floor_mb = None   # the least M that meets T moved with the device
+        if self.follower is not None:
+            self.follower.replanned(drift)
 
     def _swap(self, plans: PlanSet, device: DeviceProfile, entry: dict) -> dict:
         """Install new plans (the caller holds the lock: no request is in flight) and record it."""
@@ -296,7 +331,9 @@ class Engine:
             if self._pending is not None:   # a replan made for the old targets is of no use now
                 self._pending[0].cancel()
                 self._pending = None
-                self.follower.replanned({})
+                if self.follower is not None:
+                    self.follower.replanned({})
+            self._ceiling_mb, self._floor_mb = memory, None
             return self._swap(plans, self.device, entry)
 
     def resize(self, memory_mb: float) -> dict:
