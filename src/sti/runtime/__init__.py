@@ -6,6 +6,8 @@
     schedule.py  a plan as the engine walks it (steps in IO order, due times)
     memory.py    model-bytes accounting, peak RSS, the read-ahead windows
     report.py    what a request returns: the answer and how it was reached
+    follow.py    following the device: each lane's drift from the profile, the rescaled profile
+    pressure.py  memory pressure (Linux PSI, cgroup events): when to shrink the preload buffer
 """
 
 from .engine import Engine

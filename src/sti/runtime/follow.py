@@ -14,9 +14,11 @@ into a running estimate of each lane's pace against the profile the plans were m
 
 Each lane's pace is compared with its *baseline*, the median of the first 2 x `window`
 requests the engine served (the profile was just calibrated on the engine, so the baseline
-is what "as profiled" looks like on this engine, extra costs and all; with
-`Band(absolute=True)`, a pace of 1.0 instead: the profile itself is judged, and corrected
-if it was off from the start). The drift of a lane
+is what "as profiled" looks like on this engine, extra costs and all) or, for the lanes in
+`Band.absolute` (compute and embedding reads by default, whose calibration measured the
+same ratio), a pace of 1.0: the profile itself is judged, and corrected if the device
+was already off it when the engine opened. The spread of the first requests' paces is
+kept either way. The drift of a lane
 is the median of its last `window` paces over its baseline: a windowed median, so one slow
 request (a page fault, a GC) moves nothing. When a lane's drift stays outside the band
 (1 +- `width`) for `patience` requests in a row, `Follower.add` returns the drifts; the
@@ -47,9 +49,12 @@ class Band:
     width: float = 0.07      # a lane drifted when its estimate is more than 7% off its baseline
     window: int = 15         # requests in the baseline and in each running median
     patience: int = 4        # requests in a row outside the band before a replan
-    # judge each lane against the profile itself (a pace of 1.0) rather than against the
-    # engine's first requests: corrects a profile that was off from the start, too
-    absolute: bool = False
+    # lanes judged against the profile itself (a pace of 1.0), not against the engine's
+    # first requests: those whose calibration (calibrate.py) measured the very ratio the
+    # pace is, so that 1.0 is "as calibrated" and a profile off from the start is corrected
+    # too. Shard reads are not: calibration scales them by the IO lane's whole progress
+    # (decodes and waits included), so raw reads run below 1.0 by design
+    absolute: tuple[str, ...] = ("compute", "embed")
 
     def __post_init__(self):
         if not (0 < self.width < 1 and self.window >= 1 and self.patience >= 1):
@@ -82,7 +87,7 @@ class Follower:
                 first = self._first[lane]
                 base = statistics.median(first)
                 self._spread[lane] = statistics.median(abs(v - base) for v in first) / base
-                self.baseline[lane] = 1.0 if self.band.absolute else base
+                self.baseline[lane] = 1.0 if lane in self.band.absolute else base
         off = self.outside()
         self.trace.append((paces, self.drift()))
         self.streak = self.streak + 1 if off else 0
