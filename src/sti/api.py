@@ -165,12 +165,22 @@ def sample_requests(importance: ImportanceProfile | None = None) -> tuple[list[t
     (text, second text or None) pairs and where they came from."""
     source = importance.data if importance is not None else None
     if data_unchanged(source):
-        from .datafile import Columns, rows
-        path = Path(source["path"])
-        found = [(r.text, r.pair) for r in rows(path, Columns(**source.get("columns", {})))]
+        found = _file_requests(source["path"], source.get("columns", {}))
         step = max(1, -(-len(found) // MAX_SAMPLE))  # an even spread of at most MAX_SAMPLE requests
-        return found[::step], f"data file {path.name} (the importance profile's)"
+        return found[::step], f"data file {Path(source['path']).name} (the importance profile's)"
     return [(t, None) for t in dev_texts()], "dev split"
+
+
+def _file_requests(path, columns: dict) -> list[tuple[str, str | None]]:
+    """Every example of a data file as (text, second text or None)."""
+    from .datafile import Columns, rows
+    return [(r.text, r.pair) for r in rows(Path(path), Columns(**columns))]
+
+
+def request_ids(store_dir, max_length: int, requests: list[tuple[str, str | None]]) -> list[list[int]]:
+    """Token ids of (text, second text or None) requests under this store's tokenizer."""
+    from .tokenizer import Tokenizer
+    return Tokenizer(store_dir, max_length=max_length).ids([t for t, _ in requests], [p for _, p in requests])
 
 
 MAX_SAMPLE = 2000  # sample requests taken from a user's data file
@@ -225,15 +235,12 @@ def _counts(store_dir: str, max_length: int, path, sha256, columns):
     """Counted once per store, length and data file version (tokenizing the training split
     takes about half a second, and an engine plans several times as it opens)."""
     from .rowcache import token_counts
-    from .tokenizer import Tokenizer
     if path is None:
         from .data import load_split
         requests = [(e.text, None) for e in load_split("train")]
     else:
-        from .datafile import Columns, rows
-        requests = [(r.text, r.pair) for r in rows(Path(path), Columns(**dict(columns)))]
-    ids = Tokenizer(store_dir, max_length=max_length).ids([t for t, _ in requests], [p for _, p in requests])
-    return token_counts(ids)
+        requests = _file_requests(path, dict(columns))
+    return token_counts(request_ids(store_dir, max_length, requests))
 
 
 def _saved_importance(store_dir, method: str | None = None) -> ImportanceProfile | None:
@@ -272,8 +279,7 @@ def plan(store_dir, latency_ms: float, memory_mb: float, planner: str = "joint",
                 requests, source = sample_requests(importance)
                 if row_cache:
                     from .planning import make_plan_set_with_rows
-                    from .tokenizer import Tokenizer
-                    tokens = Tokenizer(store_dir, max_length=max_length).ids(*map(list, zip(*requests)))
+                    tokens = request_ids(store_dir, max_length, requests)
                     return make_plan_set_with_rows(
                         device, importance, store.store_id, float(latency_ms), int(memory_mb * 1e6), tokens,
                         max_length, store.config.hidden_size, store.tables["word"][1],
@@ -363,13 +369,12 @@ class _Replanner:
 
     def prepare(self):
         if self._ready is None:
-            from .tokenizer import Tokenizer
             store_dir, method, seq_len = self.args[0], self.args[6], self.args[5]
             importance = importance_profile(store_dir, method, log=_quiet)
             tokens = None
             if self.row_cache and seq_len is None and self.lengths is None:  # the plans costed the rows' misses
                 requests = sample_requests(importance)[0]
-                tokens = Tokenizer(store_dir, max_length=self.max_length).ids(*map(list, zip(*requests)))
+                tokens = request_ids(store_dir, self.max_length, requests)
             with Store(store_dir) as store:
                 self._ready = (importance, tokens, store.config.hidden_size, store.tables["word"][1])
         return self._ready

@@ -233,9 +233,8 @@ class Engine:
         device = rescaled(self.device, drift)
         # a lane that drifted but takes little of the request (the embedding rows, say) is
         # not worth a new plan: only a change of the plan's predicted latency is
-        width, misses = report.width, report.embed_misses
-        before, after = self._predicted_ms(self.plans.index_for(width), width, misses), \
-            self._predicted_ms(self.plans.index_for(width), width, misses, device)
+        bucket, width, misses = self.plans.index_for(report.width), report.width, report.embed_misses
+        before, after = self._predicted_ms(bucket, width, misses), self._predicted_ms(bucket, width, misses, device)
         if abs(after / before - 1.0) <= self.follower.band.width:
             return
         req = self.plans.first.request
@@ -250,9 +249,9 @@ class Engine:
         action = self.memory_pressure.poll()
         req = self.plans.first.request
         now = req.memory_bytes / 1e6
-        want = now / 2 if action == "shrink" else min(self._ceiling_mb, 2 * now) if action == "grow" else now
         if action == "shrink" and self._floor_mb is not None and now <= self._floor_mb:
             return   # as small as T allows: a shrink was refused here already
+        want = {"shrink": now / 2, "grow": min(self._ceiling_mb, 2 * now)}.get(action, now)
         if want != now:
             self._plan_async(self.device, req.target_ms, want, None, {"kind": "memory pressure", "action": action},
                              {}, floor=action == "shrink")

@@ -84,12 +84,12 @@ class Follower:
                 continue
             self._first[lane].append(pace)
             if len(self._first[lane]) == 2 * self.band.window:
-                first = self._first[lane]
-                base = statistics.median(first)
-                self._spread[lane] = statistics.median(abs(v - base) for v in first) / base
+                base = statistics.median(self._first[lane])
+                self._spread[lane] = _relative_mad(self._first[lane], base)
                 self.baseline[lane] = 1.0 if lane in self.band.absolute else base
-        off = self.outside()
-        self.trace.append((paces, self.drift()))
+        drift = self.drift()
+        off = self.outside(drift)
+        self.trace.append((paces, drift))
         self.streak = self.streak + 1 if off else 0
         return off if self.streak >= self.band.patience else None
 
@@ -98,14 +98,14 @@ class Follower:
         return {lane: statistics.median(q) / self.baseline[lane] for lane, q in self._recent.items()
                 if lane in self.baseline and len(q) == self.band.window}
 
-    def outside(self) -> dict[str, float]:
-        """The drifted lanes: off by more than the band, and by more than `SIGNIFICANCE`
-        standard errors of their running median (so a noisier device needs a larger change)."""
+    def outside(self, drift: dict[str, float] | None = None) -> dict[str, float]:
+        """The drifted lanes (of `drift`, by default `self.drift()`): off by more than the
+        band, and by more than `SIGNIFICANCE` standard errors of their running median (so a
+        noisier device needs a larger change)."""
         out = {}
-        for lane, d in self.drift().items():
+        for lane, d in (self.drift() if drift is None else drift).items():
             q = self._recent[lane]
-            median = statistics.median(q)
-            spread = max(statistics.median(abs(v - median) for v in q) / median, self._spread[lane])
+            spread = max(_relative_mad(q, d * self.baseline[lane]), self._spread[lane])
             # the standard error of the difference of two medians (the window's, of n paces,
             # and the baseline's, of 2n), from the larger relative median absolute deviation
             # of the two (one window's alone is too unsteady an estimate)
@@ -123,6 +123,11 @@ class Follower:
             q = self._recent[lane]
             q.extend([v / factor for v in [q.popleft() for _ in range(len(q))]])
         self.streak = 0
+
+
+def _relative_mad(paces, median: float) -> float:
+    """The median absolute deviation of `paces` from their `median`, relative to it."""
+    return statistics.median(abs(v - median) for v in paces) / median
 
 
 def request_paces(report, device: DeviceProfile, rows_per_block: int, resident_positions: int) -> dict:

@@ -63,20 +63,12 @@ class MemoryPressure:
         return None
 
     def _psi(self) -> bool | None:
-        try:
-            text = self.psi.read_text() if self.psi is not None else None
-        except OSError:
-            return None
-        m = re.search(r"^some avg10=([0-9.]+)", text or "", re.M)
-        return None if m is None else float(m.group(1)) >= self.threshold
+        avg10 = _number(self.psi, r"^some avg10=([0-9.]+)")
+        return None if avg10 is None else avg10 >= self.threshold
 
     def _high_count(self) -> int | None:
-        try:
-            text = self.events.read_text() if self.events is not None else None
-        except OSError:
-            return None
-        m = re.search(r"^high (\d+)", text or "", re.M)
-        return None if m is None else int(m.group(1))
+        high = _number(self.events, r"^high (\d+)")
+        return None if high is None else int(high)
 
     def _throttled(self) -> bool | None:
         high = self._high_count()
@@ -84,3 +76,13 @@ class MemoryPressure:
             return None
         grew, self._high = self._high is not None and high > self._high, high
         return grew
+
+
+def _number(path: Path | None, pattern: str) -> float | None:
+    """The number `pattern`'s group matches in the file at `path` (None: no file, or no match)."""
+    try:
+        text = path.read_text() if path is not None else ""
+    except OSError:
+        return None
+    m = re.search(pattern, text, re.M)
+    return None if m is None else float(m.group(1))
