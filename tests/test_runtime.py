@@ -226,6 +226,11 @@ def test_shards_are_decoded_off_the_compute_lane(tiny_store, monkeypatch):
     assert decoded == {(r.layer, s, part) for r in got.report.layers for s in r.shard_ids for part in ("head", "ffn")}
 
 
+def _guard_end(w) -> float:
+    """Where the engine puts the compute guard's end: T less a third of the plan's spare."""
+    return w.plan.request.target_ms - (1 - GUARD_SHARE) * w.spare_ms
+
+
 def test_compute_guard_projects_the_lanes_pace_over_the_layers_left(tiny_store):
     # on time at the first layer's start, but the compute lane runs 2x slower than profiled:
     # the guard must drop shards now, more the slower the pace, and none at the profile's pace
@@ -237,28 +242,56 @@ def test_compute_guard_projects_the_lanes_pace_over_the_layers_left(tiny_store):
     assert plan.choice.n == 3 and plan.choice.m == 4 and plan.request.target_ms - plan.predicted.latency_ms < 0.1
     with Engine(store, plan, device, storage="warm") as engine:
         w = engine.walks[0]
-        steps, due = w.steps, w.due[0] + GUARD_SHARE * w.spare_ms
-    start = w.due[0]
-    counts = {slow: len(compute_guard(steps, 0, start, due, slow, device, 16, set())) for slow in (1.0, 1.5, 3.0)}
-    late = compute_guard(steps, 0, start + 1.0, due, 1.0, device, 16, set())
+    steps, end, start = w.steps, _guard_end(w), w.due[0]
+    counts = {slow: len(compute_guard(steps, 0, start, end, slow, device, 16, set())) for slow in (1.0, 1.5, 3.0)}
+    late = compute_guard(steps, 0, start + 1.0, end, 1.0, device, 16, set())
     assert counts[1.0] == 0 and 0 < counts[1.5] <= counts[3.0] < plan.choice.m
     assert late and 0 not in {s.rank for s in late}  # never the first
     skipped = {s.shard_key for s in late}
-    assert not {s.shard_key for s in compute_guard(steps, 0, start + 1.0, due, 1.0, device, 16, skipped)} & skipped
+    assert not {s.shard_key for s in compute_guard(steps, 0, start + 1.0, end, 1.0, device, 16, skipped)} & skipped
+    # the usual pace of each position: a request as slow as usual is on time, and one at
+    # the profile's pace where positions usually run 1.5x slower is late
+    assert not compute_guard(steps, 0, start, end, 1.0, device, 16, set(), [0.6] * 3)
+    assert compute_guard(steps, 0, start, end, 1.0, device, 16, set(), [1.5] * 3)
+    assert not compute_guard(steps, 0, start, end, 1.5, device, 16, set(), [0.6] * 3)
 
 
-def test_the_compute_pace_carried_between_requests_leaves_out_the_first(tiny_store):
-    # the first request pays for lazy initialisation: its pace must not seed the next ones
+def test_compute_guard_projects_the_finish_at_the_requests_own_length(tiny_store):
+    # a plan is made for its bucket's longest request; a shorter request computes faster, so
+    # one late at its first layer's start may still finish in time, and the guard, which
+    # projects the finish at the request's own length, leaves it whole (a guard measuring
+    # lateness against the plan's layer starts cut it: the old rule); at the plan's own
+    # length the same lateness is cut
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store, read_ms=0.001)
+    device = dataclasses.replace(device, compute_coef=(0.0, 0.0, 0.01, 0.0, 0.0))  # 0.01 ms a shard and token
+    plan = make_plan(device, importance, store.store_id, 2.2, 10**8, seq_len=16)
+    assert plan.choice.n == 3 and plan.choice.m == 4 and plan.spare_ms < 0.3, plan.spare_ms
+    with Engine(store, plan, device, storage="warm") as engine:
+        w = engine.walks[0]
+    steps, end, late_by = w.steps, _guard_end(w), 1.0
+    assert late_by > GUARD_SHARE * w.spare_ms + 0.2   # late for the plan's schedule
+    assert not compute_guard(steps, 0, w.due[0] + late_by, end, 1.0, device, 4, set())
+    assert compute_guard(steps, 0, w.due[0] + late_by, end, 1.0, device, 16, set())
+
+
+def test_position_paces_are_the_median_of_recent_requests_and_leave_out_the_first(tiny_store):
+    # the first request pays for lazy initialisation: it must not count in the usual paces
     import statistics
+    from sti.runtime.guards import PositionPaces
+    paces = PositionPaces(memory=3)
+    assert paces.factors(2) == [1.0, 1.0]
+    for ratios in ([9.0, 9.0], [1.0, 2.0], [1.2], [1.4, 3.0]):
+        paces.add(ratios)
+    assert paces.factors(3) == [1.2, statistics.median([2.0, 3.0]), 1.0]   # the 9s have left the window
     _, path = tiny_store
     engine, _ = engine_for(path, 1e6, 10**9)
     with engine:
-        assert engine.compute_slowdown == 1.0
         for text in TEXTS[:4]:
             engine.run(text)
-        paces = list(engine._slowdowns)
-    assert len(paces) == 3 and all(p >= 1.0 for p in paces)
-    assert engine.compute_slowdown == statistics.median(paces)
+        seen = list(engine.positions.recent)
+    assert len(seen) == 3 and all(len(r) == 3 and all(x > 0 for x in r) for r in seen)
 
 
 @pytest.mark.parametrize("sizes,slabs,dtype", [(None, 1, "float32"), ((3, 2), 2, "float32"), ((3, 2), 2, "bfloat16")],

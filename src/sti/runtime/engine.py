@@ -17,10 +17,8 @@ across requests. The deadline guards are in guards.py.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import queue
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,14 +40,13 @@ from ..store import Record, Store
 from ..tokenizer import Tokenizer
 from ..weights import Embeddings
 from .follow import Band, Follower, request_paces, rescaled
-from .guards import GUARD_SHARE, Pace, compute_guard, io_guard
+from .guards import GUARD_SHARE, Pace, PositionPaces, compute_guard, io_guard
 from .memory import GroupPool, ModelBytes, PeakRSS, Window, nbytes
 from .pressure import MemoryPressure
 from .report import LayerReport, Report, Result
 from .request import PRELOADED, SKIPPED, Request
 from .schedule import Step, schedule
 
-PACE_MEMORY = 5            # recent requests whose compute pace seeds the next one's guard
 SLABS = 2                  # shard groups in the pool: one being computed, one being filled
 
 
@@ -123,10 +120,10 @@ class Engine:
         self.bytes.add(nbytes([*self.head.tensors().values(), *self.misc.values()]))
         self.bytes.add(self.rows.nbytes + self.arena.nbytes + self.pool.nbytes)
         self.resident_bytes = self.bytes.now
-        # how much slower than the profile the compute lane ran in recent requests (their
-        # median) is the compute guard's pace for a request until its own first layer is
-        # done; the engine's first request pays for lazy initialisation and is left out
-        self._slowdowns: collections.deque = collections.deque(maxlen=PACE_MEMORY)
+        # each layer position's compute pace against this profile in recent requests: what
+        # the compute guard projects the layers left at; the engine's first request pays
+        # for lazy initialisation and is left out
+        self.positions = PositionPaces()
         self._predictions: dict[tuple[int, int, int], float] = {}
 
     def _resident(self, plans: PlanSet):
@@ -195,11 +192,6 @@ class Engine:
     def requests(self) -> int:
         """Requests this engine has served, its warm-up included (history entries count so)."""
         return self._requests
-
-    @property
-    def compute_slowdown(self) -> float:
-        """The median compute pace of recent requests (1.0 before there are any)."""
-        return statistics.median(self._slowdowns) if self._slowdowns else 1.0
 
     # --- one request ------------------------------------------------------------------------
     def run(self, text: str, pair: str | None = None) -> Result:
@@ -546,27 +538,32 @@ class Engine:
                   token_type_ids=batch.token_type_ids)
         req.report.embed_ms = req.now() - a
         keep = attention_keep(mask)
-        pace = Pace()
-        for pos in range(len(req.sched.steps)):
-            slow = pace.slowdown() if pace.planned > 0 else self.compute_slowdown
-            x = self._layer(x, keep, pos, self._dropped(pos, x.shape[1], req, slow), req)
+        steps, width = req.sched.steps, x.shape[1]
+        usual = self.positions.factors(len(steps))
+        # how much slower than usual this request's layers run; one layer on time is counted
+        # in, so that one slow layer (a hand-off, a page fault) is not taken for a slow device
+        pace, ratios = Pace(self.device.layer_ms(len(steps[0]), width, 1)), []
+        for pos in range(len(steps)):
+            x = self._layer(x, keep, pos, self._dropped(pos, width, req, pace.slowdown(), usual), req)
             lr = req.report.layers[pos]
-            pace.add(self.device.layer_ms(lr.shards, x.shape[1], pos), lr.compute_ms)
+            planned, busy = self.device.layer_ms(lr.shards, width, pos), lr.end_ms - lr.start_ms - lr.stall_ms
+            ratios.append(busy / planned if planned > 0 else 1.0)
+            pace.add(usual[pos] * planned, busy)
         self._requests += 1
         if self._requests > 1:
-            self._slowdowns.append(pace.slowdown())
+            self.positions.add(ratios)
         a = req.now()
         logits = head_logits(self.head, x, mask)
         req.report.head_ms = req.now() - a
         return logits
 
-    def _dropped(self, pos: int, width: int, req: Request, slow: float) -> set[int]:
+    def _dropped(self, pos: int, width: int, req: Request, slow: float, usual: list[float]) -> set[int]:
         """Shards of layer `pos` the compute guard leaves out (a plan that may not prune
         keeps them all)."""
         if not (self.guard and self.plans.first.request.prune):
             return set()
-        out = compute_guard(req.sched.steps, pos, req.now(), self._late_after(req, pos), slow, self.device, width,
-                            req.skipped)
+        end = req.sched.plan.request.target_ms - (1.0 - GUARD_SHARE) * req.sched.spare_ms
+        out = compute_guard(req.sched.steps, pos, req.now(), end, slow, self.device, width, req.skipped, usual)
         req.report.guard_changes.extend((s.layer, s.shard, s.bits, None) for s in out)
         req.dropped |= {s.shard_key for s in out}
         return {s.shard for s in out}
