@@ -1,31 +1,36 @@
 """Following the device: an engine that replans when the device drifts, against one that
 keeps its plans and lets the deadline guard keep T (src/sti/runtime/follow.py).
 
-    .venv/bin/python benchmarks/bench_drift.py [--store DIR] [--per-phase 200] [--absolute]
+    .venv/bin/python benchmarks/bench_drift.py [--store DIR] [--per-phase 200] [--runs 3] [--absolute]
 
 On the real store at emulated 100 MB/s, M = 2 MB, T = 1.5 x the fused fp32 model's median
-latency (measured in the same run), one torch thread, own lengths. One engine serves four
-phases of `--per-phase` test requests each (the phases take consecutive test requests):
+latency (measured in the same run), one torch thread, own lengths. In each run the device
+profile is calibrated on the engine once, and two engines are opened from that one profile:
+`follow=True`, and `follow=False` (the plans made at open, the guard cutting what does not
+fit). Both serve every request, alternating which goes first, through four phases of
+`--per-phase` test requests each (the phases take consecutive test requests):
   1. as profiled;
-  2. the storage 2x slower (the emulated bandwidth halved);
+  2. the storage 2x slower (both engines' emulated bandwidth halved);
   3. the storage still slow, and a background thread taking CPU from the compute lane
      (one-thread 384 x 384 matrix products in a loop: another app on the same cores);
   4. both restored.
-Run twice, back to back: `follow=True` and `follow=False` (the plans made at open, the
-guard cutting what does not fit). A third engine is opened from scratch at 50 MB/s (its own
-calibration and plans) and serves phase 2's requests: the plan a user would make for the
-slower storage. With `--absolute` the follower judges every lane, shard reads too, against the profile
-itself (`Band(absolute=LANES)`) and writes drift_absolute.json. Per phase: served accuracy (labels returned against the gold labels),
-requests within T, requests the guard changed, replans, median measured / predicted latency,
-and how many requests after a change the first replan came.
+A third engine is opened from scratch at 50 MB/s (its own calibration and plans) and serves
+phase 2's requests: the plan a user would make for the slower storage. With `--absolute`
+the follower judges every lane, shard reads too, against the profile itself
+(`Band(absolute=LANES)`) and writes drift_absolute.json. Per phase: served accuracy (labels
+returned against the gold labels), requests within T, requests the guard changed, replans,
+median measured / predicted latency, and how many requests after a change the first
+replan came. Runs differ in the machine's moment and their calibration; the top-level
+figures are medians over runs.
 Writes benchmarks/results/drift.json (top-level `hit_rate_after_drift`,
-`served_accuracy_after_drift`, their `_no_calibration` twins: phase 2, and
-`served_accuracy_from_scratch_slow_storage`) and prints the table.
+`served_accuracy_after_drift`, their `_no_calibration` twins: phase 2, median over runs,
+and `served_accuracy_from_scratch_slow_storage`) and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import threading
@@ -47,6 +52,7 @@ STORAGE = "emulate:100MB/s"
 SLOW = "emulate:50MB/s"
 PHASES = ("as profiled", "storage 2x slower", "storage slow + CPU taken", "restored")
 OUT = Path(__file__).parent / "results" / "drift.json"
+FIGURES = ("served_accuracy", "hit_rate", "guard_rate", "measured_over_predicted")
 
 
 class CpuHog:
@@ -83,29 +89,37 @@ def phase_row(name: str, results: list, gold: list[int], labels: tuple, history:
             "first_replan_after": min((h["request"] - first for h in replans), default=None)}
 
 
+def paired(store: Path, target: float, examples: list, per_phase: int, band) -> dict:
+    """One run: a calibration, the two engines opened from it, every phase served by both."""
+    quiet = lambda *a: None  # noqa: E731
+    device = api.calibrated_device(store, target, 2.0, storage=STORAGE, log=quiet)
+    with api.open_engine(store, target, 2.0, storage=STORAGE, follow=band, device=device, log=quiet) as follow, \
+            api.open_engine(store, target, 2.0, storage=STORAGE, follow=False, device=device, log=quiet) as fixed:
+        engines = {"follow": follow, "no_calibration": fixed}
+        labels = follow.config.labels
+        starts = {key: e.requests for key, e in engines.items()}  # the warm-up request came first
+        rows = {key: [] for key in engines}
+        for k, name in enumerate(PHASES):
+            chunk = examples[k * per_phase:(k + 1) * per_phase]
+            for e in engines.values():
+                e.store.reader.bandwidth *= {1: 0.5, 3: 2.0}.get(k, 1.0)
+            served = {key: [] for key in engines}
+            with CpuHog() if k == 2 else contextlib.nullcontext():
+                for i, ex in enumerate(tqdm(chunk, desc=name, leave=False)):
+                    for key in (list(engines) if i % 2 == 0 else list(engines)[::-1]):
+                        served[key].append(engines[key].run(ex.text))
+            for key, e in engines.items():
+                rows[key].append(phase_row(name, served[key], [x.label for x in chunk], labels, e.history,
+                                           starts[key] + k * per_phase))
+        trace = [{"paces": p, "drift": d} for p, d in follow.follower.trace]
+        return {"calibrated": device.calibrated,
+                "engines": {key: {"phases": rows[key], "history": e.history} for key, e in engines.items()},
+                "trace": trace}
+
+
 def serve(engine, examples, labels, name: str, first: int) -> dict:
     results = [engine.run(e.text) for e in tqdm(examples, desc=name, leave=False)]
     return phase_row(name, results, [e.label for e in examples], labels, engine.history, first)
-
-
-def drifted(store: Path, target: float, examples: list, per_phase: int, follow) -> dict:
-    with api.open_engine(store, target, 2.0, storage=STORAGE, follow=follow, log=lambda *a: None) as engine:
-        labels, reader = engine.config.labels, engine.store.reader
-        start = engine.requests   # the warm-up request came first
-        rows = []
-        for k, name in enumerate(PHASES):
-            chunk = examples[k * per_phase:(k + 1) * per_phase]
-            if k == 1:
-                reader.bandwidth /= 2
-            if k == 3:
-                reader.bandwidth *= 2
-            if k == 2:
-                with CpuHog():
-                    rows.append(serve(engine, chunk, labels, name, start + k * per_phase))
-            else:
-                rows.append(serve(engine, chunk, labels, name, start + k * per_phase))
-        trace = [{"paces": p, "drift": d} for p, d in engine.follower.trace] if engine.follower else []
-        return {"phases": rows, "history": engine.history, "trace": trace}
 
 
 def from_scratch(store: Path, target: float, examples: list) -> dict:
@@ -121,6 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, default=None, help="default: the demo's store")
     ap.add_argument("--per-phase", type=int, default=200)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--absolute", action="store_true", help="judge every lane against the profile itself")
     args = ap.parse_args()
     out = OUT.with_name("drift_absolute.json") if args.absolute else OUT
@@ -134,30 +149,42 @@ def main() -> None:
     full_ms = full_compute_ms(weights, Tokenizer(store), [e.text for e in test[:40]], None)
     target = 1.5 * full_ms
     print(f"T = 1.5 x {full_ms:.2f} ms = {target:.2f} ms, M = 2 MB, {STORAGE}, {args.per_phase} requests a phase")
-    runs = {"follow": drifted(store, target, examples, args.per_phase, band),
-            "no_calibration": drifted(store, target, examples, args.per_phase, False)}
-    scratch = from_scratch(store, target, examples[args.per_phase:2 * args.per_phase])
-    print(f"{'run':15} {'phase':26} {'served':>7} {'within T':>8} {'guard':>6} {'replans':>7} {'first':>5} "
-          f"{'meas/pred':>9}")
-    for run, served in runs.items():
-        for r in served["phases"]:
-            print(f"{run:15} {r['phase']:26} {r['served_accuracy']:7.4f} {r['hit_rate']:8.1%} {r['guard_rate']:6.1%} "
-                  f"{r['replans']:7d} {str(r['first_replan_after']):>5} {r['measured_over_predicted']:9.3f}")
-    if "error" in scratch:
-        print(f"{'from scratch':15} {'storage 2x slower':26} no plan: {scratch['error']}")
-    else:
-        print(f"{'from scratch':15} {'storage 2x slower':26} {scratch['served_accuracy']:7.4f} "
-              f"{scratch['hit_rate']:8.1%} {scratch['guard_rate']:6.1%} {'':7} {'':>5} "
-              f"{scratch['measured_over_predicted']:9.3f}")
-    slow = {run: served["phases"][1] for run, served in runs.items()}
+    runs = []
+    for run in range(args.runs):
+        print(f"run {run + 1} of {args.runs}")
+        runs.append(paired(store, target, examples, args.per_phase, band))
+        runs[-1]["from_scratch_slow_storage"] = from_scratch(store, target, examples[args.per_phase:2 * args.per_phase])
+    print(f"{'run':4} {'engine':15} {'phase':26} {'served':>7} {'within T':>8} {'guard':>6} {'replans':>7} "
+          f"{'first':>5} {'meas/pred':>9}")
+    for n, run in enumerate(runs, 1):
+        for key, served in run["engines"].items():
+            for r in served["phases"]:
+                print(f"{n:<4} {key:15} {r['phase']:26} {r['served_accuracy']:7.4f} {r['hit_rate']:8.1%} "
+                      f"{r['guard_rate']:6.1%} {r['replans']:7d} {str(r['first_replan_after']):>5} "
+                      f"{r['measured_over_predicted']:9.3f}")
+        scratch = run["from_scratch_slow_storage"]
+        if "error" in scratch:
+            print(f"{n:<4} {'from scratch':15} {'storage 2x slower':26} no plan: {scratch['error']}")
+        else:
+            print(f"{n:<4} {'from scratch':15} {'storage 2x slower':26} {scratch['served_accuracy']:7.4f} "
+                  f"{scratch['hit_rate']:8.1%} {scratch['guard_rate']:6.1%} {'':7} {'':>5} "
+                  f"{scratch['measured_over_predicted']:9.3f}")
+
+    def median(key: str, figure: str, phase: int = 1):
+        return statistics.median(r["engines"][key]["phases"][phase][figure] for r in runs)
+    scratch = [r["from_scratch_slow_storage"].get("served_accuracy") for r in runs]
+    scratch = [v for v in scratch if v is not None]
     result = {"conditions": {"storage": STORAGE, "slow_storage": SLOW, "threads": 1, "full_ms": full_ms,
-                             "target_ms": target, "memory_mb": 2.0, "per_phase": args.per_phase, "store": str(store)},
-              "runs": runs, "from_scratch_slow_storage": scratch,
-              "hit_rate_after_drift": slow["follow"]["hit_rate"],
-              "served_accuracy_after_drift": slow["follow"]["served_accuracy"],
-              "hit_rate_after_drift_no_calibration": slow["no_calibration"]["hit_rate"],
-              "served_accuracy_after_drift_no_calibration": slow["no_calibration"]["served_accuracy"],
-              "served_accuracy_from_scratch_slow_storage": scratch.get("served_accuracy")}
+                             "target_ms": target, "memory_mb": 2.0, "per_phase": args.per_phase, "runs": args.runs,
+                             "store": str(store)},
+              "runs": runs,
+              "medians_over_runs": {key: [{figure: median(key, figure, k) for figure in FIGURES}
+                                          for k in range(len(PHASES))] for key in runs[0]["engines"]},
+              "hit_rate_after_drift": median("follow", "hit_rate"),
+              "served_accuracy_after_drift": median("follow", "served_accuracy"),
+              "hit_rate_after_drift_no_calibration": median("no_calibration", "hit_rate"),
+              "served_accuracy_after_drift_no_calibration": median("no_calibration", "served_accuracy"),
+              "served_accuracy_from_scratch_slow_storage": statistics.median(scratch) if scratch else None}
     result["conditions"]["band"] = dataclasses.asdict(band)
     atomic_write_json(result, out)
     print(f"wrote {out}")

@@ -237,3 +237,14 @@ def test_ctrl_c_during_eval_keeps_what_was_measured(store, tmp_path):
         assert served.requests == 3 and served.interrupted and served.total == len(examples)
         engine.run = run
         assert engine.run(examples[0].text).label in engine.config.labels  # the engine still serves
+
+
+def test_an_engine_opened_with_a_profile_uses_it_as_it_is(store, monkeypatch):
+    # several engines from one calibration (bench_drift does): the profile given is neither
+    # loaded nor calibrated again, and the plans are made from it
+    device = dataclasses.replace(api.device_profile(store, "warm", log=lambda *a: None), head_ms=0.123)
+    monkeypatch.setattr(api, "calibrated_device", lambda *a, **k: pytest.fail("calibrated again"))
+    monkeypatch.setattr(api, "device_profile", lambda *a, **k: pytest.fail("loaded again"))
+    with api.open_engine(store, 1e5, 1000, device=device, **{**ENGINE, "calibrate": True}, **QUIET) as engine:
+        assert engine.device == device
+        assert engine.run("w1 w2").label in engine.config.labels

@@ -300,7 +300,7 @@ def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "
                 seq_len: int | None = None, guard: bool = True, method: str | None = None, log=print,
                 headroom: float = DEFAULT_HEADROOM, allow_pruning: bool = False, max_length: int | None = None,
                 warmup: bool = True, lengths=None, calibrate: bool = True, row_cache: bool = True,
-                follow=False, follow_memory_pressure: bool = False):
+                follow=False, follow_memory_pressure: bool = False, device: DeviceProfile | None = None):
     """An engine ready to answer requests within `latency_ms` with a `memory_mb` preload buffer;
     requests longer than `max_length` tokens are truncated. The plans are `plan`'s (length-
     aware unless a `seq_len` or the paper planner is asked for), made from the device profile
@@ -312,10 +312,13 @@ def open_engine(store_dir, latency_ms: float, memory_mb: float, storage: str = "
     faster than its profile, it plans again and swaps the plans in between requests
     (runtime/follow.py); with `follow_memory_pressure`, it halves its preload budget while
     Linux reports memory pressure and grows it back when calm (runtime/pressure.py); `engine.retarget` and
-    `engine.resize` change T and M on an open engine either way."""
+    `engine.resize` change T and M on an open engine either way. A `device` profile given
+    (one `calibrated_device` returned, say, to open several engines from one calibration)
+    is used as it is: neither loaded nor calibrated."""
     args = (store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, log, headroom, allow_pruning)
-    device = calibrated_device(*args, max_length=max_length, lengths=lengths, row_cache=row_cache) if calibrate \
-        else device_profile(store_dir, storage, log=log)
+    if device is None:
+        device = calibrated_device(*args, max_length=max_length, lengths=lengths, row_cache=row_cache) if calibrate \
+            else device_profile(store_dir, storage, log=log)
     return _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths, row_cache, follow,
                    follow_memory_pressure)
 
