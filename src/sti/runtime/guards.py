@@ -51,10 +51,9 @@ class PositionPaces:
     last `memory` requests: what the compute guard projects the layers left at. The
     calibration at open scales the profile by one median over all layers, from 48 probe
     requests at one moment of a shared machine; what recent requests measured is both
-    closer in time and position by position (the early layers run beside the IO lane).
-    Measured on 2026-12-03, the usual paces were 0.57-1.22 of the calibrated profile,
-    differing by up to 0.4 between positions of one engine (/tmp runs of 400 test
-    requests, 100 MB/s, M = 2 MB, T = 1-1.5x)."""
+    closer in time and position by position (the early layers run beside the IO lane;
+    `benchmarks/bench_guard.py` prints them: 0.80-1.20 of the calibrated profile on
+    2026-12-03, differing by up to 0.37 between positions of one engine.)"""
 
     def __init__(self, memory: int = 15):
         self.recent: collections.deque = collections.deque(maxlen=memory)
@@ -104,19 +103,21 @@ def io_guard(remaining: list[Step], bits: dict, now_ms: float, due_ms: float, sl
 def compute_guard(steps: list[list[Step]], pos: int, now_ms: float, end_ms: float, slow: float,
                   device: DeviceProfile, width: int, skipped: set, paces: list[float] | None = None) -> list[Step]:
     """Shards of layer `pos` to leave out because, at the pace the compute lane runs, the
-    request would finish after `end_ms` (T less a third of the plan's spare time): the layers left take
-    `paces[p]` x the profile each (the usual pace at position p, 1.0 if not given) times
-    `slow`, how much slower than usual this request has run so far, and the head follows.
+    request would finish after `end_ms` (T less a third of the plan's spare time): the
+    layers left take `paces[p]` x the profile each (the usual pace at position p, 1.0 if
+    not given) times `slow`, how much slower than usual this request has run so far, and
+    the head follows.
     Enough of the least important shards that, dropped in this and each later layer alike,
     they bring the finish back to `end_ms`. Never a layer's most important shard, nor one
     the IO guard already skipped (dropping it would save nothing).
 
-    The finish against T, not this layer's start against the plan's: a plan's later
-    layers wait for IO, and a request ahead of its schedule there loses nothing by a slow
-    layer now. Measured with the guard off (600 test requests, T = 1x, 100 MB/s): firing
-    on the projected finish would have acted on 12% of requests and caught 56 of the 62
-    that missed T; firing on lateness against the plan's layer starts, on 21% to catch 61,
-    and on 9% to catch only 44."""
+    The finish against T, not this layer's start against the plan's: the plan's schedule
+    is made for its length bucket's longest request (and may wait for IO at later layers),
+    so a request late for it can still finish in time. Measured with the guard off (`benchmarks/bench_guard.py`, every test
+    request, 100 MB/s, M = 2 MB, 2026-12-03): at T = 1x firing on the projected finish
+    would have acted on 5.2% of requests and caught 39 of the 41 that missed T, firing on
+    lateness against the plan's layer starts on 13.7% to catch the same 39; at 1.5x, 1.4%
+    against 4.9%, catching 9 and 10 of 14."""
     layer = steps[pos]
     paces = paces or [1.0] * len(steps)
     left = range(pos, len(steps))
