@@ -94,7 +94,8 @@ def figures(results: list, gold: list[int], labels: tuple) -> dict:
 def phase_row(name: str, results: list, gold: list[int], labels: tuple, history: list, first: int) -> dict:
     """A phase's figures, and the same over the requests served after its first replan (the
     plans it swapped in; `first`: the engine's request count when the phase began)."""
-    replans = [h for h in history if first <= h["request"] < first + len(results) and "from_request" in h]
+    # a history entry's `request` is the engine's count with the request that asked for it
+    replans = [h for h in history if first < h["request"] <= first + len(results) and "from_request" in h]
     row = {"phase": name, **figures(results, gold, labels), "replans": len(replans),
            "first_replan_after": min((h["request"] - first for h in replans), default=None)}
     if replans:
@@ -157,6 +158,8 @@ def main() -> None:
     store = args.store or demo_store_path()
     torch.set_num_threads(1)
     test = load_split("test")
+    if not 0 < 4 * args.per_phase <= len(test):
+        ap.error(f"--per-phase must be 1..{len(test) // 4}: the four phases take consecutive test requests")
     examples = test[:4 * args.per_phase]
     with Store(store) as s:
         weights = s.load_model(32)
@@ -208,6 +211,7 @@ def main() -> None:
     after = [a for a in after if a and a["requests"]]
     for figure in FIGURES:   # phase 2, the follow engine, from the plans its first replan swapped in
         result[f"{figure}_after_replan"] = statistics.median(a[figure] for a in after) if after else None
+    result["after_replan_runs"] = len(after)   # runs whose follow engine replanned in phase 2
     result["conditions"]["band"] = dataclasses.asdict(band)
     atomic_write_json(result, out)
     print(f"wrote {out}")

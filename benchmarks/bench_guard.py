@@ -19,7 +19,8 @@ then missed T it would have caught:
     the engine runs;
   - `layer starts`: the lane later than the layer's planned start plus two thirds of the
     spare, plus the pace so far projected over the layers left: the rule before
-    2026-12-03.
+    2026-12-03, here with the new rule's pace (against the positions' usual paces, one
+    on-time layer counted in) where it had the profile's.
 The engine's usual paces per layer position (against the calibrated profile) are printed.
 Writes benchmarks/results/guard.json and prints the tables.
 """
@@ -38,7 +39,7 @@ from sti import api
 from sti.atomic import atomic_write_json
 from sti.bench import full_compute_ms
 from sti.data import load_split
-from sti.runtime.guards import GUARD_SHARE, GUARD_TOLERANCE_MS, compute_guard
+from sti.runtime.guards import GUARD_TOLERANCE_MS, compute_guard, finish_by
 from sti.store import Store
 from sti.tokenizer import Tokenizer
 
@@ -56,8 +57,7 @@ def watch_rules(engine) -> dict:
         if self.guard:
             return dropped(pos, width, req, slow, usual)
         steps, dev, now = req.sched.steps, self.device, req.now()
-        end = req.sched.plan.request.target_ms - (1 - GUARD_SHARE) * req.sched.spare_ms
-        if len(steps[pos]) > 1 and compute_guard(steps, pos, now, end, slow, dev, width, set(), usual):
+        if len(steps[pos]) > 1 and compute_guard(steps, pos, now, finish_by(req.sched), slow, dev, width, set(), usual):
             would["finish"] = True
         ahead = sum(dev.layer_ms(len(steps[p]), width, p) for p in range(pos, len(steps)))
         late = now - self._late_after(req, pos) + (slow - 1.0) * ahead - GUARD_TOLERANCE_MS
@@ -103,7 +103,9 @@ def one_target(store: Path, target: float, examples: list) -> dict:
                                      "guarded": bool(r.report.guard_changes), "correct": labels[e.label] == r.label,
                                      "would": dict(would)})
         engine.guard = True
-        usual = engine.positions.factors(max(len(w.steps) for w in engine.walks))
+        layers = max(len(w.steps) for w in engine.walks)
+        usual = [f if any(len(r) > p for r in engine.positions.recent) else None   # None: no recent request
+                 for p, f in enumerate(engine.positions.factors(layers))]
     return {"target_ms": target, "calibrated": engine.device.calibrated,
             "modes": {m: summary(rows, target) for m, rows in served.items()},
             "rules_with_guard_off": rules(served["off"], target), "usual_paces": usual}
@@ -135,7 +137,7 @@ def main() -> None:
         for rule, r in p["rules_with_guard_off"].items():
             print(f"{p['x']:3g}x {rule:13} would act on {r['would_act']:6.1%}, catching {r['misses_caught']} "
                   f"of the {r['misses']} requests that missed T")
-        print(f"{p['x']:3g}x usual paces by layer position: {', '.join(f'{f:.2f}' for f in p['usual_paces'])}")
+        print(f"{p['x']:3g}x usual paces by layer position: {', '.join('-' if f is None else f'{f:.2f}' for f in p['usual_paces'])}")
     result = {"conditions": {"storage": STORAGE, "memory_mb": 2.0, "threads": 1, "full_ms": full_ms,
                              "requests": len(examples), "store": str(store)}, "points": points}
     atomic_write_json(result, OUT)

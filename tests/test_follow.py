@@ -127,7 +127,10 @@ def test_a_drifted_engine_replans_off_the_request_and_swaps_between_requests(tin
     monkeypatch.setattr(rt, "request_paces", lambda report, dev, *a: {
         "compute": next(levels) * device.compute_coef[0] / dev.compute_coef[0], "read": None, "embed": None})
     with Engine(store, plan, device, storage="warm", replan=replans, follow=BAND) as engine:
-        reports = [engine.run(TEXTS[i % len(TEXTS)]).report for i in range(80)]
+        reports, usual = [], []
+        for i in range(80):
+            reports.append(engine.run(TEXTS[i % len(TEXTS)]).report)
+            usual.append(engine.positions)
         assert len(replans.calls) == 1 and len(engine.history) == 1
         new_device, latency, memory, kept = replans.calls[0]
         assert kept is not None and latency == 50.0 and memory == 0
@@ -136,6 +139,8 @@ def test_a_drifted_engine_replans_off_the_request_and_swaps_between_requests(tin
         assert len(swapped) == 1 and 40 < swapped[0] <= 40 + 20  # within 20 requests of the change
         assert engine.device == new_device and engine.history[0]["kind"] == "drift"
         assert engine.history[0]["drift"] == {"compute": 2.0}
+        # the usual compute paces were against the old profile: the new one starts afresh
+        assert [k for k in range(1, 80) if usual[k] is not usual[k - 1]] == [swapped[0]]
         # the request after the swap answers exactly as a fresh engine with the new plans
         got = engine.run(TEXTS[1])
     with Engine(Store(path, "warm"), engine.plans, new_device, storage="warm") as fresh:
@@ -173,10 +178,12 @@ def test_resize_under_concurrent_callers_loses_no_request(tiny_store):
     for t in threads:
         t.start()
     sizes = [0.0, big / 1e6 / 4, big / 1e6]
+    usual = engine.positions   # a new M on the same device keeps the usual compute paces
     entries = [engine.resize(mb) for mb in sizes]
     for t in threads:
         t.join()
     assert not errors and len(done) == 8 * 100
+    assert engine.positions is usual and len(usual.recent) == usual.recent.maxlen
     assert [e["new"]["memory_bytes"] for e in entries] == [int(mb * 1e6) for mb in sizes]
     engine.resize(sizes[1])
     small = engine.plans

@@ -13,7 +13,7 @@ from sti.errors import InputError, StiError, StoreError
 from sti.planning import make_plan
 from sti.profiles import DeviceProfile, ImportanceProfile
 from sti.runtime import Engine, Step
-from sti.runtime.guards import GUARD_SHARE, compute_guard, io_guard
+from sti.runtime.guards import GUARD_SHARE, compute_guard, finish_by, io_guard
 from sti.storage import WarmReader
 from sti.store import Store, build_store
 from sti.weights import ATTN_PARTS, FFN_PARTS
@@ -226,11 +226,6 @@ def test_shards_are_decoded_off_the_compute_lane(tiny_store, monkeypatch):
     assert decoded == {(r.layer, s, part) for r in got.report.layers for s in r.shard_ids for part in ("head", "ffn")}
 
 
-def _guard_end(w) -> float:
-    """Where the engine puts the compute guard's end: T less a third of the plan's spare."""
-    return w.plan.request.target_ms - (1 - GUARD_SHARE) * w.spare_ms
-
-
 def test_compute_guard_projects_the_lanes_pace_over_the_layers_left(tiny_store):
     # on time at the first layer's start, but the compute lane runs 2x slower than profiled:
     # the guard must drop shards now, more the slower the pace, and none at the profile's pace
@@ -242,7 +237,7 @@ def test_compute_guard_projects_the_lanes_pace_over_the_layers_left(tiny_store):
     assert plan.choice.n == 3 and plan.choice.m == 4 and plan.request.target_ms - plan.predicted.latency_ms < 0.1
     with Engine(store, plan, device, storage="warm") as engine:
         w = engine.walks[0]
-    steps, end, start = w.steps, _guard_end(w), w.due[0]
+    steps, end, start = w.steps, finish_by(w), w.due[0]
     counts = {slow: len(compute_guard(steps, 0, start, end, slow, device, 16, set())) for slow in (1.0, 1.5, 3.0)}
     late = compute_guard(steps, 0, start + 1.0, end, 1.0, device, 16, set())
     assert counts[1.0] == 0 and 0 < counts[1.5] <= counts[3.0] < plan.choice.m
@@ -270,7 +265,7 @@ def test_compute_guard_projects_the_finish_at_the_requests_own_length(tiny_store
     assert plan.choice.n == 3 and plan.choice.m == 4 and plan.spare_ms < 0.3, plan.spare_ms
     with Engine(store, plan, device, storage="warm") as engine:
         w = engine.walks[0]
-    steps, end, late_by = w.steps, _guard_end(w), 1.0
+    steps, end, late_by = w.steps, finish_by(w), 1.0
     assert late_by > GUARD_SHARE * w.spare_ms + 0.2   # late for the plan's schedule
     assert not compute_guard(steps, 0, w.due[0] + late_by, end, 1.0, device, 4, set())
     assert compute_guard(steps, 0, w.due[0] + late_by, end, 1.0, device, 16, set())
@@ -284,7 +279,8 @@ def test_position_paces_are_the_median_of_recent_requests_and_leave_out_the_firs
     assert paces.factors(2) == [1.0, 1.0]
     for ratios in ([9.0, 9.0], [1.0, 2.0], [1.2], [1.4, 3.0]):
         paces.add(ratios)
-    assert paces.factors(3) == [1.2, statistics.median([2.0, 3.0]), 1.0]   # the 9s have left the window
+    seen = [1.2, statistics.median([2.0, 3.0])]   # the 9s have left the window
+    assert paces.factors(3) == [*seen, statistics.median(seen)]   # no recent request had a third layer
     _, path = tiny_store
     engine, _ = engine_for(path, 1e6, 10**9)
     with engine:

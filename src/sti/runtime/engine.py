@@ -40,7 +40,7 @@ from ..store import Record, Store
 from ..tokenizer import Tokenizer
 from ..weights import Embeddings
 from .follow import Band, Follower, request_paces, rescaled
-from .guards import GUARD_SHARE, Pace, PositionPaces, compute_guard, io_guard
+from .guards import GUARD_SHARE, Pace, PositionPaces, compute_guard, finish_by, io_guard
 from .memory import GroupPool, ModelBytes, PeakRSS, Window, nbytes
 from .pressure import MemoryPressure
 from .report import LayerReport, Report, Result
@@ -104,6 +104,7 @@ class Engine:
         built first (the preload records both plan sets hold are copied, not read again),
         then everything is swapped at once, so a failure leaves the engine as it was."""
         plans = plans if isinstance(plans, PlanSet) else PlanSet.single(plans)
+        same_device = getattr(self, "device", None) is device
         check_set(plans)  # a set built by hand gets the checks of one read from a file
         for plan in plans.plans:
             _check_plan(plan, self.store, device)
@@ -121,9 +122,11 @@ class Engine:
         self.bytes.add(self.rows.nbytes + self.arena.nbytes + self.pool.nbytes)
         self.resident_bytes = self.bytes.now
         # each layer position's compute pace against this profile in recent requests: what
-        # the compute guard projects the layers left at; the engine's first request pays
-        # for lazy initialisation and is left out
-        self.positions = PositionPaces()
+        # the compute guard projects the layers left at (kept across a swap that keeps the
+        # profile: a new T or M); the engine's first request pays for lazy initialisation
+        # and is left out
+        if not same_device:
+            self.positions = PositionPaces()
         self._predictions: dict[tuple[int, int, int], float] = {}
 
     def _resident(self, plans: PlanSet):
@@ -540,8 +543,9 @@ class Engine:
         keep = attention_keep(mask)
         steps, width = req.sched.steps, x.shape[1]
         usual = self.positions.factors(len(steps))
-        # how much slower than usual this request's layers run; one layer on time is counted
-        # in, so that one slow layer (a hand-off, a page fault) is not taken for a slow device
+        # how much slower than usual this request's layers run; one layer on time (a layer
+        # after the first: without the first layer's extra cost) is counted in, so that one
+        # slow layer (a hand-off, a page fault) is not taken for a slow device
         pace, ratios = Pace(self.device.layer_ms(len(steps[0]), width, 1)), []
         for pos in range(len(steps)):
             x = self._layer(x, keep, pos, self._dropped(pos, width, req, pace.slowdown(), usual), req)
@@ -562,8 +566,8 @@ class Engine:
         keeps them all)."""
         if not (self.guard and self.plans.first.request.prune):
             return set()
-        end = req.sched.plan.request.target_ms - (1.0 - GUARD_SHARE) * req.sched.spare_ms
-        out = compute_guard(req.sched.steps, pos, req.now(), end, slow, self.device, width, req.skipped, usual)
+        out = compute_guard(req.sched.steps, pos, req.now(), finish_by(req.sched), slow, self.device, width,
+                            req.skipped, usual)
         req.report.guard_changes.extend((s.layer, s.shard, s.bits, None) for s in out)
         req.dropped |= {s.shard_key for s in out}
         return {s.shard for s in out}

@@ -23,14 +23,15 @@ import math
 import statistics
 
 from ..profiles import DeviceProfile
-from .schedule import Step
+from .schedule import Schedule, Step
 
 GUARD_TOLERANCE_MS = 0.2   # how late a lane may run before the guard acts
 GUARD_SHARE = 2 / 3        # share of the plan's spare time (T - planned latency) the lanes may use
 
 
 class Pace:
-    """How much slower than the profile a lane is running in this request. `prior_ms` of
+    """How much slower than planned a lane is running in this request (the IO lane: than
+    the profile; the compute lane: than its positions' usual pace). `prior_ms` of
     on-time work is counted in from the start, so that one short read that ran long (the
     embedding rows of a short request: 1.1 ms planned, 2.4 ms measured) does not make the
     guard take the whole request for 2x slow and skip shards it had time for."""
@@ -52,8 +53,8 @@ class PositionPaces:
     calibration at open scales the profile by one median over all layers, from 48 probe
     requests at one moment of a shared machine; what recent requests measured is both
     closer in time and position by position (the early layers run beside the IO lane;
-    `benchmarks/bench_guard.py` prints them: 0.80-1.20 of the calibrated profile on
-    2026-12-03, differing by up to 0.37 between positions of one engine.)"""
+    `benchmarks/bench_guard.py` prints them: 0.80-1.51 of the calibrated profile in two
+    runs on 2026-12-03, differing by up to 0.37 between positions of one engine)."""
 
     def __init__(self, memory: int = 15):
         self.recent: collections.deque = collections.deque(maxlen=memory)
@@ -62,12 +63,12 @@ class PositionPaces:
         self.recent.append(ratios)
 
     def factors(self, n: int) -> list[float]:
-        """Per position 0..n-1: the median pace there, 1.0 where no request has run."""
-        out = []
-        for p in range(n):
-            seen = [r[p] for r in self.recent if len(r) > p]
-            out.append(statistics.median(seen) if seen else 1.0)
-        return out
+        """Per position 0..n-1: the median pace there; where no recent request has run (a
+        length bucket's plan with more layers than the others), the median of the positions
+        seen; 1.0 before any request."""
+        seen = {p: statistics.median(v) for p in range(n) if (v := [r[p] for r in self.recent if len(r) > p])}
+        rest = statistics.median(seen.values()) if seen else 1.0
+        return [seen.get(p, rest) for p in range(n)]
 
 
 def io_guard(remaining: list[Step], bits: dict, now_ms: float, due_ms: float, slow: float,
@@ -100,24 +101,29 @@ def io_guard(remaining: list[Step], bits: dict, now_ms: float, due_ms: float, sl
     return changes
 
 
+def finish_by(sched: Schedule) -> float:
+    """When the compute guard wants a request of this schedule finished: T less the third
+    of the plan's spare time the lanes may not use."""
+    return sched.plan.request.target_ms - (1.0 - GUARD_SHARE) * sched.spare_ms
+
+
 def compute_guard(steps: list[list[Step]], pos: int, now_ms: float, end_ms: float, slow: float,
                   device: DeviceProfile, width: int, skipped: set, paces: list[float] | None = None) -> list[Step]:
     """Shards of layer `pos` to leave out because, at the pace the compute lane runs, the
     request would finish after `end_ms` (T less a third of the plan's spare time): the
     layers left take `paces[p]` x the profile each (the usual pace at position p, 1.0 if
     not given) times `slow`, how much slower than usual this request has run so far, and
-    the head follows.
-    Enough of the least important shards that, dropped in this and each later layer alike,
-    they bring the finish back to `end_ms`. Never a layer's most important shard, nor one
-    the IO guard already skipped (dropping it would save nothing).
+    the head follows. Enough of the least important shards that, dropped in this and each
+    later layer alike, bring the finish back to `end_ms`. Never a layer's most important
+    shard, nor one the IO guard already skipped (dropping it would save nothing).
 
     The finish against T, not this layer's start against the plan's: the plan's schedule
     is made for its length bucket's longest request (and may wait for IO at later layers),
-    so a request late for it can still finish in time. Measured with the guard off (`benchmarks/bench_guard.py`, every test
-    request, 100 MB/s, M = 2 MB, 2026-12-03): at T = 1x firing on the projected finish
-    would have acted on 5.2% of requests and caught 39 of the 41 that missed T, firing on
-    lateness against the plan's layer starts on 13.7% to catch the same 39; at 1.5x, 1.4%
-    against 4.9%, catching 9 and 10 of 14."""
+    so a request late for it can still finish in time. Measured with the guard off
+    (`benchmarks/bench_guard.py`, every test request, 100 MB/s, M = 2 MB, two runs on
+    2026-12-03, MEASUREMENTS.md): both rules caught the same requests that missed T, and
+    where the device ran as planned the finish rule acted on 2.6-3.5x fewer requests (at
+    T = 1x, 5.2% against 13.7%, and 1.1% against 3.9%)."""
     layer = steps[pos]
     paces = paces or [1.0] * len(steps)
     left = range(pos, len(steps))
@@ -126,7 +132,8 @@ def compute_guard(steps: list[list[Step]], pos: int, now_ms: float, end_ms: floa
     if late <= 0 or len(layer) < 2:
         return []
     m, layers_left = len(layer), len(steps) - pos
-    per_shard = slow * statistics.mean(paces[p] for p in left) * (device.compute_ms(m, width) - device.compute_ms(m - 1, width))
+    shard_ms = device.compute_ms(m, width) - device.compute_ms(m - 1, width)
+    per_shard = slow * statistics.mean(paces[p] for p in left) * shard_ms
     count = math.ceil(late / max(1e-3, per_shard * layers_left))
     candidates = [s for s in layer if s.rank > 0 and s.shard_key not in skipped]
     return sorted(candidates, key=lambda s: -s.rank)[:count]
