@@ -100,6 +100,32 @@ def test_plans_around_a_kept_buffer_keep_it_and_meet_t_on_the_new_device(tiny_st
     assert got["fast"].expected_accuracy >= got["slow"].expected_accuracy  # faster storage: never worse
 
 
+def test_a_drifted_replan_takes_a_new_buffer_only_when_it_buys_accuracy(tiny_store):
+    # around the kept buffer unless plans choosing the buffer afresh (around the same rows)
+    # are predicted better by more than `gain`; both meet T on the drifted device
+    from sti.planning.rows import plans_with, replan_drifted
+    from sti.rowcache import RowCache
+    _, path = tiny_store
+    with Store(path) as s:
+        device, importance = profiles(s, read_ms=0.2, compute_ms=0.2)
+        tokens = [list(range(4, 4 + n)) for n in (3, 5, 9, 12, 14)]
+        hidden, per_block = s.config.hidden_size, s.tables["position"][1]
+        kept = plans_with(RowCache(hidden=hidden), device, importance, s.store_id, 2.0, 40000, tokens, 16, per_block,
+                          headroom=0.1)
+    assert kept.buffer and kept.rows is None, "the case needs a preload buffer"
+    slow = rescaled(device, {"read": 3.0})
+    near = plan_set_around(kept, slow, importance, 0.1)
+    never = replan_drifted(kept, slow, importance, tokens, per_block, hidden, 0.1, gain=1.0)
+    always = replan_drifted(kept, slow, importance, tokens, per_block, hidden, 0.1, gain=-1.0)
+    assert never.buffer == kept.buffer and never.expected_accuracy == pytest.approx(near.expected_accuracy)
+    assert always.buffer != kept.buffer, "a slower storage must change the best buffer, or this proves nothing"
+    assert always.expected_accuracy > near.expected_accuracy + 0.01
+    chosen = replan_drifted(kept, slow, importance, tokens, per_block, hidden, 0.1)
+    assert chosen.buffer == always.buffer   # the gain is well above the default 0.2 points here
+    for got in (never, always, chosen):
+        assert got.rows == kept.rows and all(p.predicted.latency_ms <= 0.9 * 2.0 + 1e-9 for p in got.plans)
+
+
 class Replans:
     """A replan function for the tiny store: plans as the api's would (single plans at 16
     tokens), and counts its calls."""

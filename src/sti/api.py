@@ -361,7 +361,9 @@ def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths
 class _Replanner:
     """How an engine opened here plans again (`Engine.replan`): with `kept` (the device
     drifted), each bucket streamed around the kept preload buffer and rows, which stay
-    (planning/lengths.py `plan_set_around`, a few ms; the paper planner plans afresh);
+    (planning/lengths.py `plan_set_around`, a few ms), unless a new buffer around the same
+    rows is predicted better by more than 0.2 points (planning/rows.py `replan_drifted`,
+    about 0.15 s more; the paper planner plans afresh);
     without it (new targets), `plan` from scratch for the engine's current profile. What a
     quick replan needs (the importance profile, the sample's token ids) is loaded once,
     by `prepare` (opening the store alone takes about a second)."""
@@ -388,12 +390,11 @@ class _Replanner:
             return plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, _quiet, headroom,
                         allow_pruning, self.max_length, self.lengths, device, self.row_cache)
         from .planning.lengths import plan_set_around
-        from .planning.rows import embed_times
-        from .rowcache import RowCache
+        from .planning.rows import replan_drifted
         importance, tokens, hidden, per_block = self.prepare()
-        embed = None if tokens is None else embed_times(device, kept.rows or RowCache(hidden=hidden), tokens,
-                                                        per_block)
-        return plan_set_around(kept, device, importance, headroom, embed)
+        if tokens is None:   # plans for one length, or for lengths given: around the kept buffer only
+            return plan_set_around(kept, device, importance, headroom)
+        return replan_drifted(kept, device, importance, tokens, per_block, hidden, headroom)
 
 
 def _quiet(*args, **kwargs) -> None:

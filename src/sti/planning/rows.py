@@ -24,10 +24,13 @@ import math
 import numpy as np
 
 from ..rowcache import RowCache, most_frequent, token_counts
-from .lengths import PlanSet, check_set, make_plan_set
+from .lengths import PlanSet, check_set, make_plan_set, plan_set_around
 from .plan import PlanError
 
 WORD_STEPS = (0, 256, 512, 1024, 2048)   # candidate numbers of cached word rows
+# expected accuracy a new preload buffer must add, over plans around the kept one, for an
+# engine whose device drifted to rebuild its buffer (a swap that reads the records it lacks)
+NEW_BUFFER_GAIN = 0.002
 MISS_QUANTILE = 90                        # percentile of the sample's miss ratio a plan assumes
 
 
@@ -101,3 +104,26 @@ def plans_with(cache: RowCache | None, device, importance, store_id: str, target
 
 def score(s: PlanSet) -> tuple[float, float]:
     return round(s.covered, 9), s.expected_accuracy
+
+
+def replan_drifted(kept: PlanSet, device, importance, token_lists, rows_per_block: int, hidden: int,
+                   headroom: float = 0.0, gain: float = NEW_BUFFER_GAIN) -> PlanSet:
+    """Plans for an engine whose device drifted from its profile: each bucket streamed
+    around `kept`'s preload buffer and rows (`plan_set_around`: nothing resident changes),
+    or, when that loses more than `gain` of expected accuracy to plans that choose the
+    buffer afresh around the same rows, those. The kept buffer was chosen for the old
+    device: when the storage slows, a buffer holding more of what is now slow to stream
+    buys accuracy back (predicted at T = 16 ms, M = 2 MB, storage 2x slower on the
+    full-preset store: 0.8435 around the kept buffer, 0.8698 with a new one). `token_lists`
+    are the sample's token ids the plans were costed on, `hidden` the model's width."""
+    req = kept.first.request
+    cache = kept.rows or RowCache(hidden=hidden)   # no rows held: costed as the plans were, by distinct tokens
+    near = plan_set_around(kept, device, importance, headroom, embed_times(device, cache, token_lists, rows_per_block))
+    rows_bytes = kept.rows.nbytes if kept.rows else 0
+    try:
+        fresh = plans_with(cache, device, importance, req.store_id, req.target_ms, req.memory_bytes, token_lists,
+                           kept.buckets[-1].max_tokens, rows_per_block, req.fixed_bytes - rows_bytes, headroom,
+                           req.prune, kept.lengths)
+    except PlanError:
+        return near
+    return fresh if score(fresh) > (near.covered, near.expected_accuracy + gain) else near
