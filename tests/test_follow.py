@@ -131,10 +131,11 @@ class Replans:
     tokens), and counts its calls."""
 
     def __init__(self, store, importance):
-        self.store_id, self.importance, self.calls = store.store_id, importance, []
+        self.store_id, self.importance, self.calls, self.new_buffer = store.store_id, importance, [], []
 
-    def __call__(self, device, latency_ms, memory_mb, kept=None):
+    def __call__(self, device, latency_ms, memory_mb, kept=None, new_buffer=False):
         self.calls.append((device, latency_ms, memory_mb, kept))
+        self.new_buffer.append(new_buffer)
         if kept is not None:
             return plan_set_around(kept, device, self.importance)
         return PlanSet.single(make_plan(device, self.importance, self.store_id, latency_ms, int(memory_mb * 1e6),
@@ -160,6 +161,7 @@ def test_a_drifted_engine_replans_off_the_request_and_swaps_between_requests(tin
         assert len(replans.calls) == 1 and len(engine.history) == 1
         new_device, latency, memory, kept = replans.calls[0]
         assert kept is not None and latency == 50.0 and memory == 0
+        assert replans.new_buffer == [False]   # a compute drift keeps the buffer; only the storage's may not
         assert new_device.compute_coef == tuple(2 * c for c in device.compute_coef)
         swapped = [i for i, r in enumerate(reports) if r.replanned is not None]
         assert len(swapped) == 1 and 40 < swapped[0] <= 40 + 20  # within 20 requests of the change

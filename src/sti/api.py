@@ -361,9 +361,10 @@ def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths
 class _Replanner:
     """How an engine opened here plans again (`Engine.replan`): with `kept` (the device
     drifted), each bucket streamed around the kept preload buffer and rows, which stay
-    (planning/lengths.py `plan_set_around`, a few ms), unless a new buffer around the same
-    rows is predicted better by more than 0.2 points (planning/rows.py `replan_drifted`,
-    about 0.15 s more; the paper planner plans afresh);
+    (planning/lengths.py `plan_set_around`, a few ms), unless `new_buffer` (the engine asks
+    when the shard reads drifted) and a new buffer around the same rows is predicted better
+    by more than 0.2 points (planning/rows.py `replan_drifted`, about 0.1 s more; the paper
+    planner plans afresh);
     without it (new targets), `plan` from scratch for the engine's current profile. What a
     quick replan needs (the importance profile, the sample's token ids) is loaded once,
     by `prepare` (opening the store alone takes about a second)."""
@@ -384,7 +385,7 @@ class _Replanner:
                 self._ready = (importance, tokens, store.config.hidden_size, store.tables["word"][1])
         return self._ready
 
-    def __call__(self, device, latency_ms: float, memory_mb: float, kept=None):
+    def __call__(self, device, latency_ms: float, memory_mb: float, kept=None, new_buffer: bool = True):
         store_dir, _, _, planner, storage, seq_len, method, _, headroom, allow_pruning = self.args
         if kept is None or planner != "joint":
             return plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, _quiet, headroom,
@@ -392,7 +393,7 @@ class _Replanner:
         from .planning.lengths import plan_set_around
         from .planning.rows import replan_drifted
         importance, tokens, hidden, per_block = self.prepare()
-        if tokens is None:   # plans for one length, or for lengths given: around the kept buffer only
+        if tokens is None or not new_buffer:   # around the kept buffer only
             return plan_set_around(kept, device, importance, headroom)
         return replan_drifted(kept, device, importance, tokens, per_block, hidden, headroom)
 

@@ -55,8 +55,9 @@ class Engine:
     `PlanSet`: each request runs the plan of its length). The preload buffer is loaded once
     and stays resident; requests are served one at a time (concurrent callers queue).
 
-    Given `replan` (how to plan again: `replan(device, latency_ms, memory_mb, kept)` returns
-    a PlanSet; `kept`, when given, is the current set, whose resident parts should stay), the
+    Given `replan` (how to plan again: `replan(device, latency_ms, memory_mb, kept,
+    new_buffer)` returns a PlanSet; `kept`, when given, is the current set, whose resident
+    parts should stay unless `new_buffer` allows a new preload buffer), the
     engine can change its targets (`retarget`, `resize`), and with `follow` it follows the
     device: when its lanes drift from the profile (follow.py), it plans again on a thread of
     its own and swaps the plans in between two requests; with `memory_pressure`
@@ -234,7 +235,10 @@ class Engine:
             return
         req = self.plans.first.request
         why = {"kind": "drift", "drift": {k: round(v, 4) for k, v in drift.items()}}
-        self._plan_async(device, req.target_ms, req.memory_bytes / 1e6, self.plans, why, drift)
+        # the storage's pace decides which shards are worth holding: only then may the buffer
+        # be chosen afresh (planning that costs about 0.1 s of the CPU the requests share)
+        self._plan_async(device, req.target_ms, req.memory_bytes / 1e6, self.plans, why, drift,
+                         new_buffer="read" in drift)
 
     def _heed_pressure(self) -> None:
         """Under memory pressure halve the preload budget (not below the least that meets T);
@@ -252,17 +256,17 @@ class Engine:
                              {}, floor=action == "shrink")
 
     def _plan_async(self, device, latency_ms: float, memory_mb: float, kept, why: dict, drift: dict,
-                    floor: bool = False) -> None:
+                    floor: bool = False, new_buffer: bool = False) -> None:
         start, current = time.monotonic(), self.plans.first.request.memory_bytes
 
         def job():
             try:
-                plans = self.replan(device, latency_ms, memory_mb, kept)
+                plans = self.replan(device, latency_ms, memory_mb, kept, new_buffer)
             except PlanError as exc:   # (floor) too little for T: the least M that meets it, if that is less
                 least = exc.min_memory_bytes
                 if not floor or least is None or least >= current:
                     raise
-                plans = self.replan(device, latency_ms, least / 1e6, kept)
+                plans = self.replan(device, latency_ms, least / 1e6, kept, new_buffer)
             return plans, device, (time.monotonic() - start) * 1e3
         self._pending = (self._planner.submit(job), {**why, "request": self._requests,
                                                     "at_s": round(start - self._opened, 3)}, drift)
@@ -318,7 +322,7 @@ class Engine:
         latency = req.target_ms if latency_ms is None else latency_ms
         memory = req.memory_bytes / 1e6 if memory_mb is None else memory_mb
         a = time.monotonic()
-        plans = self.replan(self.device, latency, memory, None)
+        plans = self.replan(self.device, latency, memory, None, False)
         entry = {"kind": "retarget", "request": self._requests, "at_s": round(a - self._opened, 3),
                  "plan_ms": round((time.monotonic() - a) * 1e3, 2)}
         with self._lock:
