@@ -47,7 +47,7 @@ from sti.atomic import atomic_write_json
 from sti.bench import full_compute_ms
 from sti.data import load_split
 from sti.planning import PlanError
-from sti.runtime.follow import LANES, Band
+from sti.runtime.follow import LANES, Band, rescaled
 from sti.store import Store
 from sti.tokenizer import Tokenizer
 
@@ -112,6 +112,7 @@ def paired(store: Path, target: float, examples: list, per_phase: int, band) -> 
             api.open_engine(store, target, 2.0, storage=STORAGE, follow=False, device=device, log=quiet) as fixed:
         engines = {"follow": follow, "no_calibration": fixed}
         labels = follow.config.labels
+        predicted = predicted_after_slowdown(follow, target)
         starts = {key: e.requests for key, e in engines.items()}  # the warm-up request came first
         rows = {key: [] for key in engines}
         for k, name in enumerate(PHASES):
@@ -127,9 +128,20 @@ def paired(store: Path, target: float, examples: list, per_phase: int, band) -> 
                 rows[key].append(phase_row(name, served[key], [x.label for x in chunk], labels, e.history,
                                            starts[key] + k * per_phase))
         trace = [{"paces": p, "drift": d} for p, d in follow.follower.trace]
-        return {"calibrated": device.calibrated,
+        return {"calibrated": device.calibrated, "predicted_storage_2x_slower": predicted,
                 "engines": {key: {"phases": rows[key], "history": e.history} for key, e in engines.items()},
                 "trace": trace}
+
+
+def predicted_after_slowdown(engine, target: float) -> dict:
+    """The expected accuracy the planner predicts, before any request, for the storage 2x
+    slower: plans around the engine's buffer and rows, and with a buffer chosen afresh."""
+    from sti.planning.rows import replan_drifted
+    slow = rescaled(engine.device, {"read": 2.0})
+    importance, tokens, hidden, per_block = engine.replan.prepare()
+    around = engine.replan(slow, target, 2.0, engine.plans, False)
+    fresh = replan_drifted(engine.plans, slow, importance, tokens, per_block, hidden, api.DEFAULT_HEADROOM, gain=-1.0)
+    return {"around_kept_buffer": around.expected_accuracy, "new_buffer": fresh.expected_accuracy}
 
 
 def serve(engine, examples, labels, name: str, first: int) -> dict:
@@ -184,6 +196,9 @@ def main() -> None:
                     print(f"{'':4} {'':15} {'  after its first replan':26} {a['served_accuracy']:7.4f} "
                           f"{a['hit_rate']:8.1%} {a['guard_rate']:6.1%} {'':7} {'':>5} "
                           f"{a['measured_over_predicted']:9.3f}")
+        p = run["predicted_storage_2x_slower"]
+        print(f"{n:<4} predicted for the storage 2x slower: {p['around_kept_buffer']:.4f} around the kept buffer, "
+              f"{p['new_buffer']:.4f} with a new one")
         scratch = run["from_scratch_slow_storage"]
         if "error" in scratch:
             print(f"{n:<4} {'from scratch':15} {'storage 2x slower':26} no plan: {scratch['error']}")

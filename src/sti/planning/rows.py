@@ -113,9 +113,10 @@ def replan_drifted(kept: PlanSet, device, importance, token_lists, rows_per_bloc
     or, when that loses more than `gain` of expected accuracy to plans that choose the
     buffer afresh around the same rows, those. The kept buffer was chosen for the old
     device: when the storage slows, a buffer holding more of what is now slow to stream
-    buys accuracy back (predicted at T = 16 ms, M = 2 MB, storage 2x slower on the
-    full-preset store: 0.8435 around the kept buffer, 0.8698 with a new one). `token_lists`
-    are the sample's token ids the plans were costed on, `hidden` the model's width."""
+    buys accuracy back (the full-preset store, T = 1.5x, M = 2 MB, the storage 2x
+    slower: 0.817-0.831 predicted around the kept buffer, 0.864-0.868 with a new one,
+    benchmarks/bench_drift.py). `token_lists` are the sample's token ids the plans were
+    costed on, `hidden` the model's width."""
     req = kept.first.request
     cache = kept.rows or RowCache(hidden=hidden)   # no rows held: costed as the plans were, by distinct tokens
     near = plan_set_around(kept, device, importance, headroom, embed_times(device, cache, token_lists, rows_per_block))
