@@ -104,8 +104,8 @@ def one_target(store: Path, target: float, examples: list) -> dict:
                                      "would": dict(would)})
         engine.guard = True
         layers = max(len(w.steps) for w in engine.walks)
-        usual = [f if any(len(r) > p for r in engine.positions.recent) else None   # None: no recent request
-                 for p, f in enumerate(engine.positions.factors(layers))]
+        seen = lambda p: any(len(r) > p and r[p] is not None for r in engine.positions.recent)  # noqa: E731
+        usual = [f if seen(p) else None for p, f in enumerate(engine.positions.factors(layers))]  # None: no request
     return {"target_ms": target, "calibrated": engine.device.calibrated,
             "modes": {m: summary(rows, target) for m, rows in served.items()},
             "rules_with_guard_off": rules(served["off"], target), "usual_paces": usual}

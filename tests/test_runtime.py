@@ -281,6 +281,10 @@ def test_position_paces_are_the_median_of_recent_requests_and_leave_out_the_firs
         paces.add(ratios)
     seen = [1.2, statistics.median([2.0, 3.0])]   # the 9s have left the window
     assert paces.factors(3) == [*seen, statistics.median(seen)]   # no recent request had a third layer
+    gaps = PositionPaces()
+    gaps.add([None, 2.0])   # a layer with nothing to compare counts for nothing
+    gaps.add([1.0, None])
+    assert gaps.factors(2) == [1.0, 2.0]
     _, path = tiny_store
     engine, _ = engine_for(path, 1e6, 10**9)
     with engine:

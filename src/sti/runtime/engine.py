@@ -39,7 +39,7 @@ from ..rowcache import ResidentRows, RowCache
 from ..store import Record, Store
 from ..tokenizer import Tokenizer
 from ..weights import Embeddings
-from .follow import Band, Follower, request_paces, rescaled
+from .follow import Band, Follower, layer_paces, request_paces, rescaled
 from .guards import GUARD_SHARE, Pace, PositionPaces, compute_guard, finish_by, io_guard
 from .memory import GroupPool, ModelBytes, PeakRSS, Window, nbytes
 from .pressure import MemoryPressure
@@ -550,16 +550,14 @@ class Engine:
         # how much slower than usual this request's layers run; one layer on time (a layer
         # after the first: without the first layer's extra cost) is counted in, so that one
         # slow layer (a hand-off, a page fault) is not taken for a slow device
-        pace, ratios = Pace(self.device.layer_ms(len(steps[0]), width, 1)), []
+        pace = Pace(self.device.layer_ms(len(steps[0]), width, 1))
         for pos in range(len(steps)):
             x = self._layer(x, keep, pos, self._dropped(pos, width, req, pace.slowdown(), usual), req)
             lr = req.report.layers[pos]
-            planned, busy = self.device.layer_ms(lr.shards, width, pos), lr.end_ms - lr.start_ms - lr.stall_ms
-            ratios.append(busy / planned if planned > 0 else 1.0)
-            pace.add(usual[pos] * planned, busy)
+            pace.add(usual[pos] * self.device.layer_ms(lr.shards, width, pos), lr.end_ms - lr.start_ms - lr.stall_ms)
         self._requests += 1
         if self._requests > 1:
-            self.positions.add(ratios)
+            self.positions.add(layer_paces(req.report, self.device))
         a = req.now()
         logits = head_logits(self.head, x, mask)
         req.report.head_ms = req.now() - a

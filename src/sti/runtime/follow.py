@@ -130,11 +130,20 @@ def _relative_mad(paces, median: float) -> float:
     return statistics.median(abs(v - median) for v in paces) / median
 
 
+def layer_paces(report, device: DeviceProfile) -> list[float | None]:
+    """Each executed layer's busy time (its span on the compute lane less its waits for IO)
+    over the profile's time for it (`layer_ms`); None for a layer with no planned compute or
+    that did not run."""
+    return [(lr.end_ms - lr.start_ms - lr.stall_ms) / planned
+            if (planned := device.layer_ms(lr.shards, report.width, k)) > 0 and lr.end_ms > 0 else None
+            for k, lr in enumerate(report.layers)]
+
+
 def request_paces(report, device: DeviceProfile, rows_per_block: int, resident_positions: int) -> dict:
     """One request's pace per lane against `device` (None where the request did not use the
-    lane). Layers with no planned compute and reads the profile puts at zero are left out."""
-    ratios = [(lr.end_ms - lr.start_ms - lr.stall_ms) / planned for lr in report.layers[1:]
-              if (planned := device.compute_ms(lr.shards, report.width)) > 0 and lr.end_ms > 0]
+    lane). Layers with no planned compute and reads the profile puts at zero are left out;
+    so is the first layer (its extra cost is calibrated apart, `first_layer_ms`)."""
+    ratios = [v for v in layer_paces(report, device)[1:] if v is not None]
     embed = device.embed_rows_ms(report.width, report.embed_misses, rows_per_block,
                                  report.width > resident_positions)
     return {"compute": statistics.median(ratios) if ratios else None,

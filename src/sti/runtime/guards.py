@@ -59,14 +59,16 @@ class PositionPaces:
     def __init__(self, memory: int = 15):
         self.recent: collections.deque = collections.deque(maxlen=memory)
 
-    def add(self, ratios: list[float]) -> None:
+    def add(self, ratios: list[float | None]) -> None:
+        """One request's paces by position (None: a layer with nothing to compare)."""
         self.recent.append(ratios)
 
     def factors(self, n: int) -> list[float]:
         """Per position 0..n-1: the median pace there; where no recent request has run (a
         length bucket's plan with more layers than the others), the median of the positions
         seen; 1.0 before any request."""
-        seen = {p: statistics.median(v) for p in range(n) if (v := [r[p] for r in self.recent if len(r) > p])}
+        seen = {p: statistics.median(v) for p in range(n)
+                if (v := [r[p] for r in self.recent if len(r) > p and r[p] is not None])}
         rest = statistics.median(seen.values()) if seen else 1.0
         return [seen.get(p, rest) for p in range(n)]
 
