@@ -385,7 +385,7 @@ class _Replanner:
                 self._ready = (importance, tokens, store.config.hidden_size, store.tables["word"][1])
         return self._ready
 
-    def __call__(self, device, latency_ms: float, memory_mb: float, kept=None, new_buffer: bool = True):
+    def __call__(self, device, latency_ms: float, memory_mb: float, kept=None, new_buffer: bool = False):
         store_dir, _, _, planner, storage, seq_len, method, _, headroom, allow_pruning = self.args
         if kept is None or planner != "joint":
             return plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, _quiet, headroom,

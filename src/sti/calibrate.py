@@ -62,7 +62,7 @@ def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
     for r in reports:
         for k, lr in enumerate(r.layers):
             planned = device.compute_ms(lr.shards, r.width)
-            busy = lr.end_ms - lr.start_ms - lr.stall_ms
+            busy = lr.busy_ms
             if planned <= 0:
                 continue
             (firsts if k == 0 else ratios).append((busy, planned))

@@ -554,7 +554,7 @@ class Engine:
         for pos in range(len(steps)):
             x = self._layer(x, keep, pos, self._dropped(pos, width, req, pace.slowdown(), usual), req)
             lr = req.report.layers[pos]
-            pace.add(usual[pos] * self.device.layer_ms(lr.shards, width, pos), lr.end_ms - lr.start_ms - lr.stall_ms)
+            pace.add(usual[pos] * self.device.layer_ms(lr.shards, width, pos), lr.busy_ms)
         self._requests += 1
         if self._requests > 1:
             self.positions.add(layer_paces(req.report, self.device))

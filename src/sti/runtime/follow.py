@@ -131,10 +131,9 @@ def _relative_mad(paces, median: float) -> float:
 
 
 def layer_paces(report, device: DeviceProfile) -> list[float | None]:
-    """Each executed layer's busy time (its span on the compute lane less its waits for IO)
-    over the profile's time for it (`layer_ms`); None for a layer with no planned compute or
-    that did not run."""
-    return [(lr.end_ms - lr.start_ms - lr.stall_ms) / planned
+    """Each executed layer's busy time (`LayerReport.busy_ms`) over the profile's time for it
+    (`layer_ms`); None for a layer with no planned compute or that did not run."""
+    return [lr.busy_ms / planned
             if (planned := device.layer_ms(lr.shards, report.width, k)) > 0 and lr.end_ms > 0 else None
             for k, lr in enumerate(report.layers)]
 

@@ -21,6 +21,11 @@ class LayerReport:
     start_ms: float = 0.0
     end_ms: float = 0.0
 
+    @property
+    def busy_ms(self) -> float:
+        """Its span on the compute lane less its waits for IO."""
+        return self.end_ms - self.start_ms - self.stall_ms
+
 
 @dataclass
 class Report:
