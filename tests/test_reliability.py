@@ -377,7 +377,7 @@ def test_text_with_lone_surrogates_is_a_clean_error_or_an_answer(base):
         engine.close()
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 99, "2", None, 2.5])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 99, "3", None, 3.5])
 def test_manifest_of_an_unknown_version_is_refused(store_copy, version):
     m = json.loads((store_copy / MANIFEST).read_text())
     m["version"] = version

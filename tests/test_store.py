@@ -82,7 +82,7 @@ def test_records_are_aligned_checksummed_and_complete(built):
     weights, path = built
     m = json.loads((path / MANIFEST).read_text())
     data = (path / DATA).read_bytes()
-    assert m["format"] == "sti-store" and m["version"] == 2 and len(data) == m["data_size"]
+    assert m["format"] == "sti-store" and m["version"] == 3 and len(data) == m["data_size"]
     c = weights.config
     shards = [r for r in m["records"] if r["kind"] == "shard"]
     assert len(shards) == c.num_layers * c.num_shards * len(BITS)

@@ -6,7 +6,8 @@ specified in docs/CODECS.md:
     matrix; weights whose log-density under it is below -4 are outliers kept in float32;
     the rest fall in 2^b equal-population bins whose centroid is the bin mean.
   - "linear": group-wise affine, w ~ zero + q * scale for every group of GROUP consecutive
-    weights. Chosen for decode speed: one multiply-add per weight, no look-up, no scatter.
+    weights, scale and zero in float16. Chosen for decode speed (one multiply-add per weight,
+    no look-up, no scatter) and for accuracy per stored byte at 2-3 bits (docs/CODECS.md).
 
 Why hand-written kernels: decoding sits on the IO lane of the pipeline and must be faster
 than reading cold from disk (hundreds of MB/s of packed input). A numpy look-up decode
@@ -27,9 +28,9 @@ from .errors import StiError
 
 CODECS = ("linear", "gobo")
 PACKED_BITS = (2, 3, 4, 5, 6, 8)
-GROUP = 64                      # linear: weights per (scale, zero) pair
+GROUP = 128                     # linear: weights per (scale, zero) pair
 GOBO_LOG_DENSITY = -4.0         # GOBO's outlier threshold on the Gaussian log-density
-MAGIC, VERSION = b"STIB", 1
+MAGIC, VERSION = b"STIB", 2   # 2: linear scales and zeros in float16, G = 128
 HEADER = struct.Struct("<4sBBBBIIII")   # magic, version, codec, bits, 0, rows, cols, param, 0
 CODEC_IDS = {"linear": 1, "gobo": 2}
 
@@ -90,15 +91,22 @@ def encode(w: np.ndarray, bits: int, codec: str, fitted: GoboFit | None = None) 
     return blob + b"\0" * (-len(blob) % 8)
 
 
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+CLIP_RATIOS = tuple(round(1.0 - 0.05 * k, 2) for k in range(11))   # 1.0, 0.95, ..., 0.5
+F16_MAX = 65504.0
+
+
+def _stored(x: np.ndarray) -> np.ndarray:
+    """The float16 a scale or zero is stored as, back in float64 (exact)."""
+    return x.astype(np.float16).astype(np.float64)
 
 
 def _quantize(groups: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int):
-    scale = (hi - lo) / ((1 << bits) - 1)
+    """Codes against the grid as stored (float16 scale and zero), and their squared error."""
+    scale, zero = _stored((hi - lo) / ((1 << bits) - 1)), _stored(lo)
     safe = np.where(scale > 0, scale, 1.0)
-    codes = np.clip(np.rint((groups - lo[:, None]) / safe[:, None]), 0, (1 << bits) - 1)
-    err = ((lo[:, None] + codes * scale[:, None] - groups) ** 2).sum(axis=1)
-    return codes, scale, err
+    codes = np.clip(np.rint((groups - zero[:, None]) / safe[:, None]), 0, (1 << bits) - 1)
+    err = ((zero[:, None] + codes * scale[:, None] - groups) ** 2).sum(axis=1)
+    return codes, scale, zero, err
 
 
 def _encode_linear(flat: np.ndarray, bits: int) -> bytes:
@@ -107,19 +115,23 @@ def _encode_linear(flat: np.ndarray, bits: int) -> bytes:
     step for all the others, which matters most at 2-4 bits."""
     groups = _pad(flat, GROUP, edge=True).reshape(-1, GROUP).astype(np.float64)
     gmin, gmax = groups.min(axis=1), groups.max(axis=1)
+    biggest = max(-gmin.min(), gmax.max())  # scale <= range / 3 <= 2 * biggest / 3 fits when this does
+    if biggest > F16_MAX:
+        raise CodecError(f"weights of magnitude up to {biggest:.3g} do not "
+                         f"fit the linear codec's float16 scales (at most {F16_MAX:g}): build the store "
+                         "with codec 'gobo', which keeps float32")
     mid, half = (gmin + gmax) / 2, (gmax - gmin) / 2
     best = None
     for ratio in CLIP_RATIOS:
-        lo, hi = mid - half * ratio, mid + half * ratio
-        codes, scale, err = _quantize(groups, lo, hi, bits)
+        codes, scale, zero, err = _quantize(groups, mid - half * ratio, mid + half * ratio, bits)
         if best is None:
-            best = [codes, scale, lo, err]
+            best = [codes, scale, zero, err]
             continue
         better = err < best[3]
-        best[0][better], best[1][better], best[2][better], best[3][better] = \
-            codes[better], scale[better], lo[better], err[better]
-    codes, scale, lo, _ = best
-    return (scale.astype("<f4").tobytes() + lo.astype("<f4").tobytes()
+        for k, new in enumerate((codes, scale, zero, err)):
+            best[k][better] = new[better]
+    codes, scale, zero, _ = best
+    return (scale.astype("<f2").tobytes() + zero.astype("<f2").tobytes()
             + pack_codes(codes.ravel()[:flat.size].astype(np.uint8), bits))
 
 
@@ -162,6 +174,18 @@ def _bf16_bits(u):
     return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
+_F16_POW = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.float32)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _f16_value(h):
+    """The float32 equal to the float16 whose bits are h (normal or subnormal; the encoder
+    writes no infinity or NaN): (1024 + mantissa) * 2^(exponent - 25), exact in float32."""
+    e, m = (h >> np.uint16(10)) & np.uint16(0x1F), h & np.uint16(0x3FF)
+    v = np.float32(np.int32(m) + (1024 if e else 0)) * _F16_POW[e]
+    return -v if h & np.uint16(0x8000) else v
+
+
 # With `bf16`, a kernel writes bfloat16 (the engine's shard groups may hold weights in
 # bfloat16): each decoded value rounded and stored as its 16 high bits, so the float32
 # matrix is never written out (half the memory traffic). `bf16` is a compile-time constant
@@ -186,13 +210,16 @@ def _make_linear(bits: int, bf16: bool = False):
         per_row = chunks + (tail > 0)
         row = np.empty(cols, np.float32)
         u = row.view(np.uint32)
+        g, s, z = -1, np.float32(0), np.float32(0)
         for r in range(rows):
             for cc in range(chunks):
                 c = r * per_row + cc
                 v = np.uint64(0)
                 for k in range(bits):  # 8 codes of b bits are exactly b bytes
                     v |= np.uint64(packed[c * bits + k]) << np.uint64(8 * k)
-                s, z = scale[c // per_group], zero[c // per_group]
+                if c // per_group != g:  # scale and zero are float16 bits
+                    g = c // per_group
+                    s, z = _f16_value(scale[g]), _f16_value(zero[g])
                 for t in range(8):
                     row[cc * 8 + t] = np.float32((v >> np.uint64(t * bits)) & mask) * s + z
             if tail:  # the last codes of a single-row tensor
@@ -200,7 +227,9 @@ def _make_linear(bits: int, bf16: bool = False):
                 v = np.uint64(0)
                 for k in range(bits):
                     v |= np.uint64(packed[c * bits + k]) << np.uint64(8 * k)
-                s, z = scale[c // per_group], zero[c // per_group]
+                if c // per_group != g:
+                    g = c // per_group
+                    s, z = _f16_value(scale[g]), _f16_value(zero[g])
                 for t in range(tail):
                     row[chunks * 8 + t] = np.float32((v >> np.uint64(t * bits)) & mask) * s + z
             o = out[r * stride:r * stride + cols]
@@ -275,7 +304,7 @@ def read_header(blob) -> tuple[str, int, int, int, int]:
 
 def expected_length(codec: str, bits: int, n: int, param: int) -> int:
     if codec == "linear":
-        body = 8 * -(-n // param) + packed_size(n, bits)
+        body = 4 * -(-n // param) + packed_size(n, bits)
     else:
         body = 4 * (1 << bits) + 8 * param + packed_size(n, bits)
     size = HEADER.size + body
@@ -307,7 +336,7 @@ def check(blob, shape: tuple[int, ...]) -> Layout:
     pos = HEADER.size
     if codec == "linear":
         ng = -(-n // param)
-        return Layout(codec, bits, n, param, (pos, pos + 4 * ng, pos + 8 * ng))
+        return Layout(codec, bits, n, param, (pos, pos + 2 * ng, pos + 4 * ng))
     k = 1 << bits
     lay = Layout(codec, bits, n, param, (pos, pos + 4 * k, pos + 4 * k + 4 * param, pos + 4 * k + 8 * param))
     index = np.frombuffer(blob, dtype="<u4", count=param, offset=lay.sections[1])
@@ -362,6 +391,7 @@ def _make_driver(bits: int, bf16: bool):
     def driver(raw, jobs, dst, scratch):
         f32 = raw[:raw.size - raw.size % 4].view(np.float32)
         u32 = f32.view(np.uint32)
+        u16 = raw[:raw.size - raw.size % 2].view(np.uint16)
         for j in range(jobs.shape[0]):
             kind, codes, a, b, c, n = jobs[j, 0], jobs[j, 1], jobs[j, 2] // 4, jobs[j, 3] // 4, jobs[j, 4] // 4, jobs[j, 5]
             param, base, rows, cols, stride = jobs[j, 6], jobs[j, 7], jobs[j, 8], jobs[j, 9], jobs[j, 10]
@@ -381,8 +411,8 @@ def _make_driver(bits: int, bf16: bool):
                         else:
                             o[i] = f32[a + r * cc + i]
             elif kind == 1:
-                groups = (n + param - 1) // param
-                linear(raw[codes:], f32[a:a + groups], f32[b:b + groups], param, out, rr, cc, st)
+                groups, a2, b2 = (n + param - 1) // param, jobs[j, 2] // 2, jobs[j, 3] // 2
+                linear(raw[codes:], u16[a2:a2 + groups], u16[b2:b2 + groups], param, out, rr, cc, st)
             else:
                 gobo(raw[codes:], f32[a:a + centroids], u32[b:b + param], f32[c:c + param], out, rr, cc, st)
             if via_scratch:
@@ -425,7 +455,7 @@ def decode(blob, shape: tuple[int, ...], out: np.ndarray | None = None, layout: 
     rows, cols = placement(lay.n, *read_header(blob)[2:4])
     if lay.codec == "linear":
         kernel = (_LINEAR_BF16 if bf16 else _LINEAR)[lay.bits]
-        kernel(raw[sec[2]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<f4"), p, flat, rows, cols, cols)
+        kernel(raw[sec[2]:], raw[sec[0]:sec[1]].view("<u2"), raw[sec[1]:sec[2]].view("<u2"), p, flat, rows, cols, cols)
     else:
         kernel = (_GOBO_BF16 if bf16 else _GOBO)[lay.bits]
         kernel(raw[sec[3]:], raw[sec[0]:sec[1]].view("<f4"), raw[sec[1]:sec[2]].view("<u4"),

@@ -32,7 +32,7 @@ from .untrusted import Checks
 from .weights import (LAYER_PARTS, Embeddings, Head, LayerShared, LayerWeights, ModelWeights,
                       ShardWeights, load_model_dir)
 
-FORMAT, VERSION = "sti-store", 2  # 2: the model's family, pooling and head are data
+FORMAT, VERSION = "sti-store", 3  # 2: the model's family, pooling and head are data; 3: codec v2 blobs
 MANIFEST, DATA, TOKENIZER = "manifest.json", "store.bin", "tokenizer.json"
 MAX_MANIFEST = 16 << 20
 MAX_RECORDS = 1_000_000
