@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+import torch
 
 from .errors import StiError
 
@@ -95,44 +96,49 @@ CLIP_RATIOS = tuple(round(1.0 - 0.05 * k, 2) for k in range(11))   # 1.0, 0.95, 
 F16_MAX = 65504.0
 
 
-def _stored(x: np.ndarray) -> np.ndarray:
-    """The float16 a scale or zero is stored as, back in float64 (exact)."""
-    return x.astype(np.float16).astype(np.float64)
-
-
-def _quantize(groups: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int):
-    """Codes against the grid as stored (float16 scale and zero), and their squared error."""
-    scale, zero = _stored((hi - lo) / ((1 << bits) - 1)), _stored(lo)
-    safe = np.where(scale > 0, scale, 1.0)
-    codes = np.clip(np.rint((groups - zero[:, None]) / safe[:, None]), 0, (1 << bits) - 1)
-    err = ((zero[:, None] + codes * scale[:, None] - groups) ** 2).sum(axis=1)
-    return codes, scale, zero, err
-
-
-def _encode_linear(flat: np.ndarray, bits: int) -> bytes:
-    """Per group, the grid [lo, hi] is the group's range shrunk about its centre by the ratio
-    (of CLIP_RATIOS) with the least squared error: clipping a few extreme weights buys a finer
-    step for all the others, which matters most at 2-4 bits."""
-    groups = _pad(flat, GROUP, edge=True).reshape(-1, GROUP).astype(np.float64)
-    gmin, gmax = groups.min(axis=1), groups.max(axis=1)
-    biggest = max(-gmin.min(), gmax.max())  # scale <= range / 3 <= 2 * biggest / 3 fits when this does
-    if biggest > F16_MAX:
-        raise CodecError(f"weights of magnitude up to {biggest:.3g} do not "
-                         f"fit the linear codec's float16 scales (at most {F16_MAX:g}): build the store "
-                         "with codec 'gobo', which keeps float32")
+@torch.no_grad()
+def linear_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The linear codec's choice for every row of `groups` ([n, G] float32): (codes, scale,
+    zero), codes as float32 integers, scale and zero float32 values that float16 holds
+    exactly. Per group, the grid [lo, hi] is the group's range shrunk about its centre by the
+    ratio (of CLIP_RATIOS) with the least squared error: clipping a few extreme weights buys a
+    finer step for all the others, which matters most at 2-4 bits. Codes are rounded against
+    the grid as stored (float16). The store's encoder and training's fake quantization
+    (sti.qat) both call this, so a store holds exactly what quantization-aware training saw."""
+    levels = (1 << bits) - 1
+    gmin, gmax = groups.amin(1), groups.amax(1)
     mid, half = (gmin + gmax) / 2, (gmax - gmin) / 2
     best = None
     for ratio in CLIP_RATIOS:
-        codes, scale, zero, err = _quantize(groups, mid - half * ratio, mid + half * ratio, bits)
+        lo, hi = mid - half * ratio, mid + half * ratio
+        scale, zero = ((hi - lo) / levels).half().float(), lo.half().float()
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.clamp(torch.round((groups - zero[:, None]) / safe[:, None]), 0, levels)
+        err = (linear_values(codes, scale, zero) - groups).double().square().sum(1)
         if best is None:
             best = [codes, scale, zero, err]
             continue
         better = err < best[3]
-        for k, new in enumerate((codes, scale, zero, err)):
-            best[k][better] = new[better]
-    codes, scale, zero, _ = best
-    return (scale.astype("<f2").tobytes() + zero.astype("<f2").tobytes()
-            + pack_codes(codes.ravel()[:flat.size].astype(np.uint8), bits))
+        best[0][better], best[1][better], best[2][better], best[3][better] = \
+            codes[better], scale[better], zero[better], err[better]
+    return best[0], best[1], best[2]
+
+
+def linear_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """zero + code * scale in float32, the product rounded before the sum: the decoder's
+    arithmetic (two roundings, no fused multiply-add)."""
+    return (codes * scale[:, None]).add_(zero[:, None])
+
+
+def _encode_linear(flat: np.ndarray, bits: int) -> bytes:
+    biggest = float(np.abs(flat).max(initial=0.0))  # scale <= range / 3 <= 2 * biggest / 3 fits when this does
+    if biggest > F16_MAX:
+        raise CodecError(f"weights of magnitude up to {biggest:.3g} do not fit the linear codec's float16 "
+                         f"scales (at most {F16_MAX:g}): build the store with codec 'gobo', which keeps float32")
+    groups = torch.from_numpy(_pad(flat, GROUP, edge=True).reshape(-1, GROUP))
+    codes, scale, zero = linear_grid(groups, bits)
+    return (scale.numpy().astype("<f2").tobytes() + zero.numpy().astype("<f2").tobytes()
+            + pack_codes(codes.numpy().ravel()[:flat.size].astype(np.uint8), bits))
 
 
 def _encode_gobo(flat: np.ndarray, bits: int, g: GoboFit, mask: np.ndarray) -> bytes:
