@@ -34,7 +34,7 @@ def base_dir(tmp_path, real_data_dir):
 
 def tiny_cfg(**changes):
     cfg = ft.FinetuneConfig(preset="quick", batch_size=8, teacher_epochs=0.5, elastic_epochs=0.25,
-                            train_limit=64, eval_limit=24, max_length=32)
+                            qat_epochs=0.25, train_limit=64, eval_limit=24, max_length=32)
     return replace(cfg, **changes)
 
 
@@ -84,11 +84,19 @@ def test_finetune_writes_model_metrics_and_reuses_the_teacher(tmp_path, base_dir
     # reuses the teacher and, with the elastic step's own seeds, trains the same model.
     shutil.rmtree(out)
     ft.finetune(out, cfg=tiny_cfg(), base_dir=base_dir, log=logs.append)
-    assert any("reusing" in line for line in logs)
+    assert any("teacher: reusing" in line for line in logs) and any("elastic: reusing" in line for line in logs)
     again = load_model_dir(out)
     for name, tensor in first.tensors().items():
         assert torch.equal(tensor, again.tensors()[name]), name
     assert ft.read_metrics(out)["train_seconds"]["teacher_s"] == metrics["train_seconds"]["teacher_s"]
+
+    assert set(ft.read_metrics(out)["quantized"]) == {"2", "3", "4"} and "qat_s" in metrics["train_seconds"]
+
+    # Other quantization-aware settings: the elastic model is reused, the last stage is not.
+    logs.clear()
+    ft.finetune(out, cfg=tiny_cfg(qat_lr=1e-3), base_dir=base_dir, log=logs.append)
+    assert any("elastic: reusing" in line for line in logs)
+    assert not torch.equal(load_model_dir(out).layers[0].q_w, first.layers[0].q_w)
 
     # Other teacher settings: the cached teacher is not used.
     logs.clear()
@@ -135,9 +143,16 @@ def test_targeted_submodels_are_trained_on_every_step():
 def test_target_checks_name_each_target_and_its_verdict():
     cells = {(n, m): 0.80 for n, m in ft.grid()}
     cells.update({(6, 12): 0.861, (6, 6): 0.842, (6, 3): 0.80, (3, 12): 0.83})
-    metrics = {"preset": "full", "total_train_seconds": 46 * 60,
-               "grid": [{"n": n, "m": m, "elastic": a} for (n, m), a in cells.items()]}
+    metrics = {"preset": "full", "total_train_seconds": 61 * 60,
+               "grid": [{"n": n, "m": m, "elastic": a} for (n, m), a in cells.items()],
+               "quantized": {"2": 0.852, "3": 0.857, "4": 0.860}}
     verdicts = [met for _, met in ft.target_checks(metrics)]
-    assert verdicts == [True, True, False, True, False]  # (6, 3) is 6.1 below; 46 > 45 min
+    # (6, 3) is 6.1 below; 3 bits 0.4 below (target 0.3); 61 > 60 min
+    assert verdicts == [True, True, False, True, True, False, True, False]
     lines = [line for line, _ in ft.target_checks(metrics)]
-    assert "(6, 6) 1.9 points below" in lines[1] and "46.0 min" in lines[4]
+    assert "(6, 6) 1.9 points below" in lines[1] and "3 bits 0.4 points below" in lines[5] and "61.0 min" in lines[7]
+    assert "target <= 45" in lines[7]  # 60 with the quantization-aware step
+    metrics["train_seconds"] = {"qat_s": 300.0}
+    assert ft.target_checks(metrics)[7] == ("training 61.0 min (target <= 60 for the full preset)", False)
+    del metrics["quantized"]  # a model trained before the quantized figures: those lines left out
+    assert len(ft.target_checks(metrics)) == 5
