@@ -83,14 +83,22 @@ def test_finetune_writes_model_metrics_and_reuses_the_teacher(tmp_path, base_dir
     # Interrupted after the teacher (the output is gone, the cached teacher is not): the rerun
     # reuses the teacher and, with the elastic step's own seeds, trains the same model.
     shutil.rmtree(out)
+    shutil.rmtree(out.with_name(out.name + ".elastic"))
     ft.finetune(out, cfg=tiny_cfg(), base_dir=base_dir, log=logs.append)
-    assert any("teacher: reusing" in line for line in logs) and any("elastic: reusing" in line for line in logs)
+    assert any("teacher: reusing" in line for line in logs) and not any("elastic: reusing" in line for line in logs)
     again = load_model_dir(out)
     for name, tensor in first.tensors().items():
         assert torch.equal(tensor, again.tensors()[name]), name
     assert ft.read_metrics(out)["train_seconds"]["teacher_s"] == metrics["train_seconds"]["teacher_s"]
 
     assert set(ft.read_metrics(out)["quantized"]) == {"2", "3", "4"} and "qat_s" in metrics["train_seconds"]
+
+    # Interrupted in the quantization-aware step: the rerun starts there, with the same result.
+    logs.clear()
+    shutil.rmtree(out)
+    ft.finetune(out, cfg=tiny_cfg(), base_dir=base_dir, log=logs.append)
+    assert any("elastic: reusing" in line for line in logs)
+    assert all(torch.equal(t, load_model_dir(out).tensors()[k]) for k, t in first.tensors().items())
 
     # Other quantization-aware settings: the elastic model is reused, the last stage is not.
     logs.clear()

@@ -3,9 +3,11 @@
 import dataclasses
 import random
 
+import pytest
 import torch
 
 from sti import qat
+from sti.codec import CodecError
 from sti.config import PRESETS
 from sti.encoder import Submodel, classify, encode, head_logits
 from sti.store import Store, build_store
@@ -62,3 +64,10 @@ def test_draws_follow_the_weights_and_a_seed():
     share = sum(b in (2, 3) for b in a.values()) / len(a)
     assert 0.45 < share < 0.75  # drawn at 0.6
     assert set(a.values()) <= set(qat.BIT_DRAWS)
+
+
+def test_weights_beyond_float16_are_refused_in_training_as_in_the_store():
+    weights = ModelWeights.random(PRESETS["tiny"], seed=5)
+    weights.layers[0].q_w[0, 0] = 1e5
+    with pytest.raises(CodecError, match="gobo"):
+        qat.fake_quant(weights, {(0, 0): 2})

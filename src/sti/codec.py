@@ -107,6 +107,10 @@ def linear_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     (sti.qat) both call this, so a store holds exactly what quantization-aware training saw."""
     levels = (1 << bits) - 1
     gmin, gmax = groups.amin(1), groups.amax(1)
+    biggest = max(-gmin.min().item(), gmax.max().item(), 0.0)  # scale <= 2 * biggest / 3 fits when this does
+    if biggest > F16_MAX:
+        raise CodecError(f"weights of magnitude up to {biggest:.3g} do not fit the linear codec's float16 "
+                         f"scales (at most {F16_MAX:g}): build the store with codec 'gobo', which keeps float32")
     mid, half = (gmin + gmax) / 2, (gmax - gmin) / 2
     best = None
     for ratio in CLIP_RATIOS:
@@ -131,10 +135,6 @@ def linear_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
 
 
 def _encode_linear(flat: np.ndarray, bits: int) -> bytes:
-    biggest = float(np.abs(flat).max(initial=0.0))  # scale <= range / 3 <= 2 * biggest / 3 fits when this does
-    if biggest > F16_MAX:
-        raise CodecError(f"weights of magnitude up to {biggest:.3g} do not fit the linear codec's float16 "
-                         f"scales (at most {F16_MAX:g}): build the store with codec 'gobo', which keeps float32")
     groups = torch.from_numpy(_pad(flat, GROUP, edge=True).reshape(-1, GROUP))
     codes, scale, zero = linear_grid(groups, bits)
     return (scale.numpy().astype("<f2").tobytes() + zero.numpy().astype("<f2").tobytes()

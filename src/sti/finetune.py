@@ -20,6 +20,7 @@ Outputs are written atomically (a temporary directory renamed into place).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -319,7 +320,9 @@ def _elastic(cfg: FinetuneConfig, teacher_stamp_: dict, rewired: ModelWeights, t
     """The elastic model before quantization-aware training: cached like the teacher (beside
     the output, stamped with the teacher's stamp and the elastic settings), so a run that
     changes only the quantization-aware stage, or is interrupted in it, starts there."""
-    stamp = {"recipe": ELASTIC_RECIPE, "teacher": teacher_stamp_, **{k: getattr(cfg, k) for k in ELASTIC_KEYS}}
+    # the rewired teacher's own digest: it depends on the dev split, eval_limit and rewire.py too
+    stamp = {"recipe": ELASTIC_RECIPE, "teacher": teacher_stamp_, "rewired_sha256": weights_digest(rewired),
+             **{k: getattr(cfg, k) for k in ELASTIC_KEYS}}
     train_s = _cached(elastic_dir, stamp, "elastic.json")
     if train_s is not None:
         log(f"elastic: reusing {elastic_dir}")
@@ -333,6 +336,15 @@ def _elastic(cfg: FinetuneConfig, teacher_stamp_: dict, rewired: ModelWeights, t
     save_model_dir(elastic, elastic_dir, tokenizer_from=None,
                    extra_files={"elastic.json": json.dumps({"stamp": stamp, "train_s": train_s}, indent=2)})
     return elastic, train_s
+
+
+def weights_digest(weights: ModelWeights) -> str:
+    """sha256 over a model's tensors (names, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(weights.tensors().items()):
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 QUANT_BITS = (2, 3, 4)
@@ -457,7 +469,7 @@ def finetune(out: str | Path | None = None, preset: str = "quick", cfg: Finetune
                        extra_files={"metrics.json": json.dumps(metrics, indent=2)})
     except KeyboardInterrupt:
         raise Cancelled(f"fine-tuning interrupted; nothing was written to {out} (rerun to resume "
-                        "from the cached teacher if it was finished)") from None
+                        "from the cached teacher and elastic model, those that were finished)") from None
     return out
 
 
