@@ -57,7 +57,7 @@ def main() -> int:
         return 1
     variant = (args.group, args.clip_min) != (codecs.GROUP, min(codecs.CLIP_RATIOS))
     codecs.GROUP = args.group
-    codecs.CLIP_RATIOS = tuple(r for r in (round(1.0 - 0.05 * k, 2) for k in range(20)) if r >= args.clip_min - 1e-9)
+    codecs.CLIP_RATIOS = codecs.clip_ratios(args.clip_min)
     test = load_split("test")
     labels = torch.tensor([e.label for e in test])
     train = load_split("train")

@@ -92,7 +92,12 @@ def encode(w: np.ndarray, bits: int, codec: str, fitted: GoboFit | None = None) 
     return blob + b"\0" * (-len(blob) % 8)
 
 
-CLIP_RATIOS = tuple(round(1.0 - 0.05 * k, 2) for k in range(11))   # 1.0, 0.95, ..., 0.5
+def clip_ratios(floor: float) -> tuple[float, ...]:
+    """1.0, 0.95, ... down to `floor`: the shares of a group's range its grid may shrink to."""
+    return tuple(r for r in (round(1.0 - 0.05 * k, 2) for k in range(20)) if r >= floor - 1e-9)
+
+
+CLIP_RATIOS = clip_ratios(0.5)
 F16_MAX = 65504.0
 
 

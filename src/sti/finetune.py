@@ -178,31 +178,35 @@ def elastic_loss(student: ModelWeights, sub: Submodel, batch, labels, t_logits, 
     return kd + cfg.hidden_weight * mse + cfg.task_weight * F.cross_entropy(logits, labels)
 
 
-def train_elastic(student: ModelWeights, teacher: ModelWeights, tokenizer, train, cfg: FinetuneConfig, rng) -> ModelWeights:
+def _distil(student: ModelWeights, teacher: ModelWeights, tokenizer, train, cfg: FinetuneConfig, rng,
+            name: str, epochs: float, lr: float, pick) -> ModelWeights:
+    """The loop of the elastic and quantization-aware steps: every step, `pick(rng)` names the
+    (model, (n, m)) pairs to train (a model is the student or a fake-quantized view of it), each
+    learns from the teacher by `elastic_loss`, the full submodel's loss weighted more."""
     c = student.config
     params = student.parameters()
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.elastic_lr, weight_decay=0.01)
-    total = math.ceil(cfg.elastic_epochs * len(train) / cfg.batch_size)
-    cells = [cell for cell in grid() if cell not in ANCHORS]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    total = math.ceil(epochs * len(train) / cfg.batch_size)
     with _progress() as bar:
-        task = bar.add_task("elastic", total=total, loss=float("nan"))
-        for step, (batch, labels) in enumerate(_steps(train, tokenizer, cfg, cfg.elastic_epochs, rng)):
-            _schedule(opt, cfg.elastic_lr, step, total)
+        task = bar.add_task(name, total=total, loss=float("nan"))
+        for step, (batch, labels) in enumerate(_steps(train, tokenizer, cfg, epochs, rng)):
+            _schedule(opt, lr, step, total)
             with torch.no_grad():
                 t_hidden = encode(teacher, batch.input_ids, batch.attention_mask, all_hidden=True,
                                   token_type_ids=batch.token_type_ids)
                 t_logits = head_logits(teacher.head, t_hidden[-1], batch.attention_mask)
-            chosen = list(ANCHORS) + rng.sample(cells, cfg.samples)
-            loss_weights = [cfg.full_weight if cell == FULL else 1.0 for cell in chosen]
+            chosen = pick(rng)
+            loss_weights = [cfg.full_weight if cell == FULL else 1.0 for _, cell in chosen]
             weight_sum = sum(loss_weights)
             opt.zero_grad(set_to_none=True)
             total_loss = 0.0
-            for (n, m), weight in zip(chosen, loss_weights):
-                loss = elastic_loss(student, Submodel.of(c, n, m), batch, labels, t_logits, t_hidden, cfg)
+            for (model, (n, m)), weight in zip(chosen, loss_weights):
+                loss = elastic_loss(model, Submodel.of(c, n, m), batch, labels, t_logits, t_hidden, cfg)
                 share = weight / weight_sum
-                (loss * share).backward()
+                # a fake-quantized view's graph is shared by its submodels: keep it for the next
+                (loss * share).backward(retain_graph=model is not student)
                 total_loss += loss.item() * share
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -210,6 +214,13 @@ def train_elastic(student: ModelWeights, teacher: ModelWeights, tokenizer, train
     for p in params:
         p.requires_grad_(False)
     return student
+
+
+def train_elastic(student: ModelWeights, teacher: ModelWeights, tokenizer, train, cfg: FinetuneConfig, rng) -> ModelWeights:
+    """Every step trains the ANCHORS and `cfg.samples` random submodels of the rest."""
+    cells = [cell for cell in grid() if cell not in ANCHORS]
+    return _distil(student, teacher, tokenizer, train, cfg, rng, "elastic", cfg.elastic_epochs, cfg.elastic_lr,
+                   lambda rng: [(student, cell) for cell in list(ANCHORS) + rng.sample(cells, cfg.samples)])
 
 
 def train_qat(student: ModelWeights, teacher: ModelWeights, tokenizer, train, cfg: FinetuneConfig, rng) -> ModelWeights:
@@ -217,41 +228,16 @@ def train_qat(student: ModelWeights, teacher: ModelWeights, tokenizer, train, cf
     random submodel in float32 and, on one draw of bitwidths for the shards (weighted toward
     2-3 bits), the same two with their shards fake-quantized exactly as the store will hold
     them, all distilled from the teacher."""
-    c = student.config
-    params = student.parameters()
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.qat_lr, weight_decay=0.01)
-    total = math.ceil(cfg.qat_epochs * len(train) / cfg.batch_size)
-    with _progress() as bar:
-        task = bar.add_task("quantization-aware", total=total, loss=float("nan"))
-        for step, (batch, labels) in enumerate(_steps(train, tokenizer, cfg, cfg.qat_epochs, rng)):
-            _schedule(opt, cfg.qat_lr, step, total)
-            with torch.no_grad():
-                t_hidden = encode(teacher, batch.input_ids, batch.attention_mask, all_hidden=True,
-                                  token_type_ids=batch.token_type_ids)
-                t_logits = head_logits(teacher.head, t_hidden[-1], batch.attention_mask)
-            full = Submodel.full(c)
-            # half the steps put every shard at one low bitwidth (as a plan under a tight deadline
-            # nearly does), the others draw a bitwidth per shard
-            draws = qat.BIT_DRAWS if rng.random() < 0.5 else {rng.choice((2, 3)): 1.0}
-            faked = qat.fake_quant(student, qat.draw_bits(full.layers, full.shards, rng, draws))
-            chosen = [(student, FULL), (student, rng.choice(grid())), (faked, FULL), (faked, rng.choice(grid()))]
-            loss_weights = [cfg.full_weight if cell == FULL else 1.0 for _, cell in chosen]
-            opt.zero_grad(set_to_none=True)
-            total_loss = 0.0
-            for (model, (n, m)), weight in zip(chosen, loss_weights):
-                loss = elastic_loss(model, Submodel.of(c, n, m), batch, labels, t_logits, t_hidden, cfg)
-                share = weight / sum(loss_weights)
-                # the quantized model's graph is shared by its two submodels: keep it for the second
-                (loss * share).backward(retain_graph=model is faked)
-                total_loss += loss.item() * share
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            bar.update(task, advance=1, loss=total_loss)
-    for p in params:
-        p.requires_grad_(False)
-    return student
+    full = Submodel.full(student.config)
+
+    def pick(rng):
+        # half the steps put every shard at one low bitwidth (as a plan under a tight deadline
+        # nearly does), the others draw a bitwidth per shard
+        draws = qat.BIT_DRAWS if rng.random() < 0.5 else {rng.choice((2, 3)): 1.0}
+        faked = qat.fake_quant(student, qat.draw_bits(full.layers, full.shards, rng, draws))
+        return [(student, FULL), (student, rng.choice(grid())), (faked, FULL), (faked, rng.choice(grid()))]
+    return _distil(student, teacher, tokenizer, train, cfg, rng, "quantization-aware", cfg.qat_epochs, cfg.qat_lr,
+                   pick)
 
 
 def grid_accuracy(weights: ModelWeights, tokenizer: Tokenizer, examples) -> dict[tuple[int, int], float]:
@@ -290,10 +276,10 @@ def _cached(stage_dir: Path, stamp: dict, stamp_file: str = "teacher.json") -> f
 
 
 def _teacher(cfg: FinetuneConfig, base_dir: Path, tokenizer: Tokenizer, train, teacher_dir: Path, log,
-             task: "Task"):
-    """The cached teacher if it was trained with these settings, else a newly trained one
-    (cached before returning). Returns the weights and the seconds its training took."""
-    stamp = teacher_stamp(cfg, base_dir, len(train), task)
+             task: "Task", stamp: dict):
+    """The cached teacher if it was trained with these settings (its `teacher_stamp`), else a
+    newly trained one (cached before returning). Returns the weights and the seconds its
+    training took."""
     train_s = _cached(teacher_dir, stamp)
     if train_s is not None:
         log(f"teacher: reusing {teacher_dir}")
@@ -430,8 +416,9 @@ def finetune(out: str | Path | None = None, preset: str = "quick", cfg: Finetune
     train, dev, test, reported = task.splits(cfg)
     times = {}
     try:
+        stamp = teacher_stamp(cfg, base_dir, len(train), task)  # hashes the base model and data once
         teacher, times["teacher_s"] = _teacher(cfg, base_dir, tokenizer, train,
-                                               out.with_name(out.name + ".teacher"), log, task)
+                                               out.with_name(out.name + ".teacher"), log, task, stamp)
         eval_tok = Tokenizer(base_dir, max_length=min(128, teacher.config.max_tokens))
         teacher_acc = accuracy(teacher, eval_tok, test)
         log(f"teacher accuracy on {reported}: {teacher_acc:.4f}")
@@ -441,8 +428,8 @@ def finetune(out: str | Path | None = None, preset: str = "quick", cfg: Finetune
         times["rewire_s"] = time.perf_counter() - t0
         rewired_grid = grid_accuracy(rewired, eval_tok, test)
 
-        elastic, times["elastic_s"] = _elastic(cfg, teacher_stamp(cfg, base_dir, len(train), task), rewired,
-                                               tokenizer, train, out.with_name(out.name + ".elastic"), log)
+        elastic, times["elastic_s"] = _elastic(cfg, stamp, rewired, tokenizer, train,
+                                               out.with_name(out.name + ".elastic"), log)
         before_qat = grid_accuracy(elastic, eval_tok, test) if cfg.qat_epochs else None
         quantized_before = quantized_accuracy(elastic, eval_tok, test) if cfg.qat_epochs else None
         if cfg.qat_epochs:

@@ -20,9 +20,9 @@ from dataclasses import replace
 import torch
 
 from . import codec
+from .store import MATRICES  # the shard parts a store encodes
 from .weights import COL_PARTS, LayerWeights, ModelWeights, shard_slice
 
-MATRICES = ("q_w", "k_w", "v_w", "o_w", "i_w", "f_w")
 # How often a shard is drawn at each bitwidth in training: the planner streams most shards
 # at 2-3 bits under a tight deadline, so those are drawn most.
 BIT_DRAWS = {2: 0.3, 3: 0.3, 4: 0.15, 5: 0.05, 6: 0.05, 32: 0.15}
