@@ -82,3 +82,35 @@ def test_storage_slower_than_profiled_is_measured_on_the_engine(tiny_store):
         engine.run(TEXTS[0])
         fair = measure(engine, TEXTS * 3)
     assert fair.io_scale < cal.io_scale
+
+
+def test_a_slow_compute_lane_is_not_taken_for_slow_storage(tiny_store, monkeypatch):
+    """The decoder waits for the compute lane to free a group; those waits are the compute
+    lane's pace, not the storage's, and must not inflate the IO scale (they did: the plans
+    then streamed too little)."""
+    import time
+    from sti.groups import ShardGroup
+    from tests.test_runtime import SlowReader
+    _, path = tiny_store
+
+    def io_scale() -> tuple[float, float]:
+        store = Store(path, "warm", reader=SlowReader(path / "store.bin", 0.001))   # 1 ms a read
+        device, importance = profiles(store, read_ms=1.0)                           # as profiled
+        plan = make_plan(device, importance, store.store_id, 1e4, 0, seq_len=16)  # nothing preloaded
+        with Engine(store, plan, device, storage="warm") as engine:
+            engine.run(TEXTS[0])
+            reports = [engine.run(t).report for t in TEXTS]
+            cal = measure(engine, TEXTS * 3)
+        return cal.io_scale, statistics.median(sum(lr.group_wait_ms for lr in r.layers) for r in reports)
+
+    fair, fair_wait = io_scale()
+    compute = ShardGroup.compute
+
+    def slow(self, *args, **kw):
+        time.sleep(0.004)   # 4 ms a group: the decoder soon has no free group to fill
+        return compute(self, *args, **kw)
+
+    monkeypatch.setattr(ShardGroup, "compute", slow)
+    slowed, slowed_wait = io_scale()
+    assert slowed_wait > fair_wait + 5.0          # the decoder did wait for groups
+    assert slowed < 1.3 * fair + 0.1, (slowed, fair)

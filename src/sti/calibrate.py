@@ -17,11 +17,13 @@ waited for IO) with the profile's compute time at the request's width:
 and the IO lane's pace with the profile's (the two IO threads beside the compute lane, as
 they run in the engine; the profile times each alone, beside one busy thread):
   - `io_scale`, the median over layers with streamed shards of the IO lane's progress since
-    the embeddings (the end of the layer's last decode) over the timeline's prediction of it;
+    the embeddings (the end of the layer's last decode, less the decoder's waits for the
+    compute lane to free a group) over the timeline's prediction of it;
   - `embed_scale`, the median of the embedding rows' read time over the profile's.
-Measured in three `sti bench` runs on the full-preset store (2026-12-03; the corrected
-profiles are in benchmarks/results/io_calibration/ and headline/): io_scale 1.10-1.11 at
-emulated 100 MB/s and 1.01-1.29 cold, embed_scale 1.24-1.72.
+Measured in three `sti bench` runs on the full-preset store (2026-12-03, before the waits
+for groups were taken out; the corrected profiles are in benchmarks/results/io_calibration/
+and headline/): io_scale 1.10-1.11 at emulated 100 MB/s and 1.01-1.29 cold, embed_scale
+1.24-1.72 (docs/PROFILES.md has what taking the waits out changed).
 `corrected` applies them: compute_coef scaled, `first_layer_ms` set (the timeline adds it
 to the first executed layer, planning/plan.py `simulate`), shard read and decode times and
 the embedding read scaled, and the figures recorded in the profile's `calibrated` field,
@@ -93,8 +95,10 @@ def io_paces(engine, reports) -> tuple[list[float], list[float]]:
     progress since the embedding rows (when the layer's last decode ends, preloaded shards'
     decodes included) over the timeline's; per request: the embedding read over the
     profile's. Each request is simulated from its own measured embedding time. The decoder
-    also waits for the compute lane's free groups, so a compute-bound request's IO looks
-    slower than its reads were: the scale errs on the cautious side."""
+    also waits for the compute lane to free a group (it decodes at most the pool's slabs
+    ahead); those waits are the compute lane's pace, which the timeline already has, so
+    they are taken out of the IO lane's progress (counted in, they made a compute-bound
+    request's IO look up to 1.7x slower than its reads: plans then streamed too little)."""
     device, rows = engine.device, engine.rows.cache
     io, embed = [], []
     for r in reports:
@@ -103,9 +107,11 @@ def io_paces(engine, reports) -> tuple[list[float], list[float]]:
         if planned > 0 and r.embed_read_ms > 0:
             embed.append(r.embed_read_ms / planned)
         timeline = simulate(c.layers, c.m, c.bits, c.preload, device, r.width, embed_ms=r.embed_read_ms)
+        waited = 0.0  # the decoder's waits for free groups so far: the compute lane's pace, not IO's
         for t, lr in zip(timeline, r.layers):
+            waited += lr.group_wait_ms
             if lr.decode_end_ms > 0 and t.io_end - r.embed_read_ms > MIN_IO_MS:
-                io.append((lr.decode_end_ms - r.embed_read_ms) / (t.io_end - r.embed_read_ms))
+                io.append((lr.decode_end_ms - r.embed_read_ms - waited) / (t.io_end - r.embed_read_ms))
     return io, embed
 
 

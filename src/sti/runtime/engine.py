@@ -638,7 +638,9 @@ class _Groups:
         if at is None:
             self.flush()
         if self.group is None:
+            a = self.req.now()
             self.group = self.engine.pool.acquire(self.phase)
+            self.req.report.layers[self.pos].group_wait_ms += self.req.now() - a  # (only the decoder writes it)
             if self.group is None:
                 return False
         if at is not None:

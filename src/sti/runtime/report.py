@@ -16,6 +16,7 @@ class LayerReport:
     io_ms: float = 0.0        # IO lane: reading this layer's streamed shards
     decode_ms: float = 0.0    # IO lane: decoding the heads of its shards (streamed and preloaded)
     decode_end_ms: float = 0.0  # when its last shard (head or FFN slice) was decoded
+    group_wait_ms: float = 0.0  # IO lane: the decoder waiting for the compute lane to free a group
     compute_ms: float = 0.0
     stall_ms: float = 0.0     # compute lane waiting for the IO lane
     start_ms: float = 0.0
