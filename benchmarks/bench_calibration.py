@@ -1,21 +1,18 @@
 """Is the engine's calibration at open measuring the device? (issue: plans and calibration)
 
-Part 1, the IO scale (`sti.calibrate.io_paces`): an engine on the store, opened from the raw
+The IO scale (`sti.calibrate.io_paces`): an engine on the store, opened from the raw
 device profile, runs --probes rounds of calibration probes (48 dev requests each, guard off),
 and each round's reports are read three ways: the IO lane's progress over the timeline's with
 the decoder's waits for free groups taken out (what calibration does now), the same with them
 counted in (what it did before), and the streamed reads alone over the profile's.
 
-Part 2, served (--served X [X ...]): the engine as users open it (`sti.open_engine`, calibrated
-at open), T = X times the fused fp32 model's median latency (measured first, or --unit-ms),
-serving every test request; one JSON line per point. Run under PYTHONPATH=OLD/src to measure
-an older tree on the same machine, turn about.
+Served accuracy with the calibration at open is `sti bench` (calibrated per storage):
+`sti bench STORE MODEL --systems sti-joint --storages emulate:100MB/s --seq-modes own
+--targets-x 1,1.5,2 --memories-mb 2`, under PYTHONPATH=OLD/src for an older tree.
 
     .venv/bin/python benchmarks/bench_calibration.py [--store DIR] [--latencies-ms 16 32]
-    .venv/bin/python benchmarks/bench_calibration.py --served 1 1.5 2 [--unit-ms 15.9]
 
-Emulated storage 100 MB/s, M = 2 MB, 1 torch thread. Writes benchmarks/results/calibration.json
-(part 1; part 2 prints only).
+Emulated storage 100 MB/s, M = 2 MB, 1 torch thread. Writes benchmarks/results/calibration.json.
 """
 
 from __future__ import annotations
@@ -32,10 +29,7 @@ import torch
 import sti
 from sti import calibrate
 from sti.data import load_split
-from sti.encoder import classify
 from sti.profile_device import machine
-from sti.store import Store
-from sti.tokenizer import Tokenizer
 
 OUT = Path(__file__).resolve().parent / "results" / "calibration.json"
 STORAGE, MEMORY_MB = "emulate:100MB/s", 2.0
@@ -62,55 +56,15 @@ def io_scales(store: Path, latency_ms: float, rounds: int) -> list[dict]:
     return out
 
 
-def fused_ms(store: Path, texts: list[str]) -> float:
-    with Store(store) as s:
-        weights = s.load_model(32)
-    tok, times = Tokenizer(store), []
-    with torch.inference_mode():
-        for t in texts:
-            batch = tok.encode([t])
-            a = time.perf_counter()
-            classify(weights, batch.input_ids, batch.attention_mask)
-            times.append((time.perf_counter() - a) * 1e3)
-    return statistics.median(times)
-
-
-def served(store: Path, x: float, unit_ms: float) -> dict:
-    test = load_split("test")
-    reports, correct = [], 0
-    with sti.open_engine(store, latency_ms=x * unit_ms, memory_mb=MEMORY_MB, storage=STORAGE,
-                         log=lambda *a: None) as engine:
-        cal = dict(engine.device.calibrated or {})
-        for ex in test:
-            r = engine.run(ex.text, ex.text_pair)
-            reports.append(r.report)
-            correct += int(r.probs.index(max(r.probs)) == ex.label)
-    n = len(test)
-    return {"sti": str(Path(sti.__file__).parent), "x": x, "target_ms": x * unit_ms, "requests": n,
-            "served_accuracy": correct / n, "within_t": sum(r.met_deadline for r in reports) / n,
-            "guard_rate": sum(bool(r.guard_changes) for r in reports) / n,
-            "measured_over_predicted": statistics.median(r.latency_ms / r.predicted_ms for r in reports),
-            "median_ms": statistics.median(r.latency_ms for r in reports),
-            "compute_scale": cal.get("compute_scale"), "io_scale": cal.get("io_scale")}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, default=None, help="default: the demo's store")
     ap.add_argument("--latencies-ms", type=float, nargs="+", default=[16.0, 32.0])
     ap.add_argument("--probes", type=int, default=3, help="rounds of calibration probes per latency")
-    ap.add_argument("--served", type=float, nargs="*", default=None, help="T as multiples of the fused model")
-    ap.add_argument("--unit-ms", type=float, default=None, help="the fused model's latency (default: measured)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     torch.set_num_threads(1)
     store = args.store or sti.demo_store_path()
-    if args.served is not None:
-        unit = args.unit_ms or fused_ms(store, [e.text for e in load_split("test")[:200]])
-        for x in args.served:
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in served(store, x, unit).items()}),
-                  flush=True)
-        return
     rows = [row for t in args.latencies_ms for row in io_scales(store, t, args.probes)]
     result = {"rows": rows, "conditions": {"store": str(store), "storage": STORAGE, "memory_mb": MEMORY_MB,
                                            "torch_threads": 1, "probes": calibrate.PROBES, "machine": machine(),

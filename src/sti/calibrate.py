@@ -98,7 +98,7 @@ def io_paces(engine, reports) -> tuple[list[float], list[float]]:
     also waits for the compute lane to free a group (it decodes at most the pool's slabs
     ahead); those waits are the compute lane's pace, which the timeline already has, so
     they are taken out of the IO lane's progress (counted in, they made a compute-bound
-    request's IO look up to 1.7x slower than its reads: plans then streamed too little)."""
+    request's IO look 1.6-2.7x slower: plans then streamed too little; docs/PROFILES.md)."""
     device, rows = engine.device, engine.rows.cache
     io, embed = [], []
     for r in reports:
