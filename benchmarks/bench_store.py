@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/bench_store.py [--model DIR] [--group G] [--clip-min R]
 
-Builds a store of the fine-tuned model per codec (bits 2,3,4,5,6,32), then runs the whole
-model with every shard at b bits. For each codec and bitwidth: test accuracy (Rotten
-Tomatoes test split), the KL divergence of its answers from the float32 model's over 3,000
-training sentences (a finer measure than accuracy on 1,057 snippets, whose standard error is
-about a point), the label agreement there, bits a weight as stored, and decode speed (one
-thread, a layer's 12 shards, as benchmarks/bench_codec.py times them). The default codec
+Builds a store of the fine-tuned model per codec (bits 2,3,4,5,6,32): the linear codec with
+GPTQ rounding calibrated on 512 training texts (`linear-gptq`, what `sti build` and the demo
+write), the linear codec rounding to nearest (`linear`), and GOBO; then runs the whole model
+with every shard at b bits. For each and each bitwidth: test accuracy (Rotten Tomatoes test
+split), the KL divergence of its answers from the float32 model's over 3,000 training
+sentences not among the calibration texts (a finer measure than accuracy on 1,057 snippets,
+whose standard error is about a point), the label agreement there, bits a weight as stored,
+and decode speed (one thread, a layer's 12 shards, as benchmarks/bench_codec.py times them). The default codec
 should have the least KL at 2-3 bits for its bytes. --group and --clip-min build the linear
 codec with another group size or clipping floor, to compare the choices of docs/CODECS.md.
 Writes benchmarks/results/store.json (store-G<G>-clip<R>.json for a variant, or --out).
@@ -27,6 +29,7 @@ import torch
 
 import sti.codec as codecs
 from bench_codec import layer_times
+from sti.api import calibration_texts
 from sti.data import load_split
 from sti.evaluate import predict_logits
 from sti.finetune import default_model_dir
@@ -35,6 +38,11 @@ from sti.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 KL_SENTENCES = 3000
+
+
+def variants(calibration):
+    """(name, codec, calibration texts) of each store built."""
+    return (("linear-gptq", "linear", calibration), ("linear", "linear", None), ("gobo", "gobo", None))
 
 
 def fidelity(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -60,15 +68,17 @@ def main() -> int:
     codecs.CLIP_RATIOS = codecs.clip_ratios(args.clip_min)
     test = load_split("test")
     labels = torch.tensor([e.label for e in test])
+    calibration = calibration_texts()
+    held = set(calibration)
     train = load_split("train")
     random.Random(0).shuffle(train)
-    sample = train[:KL_SENTENCES]
+    sample = [e for e in train if (e.text, e.text_pair) not in held][:KL_SENTENCES]
     tok = Tokenizer(args.model)
     rows, ref = [], None
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
-        for codec in ("linear", "gobo"):
+        for name, codec, texts in variants(calibration):
             t0 = time.perf_counter()
-            path = build_store(args.model, Path(tmp) / codec, codec=codec)
+            path = build_store(args.model, Path(tmp) / name, codec=codec, calibration=texts)
             build_s = time.perf_counter() - t0
             with Store(path) as s:
                 sizes = s.sizes()
@@ -82,19 +92,19 @@ def main() -> int:
                     acc = (predict_logits(m, tok, test).argmax(1) == labels).float().mean().item()
                     torch.set_num_threads(1)
                     _, dec_ms, packed, fp32 = layer_times(s, b, 3)
-                    rows.append({"codec": codec, "bits": b, "test_accuracy": acc, "kl": kl, "agree": agree,
+                    rows.append({"codec": name, "bits": b, "test_accuracy": acc, "kl": kl, "agree": agree,
                                  "bits_per_weight": sizes["shards_by_bits"][b] * 8 / weights,
                                  "decode_out_MBps": fp32 / dec_ms / 1e3, "build_s": build_s,
                                  "shard_bytes": sizes["shards_by_bits"][b], "store_bytes": sizes["data_file"]})
                     r = rows[-1]
-                    print(f"{codec:6} {b:>2} bits: test accuracy {acc:.4f}  KL {kl:.4f}  agree {agree:.4f}  "
+                    print(f"{name:11} {b:>2} bits: test accuracy {acc:.4f}  KL {kl:.4f}  agree {agree:.4f}  "
                           f"{r['bits_per_weight']:5.2f} bits/weight  decode {r['decode_out_MBps']:6.0f} MB/s", flush=True)
     fp32 = {r["codec"]: r["test_accuracy"] for r in rows if r["bits"] == 32}
     print(f"\nlinear: group {args.group}, clipped down to {args.clip_min}; test accuracy (KL) per bitwidth")
-    print(f"{'codec':7}" + "".join(f"{b:>16}" for b in (2, 3, 4, 5, 6, 32)) + "   build s  store MB")
-    for codec in ("linear", "gobo"):
+    print(f"{'codec':12}" + "".join(f"{b:>16}" for b in (2, 3, 4, 5, 6, 32)) + "   build s  store MB")
+    for codec, _, _ in variants(None):
         sel = {r["bits"]: r for r in rows if r["codec"] == codec}
-        print(f"{codec:7}" + "".join(f"{sel[b]['test_accuracy']:8.4f} ({sel[b]['kl']:.3f})" for b in sorted(sel))
+        print(f"{codec:12}" + "".join(f"{sel[b]['test_accuracy']:8.4f} ({sel[b]['kl']:.3f})" for b in sorted(sel))
               + f"   {sel[32]['build_s']:7.1f}  {sel[32]['store_bytes'] / 1e6:8.1f}")
         for b, limit in ((2, 0.01), (3, 0.003), (4, 0.002)):
             drop = fp32[codec] - sel[b]["test_accuracy"]
@@ -102,11 +112,12 @@ def main() -> int:
                   + ("met" if drop <= limit else "NOT met") + f"; {sel[b]['bits_per_weight']:.2f} bits a weight")
     best = {b: min((r for r in rows if r["bits"] == b), key=lambda r: r["kl"] * r["bits_per_weight"])["codec"]
             for b in (2, 3)}
-    print(f"least KL x bits at 2 bits: {best[2]}; at 3 bits: {best[3]} (the default is linear)")
+    print(f"least KL x bits at 2 bits: {best[2]}; at 3 bits: {best[3]} (the default is linear-gptq)")
     out = args.out or RESULTS / (f"store-G{args.group}-clip{args.clip_min:g}.json" if variant else "store.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(args.model), "split": "test", "kl_sentences": KL_SENTENCES,
                                "linear_group": args.group, "linear_clip_min": args.clip_min,
+                               "calibration_texts": len(calibration),
                                "codec_version": codecs.VERSION, "rows": rows}, indent=1))
     print(f"wrote {out}")
     return 0

@@ -3,14 +3,14 @@
 Data flows one way: model -> shards -> store -> profiles -> plan -> pipeline -> results.
 
     import sti
-    sti.build_store("path/to/hf-model", "store")                  # shards at every bitwidth
+    sti.build_store("path/to/hf-model", "store", calibration=sti.calibration_texts())  # shards, every bitwidth
     with sti.open_engine("store", latency_ms=30, memory_mb=2) as engine:   # profiles, plan, engine
         print(engine.run("a gripping, beautifully acted film").label)
 
 The public API is re-exported here; the CLI (`sti`) is a thin layer over it.
 """
 
-from .api import (calibrated_device, classify_exact, device_profile, evaluate_file, exact_answers,
+from .api import (calibrated_device, calibration_texts, classify_exact, device_profile, evaluate_file, exact_answers,
                   importance_profile, open_engine, plan, request_lengths, sample_requests)
 from .assets import ensure_data, ensure_model, sti_home
 from .config import PRESETS, ModelConfig
@@ -35,7 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # the short path: store -> profiles -> plan -> engine
-    "build_store", "Store", "device_profile", "calibrated_device", "importance_profile", "DeviceProfile", "ImportanceProfile",
+    "build_store", "calibration_texts", "Store", "device_profile", "calibrated_device", "importance_profile", "DeviceProfile", "ImportanceProfile",
     "load_profile", "save_profile", "plan", "make_plan", "make_plan_set", "Plan", "PlanSet", "request_lengths",
     "explain", "explain_set", "simulate", "open_engine", "Engine",
     "Result", "Report", "classify_exact", "exact_answers", "demo_store_path",

@@ -158,6 +158,28 @@ def dev_texts() -> list[str]:
     return [e.text for e in load_split("dev")]
 
 
+def calibration_texts(path: str | Path | None = None, count: int | None = None,
+                      columns: dict | None = None) -> list[tuple[str, str | None]]:
+    """Texts a store's GPTQ rounding is calibrated on, as (text, second text or None): `count`
+    (default 512) spread evenly over a data file's rows (docs/DATA.md), or drawn with a fixed
+    seed from the built-in training split (never dev or test, which profiles and benchmarks use)."""
+    import random
+    from .gptq import CALIBRATION_TEXTS
+    count = CALIBRATION_TEXTS if count is None else count
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InputError(f"the calibration count must be a positive integer, got {count!r}")
+    if path is None:
+        from .data import load_split
+        train = [(e.text, e.text_pair) for e in load_split("train")]
+        random.Random(0).shuffle(train)
+        return train[:count]
+    found = _file_requests(path, columns or {})
+    if not found:
+        raise InputError(f"{path}: no texts to calibrate on")
+    step = max(1, len(found) // count)
+    return found[::step][:count]
+
+
 def sample_requests(importance: ImportanceProfile | None = None) -> tuple[list[tuple[str, str | None]], str]:
     """The requests plans are made for and calibration probes run: the examples of the data
     file the importance profile was measured on, if it is still there unchanged (so a task

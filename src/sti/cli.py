@@ -97,15 +97,23 @@ def _bits(text: str) -> tuple[int, ...]:
 def build(model_dir: Path = typer.Argument(..., help="a Hugging Face model directory (BERT, RoBERTa, DistilBERT)"),
           store_dir: Path = typer.Argument(..., help="where to write the store"),
           bits: str = typer.Option("2,3,4,5,6,32", help="bitwidths to store every shard at"),
-          codec: str = typer.Option("linear", help="linear (group-wise affine, fast decode) or gobo (the paper's)")) -> None:
+          codec: str = typer.Option("linear", help="linear (group-wise affine, fast decode) or gobo (the paper's)"),
+          calibration: str = typer.Option("builtin", help="texts GPTQ rounding measures the model's inputs on "
+                                          "(linear codec): builtin (the built-in training split), a data file "
+                                          "(docs/DATA.md), or none (every weight to its nearest code)"),
+          calibration_count: int = typer.Option(512, help="how many calibration texts")) -> None:
     """Cut a model into shards and write every shard at every bitwidth (docs/FORMAT.md)."""
     import time
     from rich.progress import Progress as Bar
+    from .api import calibration_texts
     from .store import build_store
     t0 = time.perf_counter()
+    texts = None
+    if calibration != "none" and codec == "linear":
+        texts = calibration_texts(None if calibration == "builtin" else Path(calibration), calibration_count)
     with Bar(console=console, transient=True) as bar:
         task = bar.add_task("building store", total=None)
-        build_store(model_dir, store_dir, bits=_bits(bits), codec=codec,
+        build_store(model_dir, store_dir, bits=_bits(bits), codec=codec, calibration=texts,
                     progress=lambda done, total: bar.update(task, completed=done, total=total) or True)
     console.print(f"wrote {store_dir} in {time.perf_counter() - t0:.1f} s")
     print_inspect(store_dir, console)

@@ -72,16 +72,21 @@ def fit(matrix: np.ndarray, bits: int, codec: str) -> GoboFit | None:
     return GoboFit(g.mean, g.std, edges, centroids)
 
 
-def encode(w: np.ndarray, bits: int, codec: str, fitted: GoboFit | None = None) -> bytes:
-    """Encode a float32 matrix (any shape; stored as rows x cols) into one blob."""
+def encode(w: np.ndarray, bits: int, codec: str, fitted: GoboFit | None = None,
+           choice: tuple | None = None) -> bytes:
+    """Encode a float32 matrix (any shape; stored as rows x cols) into one blob. For the
+    linear codec, `choice` (codes, scale, zero) gives codes chosen elsewhere on the grid
+    `linear_choice` picks (GPTQ's, gptq.py); by default each weight takes its nearest code."""
     _check(bits, codec)
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, cols = (w.shape[0], int(np.prod(w.shape[1:]))) if w.ndim >= 2 else (w.size, 1)
     flat = w.ravel()
     if not np.isfinite(flat).all():
         raise CodecError("cannot encode a tensor holding NaN or infinity")
+    if choice is not None and codec != "linear":
+        raise CodecError(f"codes chosen elsewhere apply to the linear codec, not {codec!r}")
     if codec == "linear":
-        param, body = GROUP, _encode_linear(flat, bits)
+        param, body = GROUP, _encode_linear(flat, bits, choice)
     else:
         fitted = fitted or fit(w, bits, codec)
         if len(fitted.centroids) != 1 << bits:
@@ -139,11 +144,31 @@ def linear_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) 
     return (codes * scale[:, None]).add_(zero[:, None])
 
 
-def _encode_linear(flat: np.ndarray, bits: int) -> bytes:
-    groups = torch.from_numpy(_pad(flat, GROUP, edge=True).reshape(-1, GROUP))
+def linear_choice(flat: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The linear codec's nearest-rounding choice for a flat float32 tensor: (codes [n]
+    uint8, scale and zero per group of GROUP, float32 values float16 holds exactly)."""
+    groups = torch.from_numpy(_pad(np.ascontiguousarray(flat, np.float32), GROUP, edge=True).reshape(-1, GROUP))
     codes, scale, zero = linear_grid(groups, bits)
-    return (scale.numpy().astype("<f2").tobytes() + zero.numpy().astype("<f2").tobytes()
-            + pack_codes(codes.numpy().ravel()[:flat.size].astype(np.uint8), bits))
+    return codes.numpy().ravel()[:flat.size].astype(np.uint8), scale.numpy(), zero.numpy()
+
+
+def _encode_linear(flat: np.ndarray, bits: int, choice: tuple | None) -> bytes:
+    codes, scale, zero = linear_choice(flat, bits) if choice is None else _checked(choice, flat.size, bits)
+    return scale.astype("<f2").tobytes() + zero.astype("<f2").tobytes() + pack_codes(codes, bits)
+
+
+def _checked(choice: tuple, n: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A choice made elsewhere, refused unless it is one this format stores exactly."""
+    codes, scale, zero = (np.asarray(a) for a in choice)
+    groups = -(-n // GROUP)
+    if codes.shape != (n,) or scale.shape != (groups,) or zero.shape != (groups,):
+        raise CodecError(f"a linear choice for {n} weights needs {n} codes and {groups} scales and zeros")
+    if codes.size and int(codes.max()) >= 1 << bits:
+        raise CodecError(f"a code of {int(codes.max())} does not fit {bits} bits")
+    for name, a in (("scale", scale), ("zero", zero)):
+        if not np.array_equal(a.astype(np.float16).astype(np.float32), a.astype(np.float32)):
+            raise CodecError(f"a linear choice's {name} is not a float16 value")
+    return codes.astype(np.uint8), scale.astype(np.float32), zero.astype(np.float32)
 
 
 def _encode_gobo(flat: np.ndarray, bits: int, g: GoboFit, mask: np.ndarray) -> bytes:

@@ -24,17 +24,20 @@ def demo_store(model_dir: Path, console: Console) -> Path:
     from .store import MANIFEST, VERSION, build_store
     path = sti_home() / "stores" / f"{model_dir.name}-linear"
     if (path / MANIFEST).exists():
-        built_from, version = _built_from(path)
-        if built_from == checkpoint_sha256(model_dir) and version == VERSION:
+        built_from, version, rounding = _built_from(path)
+        if built_from == checkpoint_sha256(model_dir) and version == VERSION and rounding == "gptq":
             return path
         why = (f"is in format version {version} (this sti writes {VERSION})" if version != VERSION else
                "records no model hash (built by an older sti)" if built_from is None else
-               f"was built from another version of {model_dir.name}")
+               f"was built from another version of {model_dir.name}" if built_from != checkpoint_sha256(model_dir)
+               else "rounds every weight to its nearest code (this sti calibrates GPTQ rounding)")
         console.print(f"{path} {why}: rebuilding it (its profiles go with it and are measured again)")
     from rich.progress import Progress as Bar
+    from .api import calibration_texts
     with Bar(console=console, transient=True) as bar:
-        task = bar.add_task("building the store", total=None)
-        build_store(model_dir, path, progress=lambda d, t: bar.update(task, completed=d, total=t) or True)
+        task = bar.add_task("building the store (GPTQ rounding, calibrated on the training split)", total=None)
+        build_store(model_dir, path, calibration=calibration_texts(),
+                    progress=lambda d, t: bar.update(task, completed=d, total=t) or True)
     return path
 
 
@@ -52,16 +55,17 @@ def demo_store_path() -> Path:
     raise InputError(f"no demo store in {sti_home() / 'stores'} yet: run `make demo` (or `sti demo`) first")
 
 
-def _built_from(store: Path) -> tuple[str | None, object]:
+def _built_from(store: Path) -> tuple[str | None, object, object]:
     """(the sha256 of the model a store was built from, if its manifest says; its format
-    version). Read loosely rather than through `Store`, whose validation refuses stores of
-    an older format version: those should be rebuilt here, not stop the demo."""
+    version; its rounding method). Read loosely rather than through `Store`, whose
+    validation refuses stores of an older format version: those should be rebuilt here,
+    not stop the demo."""
     from .store import MANIFEST
     try:
         m = json.loads((store / MANIFEST).read_text())
-        return m.get("source", {}).get("model_sha256"), m.get("version")
+        return m.get("source", {}).get("model_sha256"), m.get("version"), m.get("rounding", {}).get("method")
     except (OSError, ValueError, AttributeError):
-        return None, None
+        return None, None, None
 
 
 def run_demo(preset: str = "quick", console: Console | None = None) -> None:

@@ -102,10 +102,10 @@ def embed(emb: Embeddings, input_ids: torch.Tensor, config: ModelConfig,
     return F.layer_norm(x, (x.shape[-1],), emb.ln_w, emb.ln_b, config.layer_norm_eps)
 
 
-def attention(x: torch.Tensor, keep: torch.Tensor, layer: LayerWeights, head_dim: int,
-              dropout: float = 0.0) -> torch.Tensor:
-    """Multi-head self-attention over the layer's heads, projected back to hidden size
-    (without the output bias, which is per layer). `keep` is [B, 1, 1, S] bool."""
+def attention_context(x: torch.Tensor, keep: torch.Tensor, layer: LayerWeights, head_dim: int,
+                      dropout: float = 0.0) -> torch.Tensor:
+    """Multi-head self-attention over the layer's heads: their outputs side by side [B, S,
+    heads * head_dim], the input of the output projection. `keep` is [B, 1, 1, S] bool."""
     b, s, _ = x.shape
     heads = layer.num_shards
 
@@ -117,22 +117,27 @@ def attention(x: torch.Tensor, keep: torch.Tensor, layer: LayerWeights, head_dim
     v = split(F.linear(x, layer.v_w, layer.v_b))
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout,
                                          scale=1.0 / math.sqrt(head_dim))
-    ctx = ctx.transpose(1, 2).reshape(b, s, heads * head_dim)
-    return F.linear(ctx, layer.o_w)
+    return ctx.transpose(1, 2).reshape(b, s, heads * head_dim)
 
 
-def ffn(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
-    """The layer's FFN neuron slices (without the output bias, which is per layer)."""
-    return F.linear(F.gelu(F.linear(x, layer.i_w, layer.i_b)), layer.f_w)
+def ffn_hidden(x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+    """The FFN neurons' activations: the input of the FFN-out projection."""
+    return F.gelu(F.linear(x, layer.i_w, layer.i_b))
 
 
 def layer_forward(x: torch.Tensor, keep: torch.Tensor, layer: LayerWeights, config: ModelConfig,
-                  dropout: float = 0.0) -> torch.Tensor:
+                  dropout: float = 0.0, observe=None) -> torch.Tensor:
+    """One layer. Output biases are per layer; the projections are sums over the shards
+    present. `observe`, if given, is called with the input of each of the layer's
+    projections (`x`: q, k, v; `ctx`: the output projection; `mid`: FFN-in; `act`: FFN-out),
+    as the store's GPTQ rounding measures them (gptq.py)."""
     sh, h, eps = layer.shared, config.hidden_size, config.layer_norm_eps
-    a = attention(x, keep, layer, config.head_dim, dropout)
-    x = F.layer_norm(x + _drop(a + sh.o_b, dropout), (h,), sh.ln1_w, sh.ln1_b, eps)
-    f = ffn(x, layer)
-    return F.layer_norm(x + _drop(f + sh.f_b, dropout), (h,), sh.ln2_w, sh.ln2_b, eps)
+    ctx = attention_context(x, keep, layer, config.head_dim, dropout)
+    mid = F.layer_norm(x + _drop(F.linear(ctx, layer.o_w) + sh.o_b, dropout), (h,), sh.ln1_w, sh.ln1_b, eps)
+    act = ffn_hidden(mid, layer)
+    if observe is not None:
+        observe(x=x, ctx=ctx, mid=mid, act=act)
+    return F.layer_norm(mid + _drop(F.linear(act, layer.f_w) + sh.f_b, dropout), (h,), sh.ln2_w, sh.ln2_b, eps)
 
 
 def _drop(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -36,7 +36,10 @@ def print_inspect(store_dir: Path, console: Console) -> None:
         fp32_layers = c.num_layers * c.layer_params * 4
         head_params = (c.hidden_size + 1) * (c.num_labels + (c.hidden_size if c.head_act != "none" else 0))
         fp32_total = fp32_layers + c.embedding_params * 4 + head_params * 4
-        console.print(f"store {store_dir}  id {s.store_id[:12]}  codec {s.codec}  bits {list(s.bits)}")
+        r = s.rounding
+        rounding = f"GPTQ on {r['texts']} texts" if r["method"] == "gptq" else "nearest"
+        console.print(f"store {store_dir}  id {s.store_id[:12]}  codec {s.codec} ({rounding} rounding)  "
+                      f"bits {list(s.bits)}")
         console.print(f"model: {c.family}, {c.num_layers} layers x {c.num_shards} shards, hidden {c.hidden_size}, "
                       f"FFN {c.intermediate_size}, vocab {c.vocab_size}, up to {c.max_tokens} tokens")
         dense = f" -> dense + {c.head_act}" if c.head_act != "none" else ""

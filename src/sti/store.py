@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import codec as codecs
+from . import gptq
 from .config import ModelConfig
 from .hf import checkpoint_sha256
 from .errors import Cancelled, ConfigError, StiError, StoreError
@@ -100,7 +101,8 @@ def _f32(name: str, t: torch.Tensor) -> tuple:
     return (name, tuple(a.shape), 32, "f32", a.tobytes())
 
 
-def _shard_parts(layer: LayerWeights, j: int, bits: int, codec: str, fits: dict, c: ModelConfig) -> list:
+def _shard_parts(layer: LayerWeights, j: int, bits: int, codec: str, fits: dict, c: ModelConfig,
+                 choices: dict) -> list:
     s = layer.shard(j, c)
     parts = []
     for name in ("q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "o_w", "i_w", "i_b", "f_w"):
@@ -108,12 +110,14 @@ def _shard_parts(layer: LayerWeights, j: int, bits: int, codec: str, fits: dict,
         if name in BIASES or bits == 32:
             parts.append(_f32(name, t))
         else:
-            blob = codecs.encode(np.ascontiguousarray(t.numpy(), dtype=np.float32), bits, codec, fits[name])
+            blob = codecs.encode(np.ascontiguousarray(t.numpy(), dtype=np.float32), bits, codec, fits[name],
+                                 choices.get((name, j)))
             parts.append((name, tuple(t.shape), bits, "blob", blob))
     return parts
 
 
-def _write_records(weights: ModelWeights, f, bits: tuple[int, ...], codec: str, progress: Progress) -> tuple[list, dict]:
+def _write_records(weights: ModelWeights, f, bits: tuple[int, ...], codec: str, progress: Progress,
+                   calibration: "gptq.Calibration | None") -> tuple[list, dict]:
     c, w = weights.config, _Writer(f)
     r = rows_per_block(c.hidden_size)
     tables = {"word": weights.embeddings.word, "position": weights.embeddings.position}
@@ -141,13 +145,16 @@ def _write_records(weights: ModelWeights, f, bits: tuple[int, ...], codec: str, 
         records.append(w.add({"name": f"layer.{i}", "kind": "layer", "layer": i},
                              [_f32(p, getattr(layer.shared, p)) for p in LAYER_PARTS]))
         tick()
+        factors: dict = {}  # GPTQ's inverse-Hessian factors: one set per layer, for every bitwidth
         for b in bits:
             # GOBO fits its Gaussian and bins on the whole layer matrix: one codebook per matrix.
             fits = {m: codecs.fit(getattr(layer, m).numpy(), b, codec) for m in MATRICES} if b != 32 else {}
+            choices = (gptq.layer_choices(layer, c, b, calibration.grams[i], factors)
+                       if calibration is not None and b != 32 else {})
             for j in range(c.num_shards):
                 records.append(w.add({"name": f"layer.{i}.shard.{j}.bits.{b}", "kind": "shard",
                                       "layer": i, "shard": j, "bits": b},
-                                     _shard_parts(layer, j, b, codec, fits, c)))
+                                     _shard_parts(layer, j, b, codec, fits, c, choices)))
                 tick()
     return records, {name: {"rows": int(t.shape[0]), "rows_per_block": r} for name, t in tables.items()}
 
@@ -160,11 +167,18 @@ def compute_store_id(manifest: dict) -> str:
 
 def build_store(model: str | Path | ModelWeights, store_dir: str | Path, bits=DEFAULT_BITS,
                 codec: str = "linear", progress: Progress | None = None,
-                tokenizer_from: str | Path | None = None) -> Path:
-    """Write the store for `model` (a model directory or weights) to `store_dir`, atomically."""
+                tokenizer_from: str | Path | None = None, calibration: list | None = None) -> Path:
+    """Write the store for `model` (a model directory or weights) to `store_dir`, atomically.
+    With `calibration` texts (or (text, second text) pairs; e.g. `sti.calibration_texts()`), the linear codec's codes are
+    chosen by GPTQ on the model's inputs over those texts (gptq.py), tokenized with the
+    tokenizer of `tokenizer_from` (default: the model directory); without, every weight
+    takes its nearest code."""
     bits = tuple(sorted(set(int(b) for b in bits)))
     if codec not in codecs.CODECS:
         raise ConfigError(f"unknown codec {codec!r}: choose one of {', '.join(codecs.CODECS)}")
+    if calibration is not None and codec != "linear":
+        raise ConfigError(f"GPTQ rounding (calibration texts) applies to the linear codec, not {codec!r}: "
+                          "build without calibration texts (`sti build --calibration none`)")
     bad = [b for b in bits if b != 32 and b not in codecs.PACKED_BITS]
     if bad or not bits:
         raise ConfigError(f"bitwidths {bad or '(none)'} are not supported: choose from "
@@ -175,18 +189,19 @@ def build_store(model: str | Path | ModelWeights, store_dir: str | Path, bits=DE
         tokenizer_from = tokenizer_from or model_dir
         model = load_model_dir(model_dir)  # first: it names a missing or broken model clearly
         source = {"model_dir": str(model_dir.resolve()), "model_sha256": checkpoint_sha256(model_dir)}
+    measured = _calibrate(model, calibration, tokenizer_from, progress) if calibration is not None else None
     store_dir = Path(store_dir)
     store_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{store_dir.name}.", dir=store_dir.parent))
     try:
         with open(tmp / DATA, "wb") as f:
-            records, tables = _write_records(model, f, bits, codec, progress)
+            records, tables = _write_records(model, f, bits, codec, progress, measured)
             f.flush()
             os.fsync(f.fileno())
         manifest = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), "codec": codec,
                     "bits": list(bits), "alignment": PAGE, "data_file": DATA,
                     "data_size": (tmp / DATA).stat().st_size, "tables": tables, "source": source,
-                    "records": records}
+                    "rounding": measured.manifest() if measured else {"method": "nearest"}, "records": records}
         if tokenizer_from is not None and (Path(tokenizer_from) / TOKENIZER).exists():
             shutil.copyfile(Path(tokenizer_from) / TOKENIZER, tmp / TOKENIZER)
             manifest["tokenizer"] = {"file": TOKENIZER, "sha256": hashlib.sha256((tmp / TOKENIZER).read_bytes()).hexdigest()}
@@ -201,6 +216,22 @@ def build_store(model: str | Path | ModelWeights, store_dir: str | Path, bits=DE
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return store_dir
+
+
+def _calibrate(model: ModelWeights, texts: list[str], tokenizer_from, progress) -> "gptq.Calibration":
+    from .tokenizer import Tokenizer
+    if tokenizer_from is None or not (Path(tokenizer_from) / TOKENIZER).exists():
+        raise ConfigError("GPTQ rounding runs the model on the calibration texts, which needs its tokenizer: "
+                          f"give a model directory holding {TOKENIZER} (or tokenizer_from=...), or build "
+                          "without calibration (`sti build --calibration none`: nearest rounding)")
+    pairs = [(t, None) if isinstance(t, str) else tuple(t) for t in texts] if not isinstance(texts, str) else None
+    if pairs is None or not all(len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], (str, type(None)))
+                                for p in pairs):
+        raise ConfigError("calibration must be a list of texts, or of (text, second text or None) pairs "
+                          "(see sti.calibration_texts)")
+    # requests are cut to 128 tokens by default (api.DEFAULT_MAX_LENGTH), never past the model's positions
+    tokenizer = Tokenizer(tokenizer_from, max_length=min(128, model.config.max_tokens))
+    return gptq.measure(model, tokenizer, pairs, progress=progress)
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -238,6 +269,17 @@ def _field(d: dict, key: str, kind, where: str):
 
 def _int(d: dict, key: str, where: str, lo: int = 0, hi: int = 1 << 62) -> int:
     return CHECK.int(CHECK.key(d, key, where), f"{where}: field {key!r}", lo, hi)
+
+
+def _rounding(m: dict, where: str) -> dict:
+    """How the codes were chosen (FORMAT.md "rounding"; a store written before it says
+    nothing and was rounded to nearest). Informative only: decoding is the same either way."""
+    r = m.get("rounding", {"method": "nearest"})
+    if not isinstance(r, dict) or r.get("method") not in ("nearest", "gptq"):
+        raise StoreError(f"{where}: 'rounding' must name the method 'nearest' or 'gptq'")
+    if r["method"] == "gptq":
+        _int(r, "texts", where, 1)
+    return r
 
 
 def _parse_part(p: dict, rec_len: int, where: str) -> Part:
@@ -329,6 +371,7 @@ class Store:
         if not self.bits or not all(isinstance(b, int) and (b == 32 or b in codecs.PACKED_BITS) for b in self.bits):
             raise StoreError(f"{self._where}: bad bit list {list(self.bits)}")
         self.store_id = _field(m, "store_id", str, self._where)
+        self.rounding = _rounding(m, self._where)
         self.data_path = self.path / DATA
         self.data_size = _int(m, "data_size", self._where)
         if not self.data_path.exists():

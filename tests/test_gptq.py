@@ -1,0 +1,227 @@
+"""GPTQ rounding (gptq.py): lower output error than nearest rounding, on the same grid, kept
+inside each shard, and measured on the inputs the model really sees."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import sti.codec as codecs
+from conftest import word_tokenizer
+from sti import gptq
+from sti.api import calibration_texts
+from sti.encoder import encode
+from sti.errors import ConfigError, InputError
+from sti.store import Store, build_store
+from sti.tokenizer import Tokenizer
+from sti.weights import shard_slice
+
+
+def correlated_inputs(n: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Inputs whose dimensions are correlated and of unequal energy, as activations are."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=gen) * torch.linspace(0.2, 2.0, width)
+    return torch.randn(n, width, generator=gen) @ mix
+
+
+def nearest(w: torch.Tensor, bits: int):
+    codes, scale, zero = codecs.linear_choice(w.numpy().ravel(), bits)
+    return codes, scale, zero
+
+
+def decoded(w: torch.Tensor, codes, scale, zero) -> torch.Tensor:
+    blob = codecs.encode(w.numpy(), 2 if codes.max() < 4 else 3, "linear", choice=(codes, scale, zero))
+    return torch.from_numpy(codecs.decode(blob, tuple(w.shape)))
+
+
+def gptq_codes(w: torch.Tensor, x: torch.Tensor, bits: int):
+    _, scale, zero = nearest(w, bits)
+    spread = lambda a: gptq._spread(a, tuple(w.shape))  # noqa: E731
+    order, u = gptq.inverse_factor((x.T @ x).double())
+    codes = gptq.round_columns(w, spread(scale), spread(zero), bits, order, u)
+    return codes.numpy().ravel().astype(np.uint8), scale, zero
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_gptq_lowers_the_output_error(bits):
+    """||(W - Q) X|| computed directly on the inputs: GPTQ's is well below nearest's."""
+    gen = torch.Generator().manual_seed(1)
+    w, x = torch.randn(48, 256, generator=gen) * 0.05, correlated_inputs(2000, 256)
+    err = {}
+    for name, choice in (("nearest", nearest(w, bits)), ("gptq", gptq_codes(w, x, bits))):
+        q = torch.from_numpy(codecs.linear_values(torch.from_numpy(choice[0].astype(np.float32)).view(-1, 128),
+                                                  torch.from_numpy(choice[1]), torch.from_numpy(choice[2])
+                                                  ).numpy().ravel()).view_as(w)
+        err[name] = float(((w - q) @ x.T).square().sum())
+    assert err["gptq"] < 0.7 * err["nearest"], err
+
+
+def test_gptq_codes_are_stored_on_the_nearest_grid():
+    """Only the codes differ: the scale and zero sections are nearest rounding's byte for byte,
+    and the blob decodes to zero + code * scale of the chosen codes."""
+    gen = torch.Generator().manual_seed(2)
+    w, x = torch.randn(16, 384, generator=gen) * 0.05, correlated_inputs(500, 384)
+    codes, scale, zero = gptq_codes(w, x, 2)
+    assert not np.array_equal(codes, nearest(w, 2)[0])
+    mine = codecs.encode(w.numpy(), 2, "linear", choice=(codes, scale, zero))
+    plain = codecs.encode(w.numpy(), 2, "linear")
+    layout = codecs.check(mine, tuple(w.shape))
+    assert mine[:layout.sections[2]] == plain[:layout.sections[2]]
+    expect = codecs.linear_values(torch.from_numpy(codes.astype(np.float32)).view(-1, 128),
+                                  torch.from_numpy(scale), torch.from_numpy(zero)).numpy().ravel()
+    assert np.array_equal(codecs.decode(mine, tuple(w.shape)).ravel(), expect)
+
+
+def test_a_choice_the_format_cannot_hold_is_refused():
+    w = np.random.default_rng(0).normal(0, 0.05, (8, 128)).astype(np.float32)
+    codes, scale, zero = codecs.linear_choice(w.ravel(), 2)
+    with pytest.raises(codecs.CodecError, match="does not fit 2 bits"):
+        codecs.encode(w, 2, "linear", choice=(codes + 3, scale, zero))
+    with pytest.raises(codecs.CodecError, match="not a float16 value"):
+        codecs.encode(w, 2, "linear", choice=(codes, scale + 1e-6, zero))
+    with pytest.raises(codecs.CodecError, match="needs 1024 codes"):
+        codecs.encode(w, 2, "linear", choice=(codes[:-1], scale, zero))
+    with pytest.raises(codecs.CodecError, match="linear codec"):
+        codecs.encode(w, 2, "gobo", choice=(codes, scale, zero))
+
+
+def random_grams(config, seed: int = 0) -> dict:
+    widths = {"x": config.hidden_size, "ctx": config.hidden_size, "mid": config.hidden_size,
+              "act": config.intermediate_size}
+    return {k: (lambda x: (x.T @ x).double())(correlated_inputs(300, n, seed)) for k, n in widths.items()}
+
+
+def test_error_stays_inside_each_shard(tiny_weights):
+    """A shard's codes depend on its own weights only: changing another shard's columns of
+    the output projection and FFN-out, or the Gram matrix across shards, leaves them as
+    they are (the other shard may be absent or at another bitwidth when this one runs)."""
+    c, layer = tiny_weights.config, tiny_weights.layers[0]
+    grams = random_grams(c)
+    before = gptq.layer_choices(layer, c, 2, grams)
+    gen = torch.Generator().manual_seed(5)
+    for name in ("o_w", "f_w"):
+        cols = getattr(layer, name)[:, shard_slice(name, 1, c)]
+        cols += torch.randn(cols.shape, generator=gen) * 0.05
+    crossed = {k: v.clone() for k, v in grams.items()}
+    for kind, name in (("ctx", "o_w"), ("act", "f_w")):
+        a, b = shard_slice(name, 0, c), shard_slice(name, 2, c)
+        crossed[kind][a, b] += 5.0
+        crossed[kind][b, a] += 5.0
+    after = gptq.layer_choices(layer, c, 2, crossed)
+    for name in ("o_w", "f_w"):
+        for j in (0, 2, 3):
+            assert np.array_equal(before[(name, j)][0], after[(name, j)][0]), (name, j)
+        assert not np.array_equal(before[(name, 1)][0], after[(name, 1)][0])
+
+
+def test_grams_are_the_inputs_the_model_sees(tiny_weights, tmp_path):
+    """The Gram matrix of every layer's input equals X^T X over the real (unpadded) tokens of
+    the hidden states `encoder.encode` returns."""
+    tok = Tokenizer(word_tokenizer(tmp_path / "t"))
+    texts = [("w1 w2 w3", None), ("w4 w5 w6 w7 w8 w9 w10", None), ("w11", "w12 w13")]
+    cal = gptq.measure(tiny_weights, tok, texts, batch_size=2)
+    assert cal.texts == 3 and cal.tokens == 5 + 9 + 6
+    want = [torch.zeros(tiny_weights.config.hidden_size, tiny_weights.config.hidden_size, dtype=torch.float64)
+            for _ in tiny_weights.layers]
+    for text, pair in texts:
+        b = tok.encode([text], pairs=[pair] if pair else None)
+        states = encode(tiny_weights, b.input_ids, b.attention_mask, all_hidden=True, token_type_ids=b.token_type_ids)
+        for i, gram in enumerate(want):
+            x = states[i][0].double()
+            gram += x.T @ x
+    for i, gram in enumerate(want):
+        assert torch.allclose(cal.grams[i]["x"], gram, rtol=1e-4, atol=1e-6)
+
+
+def texts_for(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(116)}" for _ in range(rng.randrange(3, 14))) for _ in range(n)]
+
+
+def test_a_calibrated_store_errs_less_on_what_the_model_sees(tiny_weights, tmp_path):
+    """End to end through the store: at 2 and 3 bits, every projection's output error on
+    the calibration inputs is lower in the GPTQ store than in the nearest one, the manifest
+    says how the store was rounded, and 32-bit shards are the weights themselves."""
+    tok = word_tokenizer(tmp_path / "t")
+    texts = texts_for(96)
+    build_store(tiny_weights, tmp_path / "g", bits=(2, 3, 32), tokenizer_from=tok, calibration=texts)
+    build_store(tiny_weights, tmp_path / "n", bits=(2, 3, 32))
+    cal = gptq.measure(tiny_weights, Tokenizer(tok), [(t, None) for t in texts])
+    with Store(tmp_path / "g") as g, Store(tmp_path / "n") as n:
+        assert g.rounding["method"] == "gptq" and g.rounding["texts"] == 96 and n.rounding == {"method": "nearest"}
+        assert g.store_id != n.store_id
+        for bits in (2, 3):
+            mg, mn = g.load_model(bits), n.load_model(bits)
+            for i, layer in enumerate(tiny_weights.layers):
+                for name, kind in gptq.INPUTS.items():
+                    w = getattr(layer, name)
+                    eg = gptq.output_error(w, getattr(mg.layers[i], name), cal.grams[i][kind])
+                    en = gptq.output_error(w, getattr(mn.layers[i], name), cal.grams[i][kind])
+                    assert eg < en, (bits, i, name, eg, en)
+        assert torch.equal(g.load_model(32).layers[1].f_w, tiny_weights.layers[1].f_w)
+
+
+def test_calibration_is_refused_where_it_cannot_run(tiny_weights, tmp_path):
+    with pytest.raises(ConfigError, match="linear codec"):
+        build_store(tiny_weights, tmp_path / "s", bits=(2, 32), codec="gobo", calibration=["w1 w2"])
+    with pytest.raises(ConfigError, match="tokenizer"):
+        build_store(tiny_weights, tmp_path / "s", bits=(2, 32), calibration=["w1 w2"])
+    with pytest.raises(ConfigError, match="list of texts"):
+        build_store(tiny_weights, tmp_path / "s", bits=(2, 32), calibration="w1 w2",
+                    tokenizer_from=word_tokenizer(tmp_path / "t"))
+    with pytest.raises(ConfigError, match="none were given"):
+        build_store(tiny_weights, tmp_path / "s", bits=(2, 32), calibration=[], tokenizer_from=tmp_path / "t")
+    assert not (tmp_path / "s").exists()
+
+
+def test_calibration_texts_from_a_file(tmp_path):
+    f = tmp_path / "d.tsv"
+    f.write_text("text\tlabel\n" + "".join(f"sentence {i}\tpos\n" for i in range(100)))
+    texts = calibration_texts(f, count=10)
+    assert len(texts) == 10 and texts[0] == ("sentence 0", None) and texts[1] == ("sentence 10", None)
+    assert len(calibration_texts(f, count=500)) == 100
+    with pytest.raises(InputError, match="positive integer"):
+        calibration_texts(f, count=0)
+
+
+def test_a_store_manifest_with_a_bad_rounding_is_refused(tiny_weights, tmp_path):
+    import json
+    from sti.errors import StoreError
+    from sti.store import MANIFEST, compute_store_id
+    build_store(tiny_weights, tmp_path / "s", bits=(2, 32))
+    m = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    m["rounding"] = {"method": "magic"}
+    m["store_id"] = compute_store_id(m)
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="rounding"):
+        Store(tmp_path / "s")
+    del m["rounding"]  # a store written before stores said: rounded to nearest
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(m))
+    with Store(tmp_path / "s") as s:
+        assert s.rounding == {"method": "nearest"}
+
+
+@pytest.mark.real
+def test_gptq_brings_the_real_model_closer_at_2_bits(real_model_dir, real_data_dir, tmp_path):
+    """The real MiniLM at 2 bits: sentence embeddings (mean of the last hidden states) of
+    held-out texts are closer to the fp32 model's with GPTQ rounding than with nearest."""
+    from sti.data import load_split
+    from sti.encoder import mean_pool
+    from sti.weights import load_model_dir
+    weights = load_model_dir(real_model_dir, fresh_head=True)
+    texts = calibration_texts(count=128)
+    build_store(weights, tmp_path / "g", bits=(2, 32), tokenizer_from=real_model_dir, calibration=texts)
+    build_store(weights, tmp_path / "n", bits=(2, 32))
+    tok = Tokenizer(real_model_dir)
+    batch = tok.encode([e.text for e in load_split("dev")[:64]])
+
+    def pooled(w):
+        with torch.no_grad():
+            return mean_pool(encode(w, batch.input_ids, batch.attention_mask), batch.attention_mask)
+
+    ref = pooled(weights)
+    with Store(tmp_path / "g") as g, Store(tmp_path / "n") as n:
+        err_g = (pooled(g.load_model(2)) - ref).norm(dim=1).mean().item()
+        err_n = (pooled(n.load_model(2)) - ref).norm(dim=1).mean().item()
+    assert err_g < 0.8 * err_n, (err_g, err_n)
