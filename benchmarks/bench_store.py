@@ -45,6 +45,11 @@ def variants(calibration):
     return (("linear-gptq", "linear", calibration), ("linear", "linear", None), ("gobo", "gobo", None))
 
 
+def chosen(only: str | None, calibration):
+    names = None if only is None else set(only.split(","))
+    return [v for v in variants(calibration) if names is None or v[0] in names]
+
+
 def fidelity(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """Mean KL(reference || these) of the answers, and the share of labels that agree."""
     p, q = torch.log_softmax(ref, 1), torch.log_softmax(logits, 1)
@@ -59,6 +64,8 @@ def main() -> int:
     ap.add_argument("--clip-min", type=float, default=min(codecs.CLIP_RATIOS),
                     help="linear: the least share of a group's range its grid may be clipped to")
     ap.add_argument("--out", type=Path, default=None, help="results file (default: see above)")
+    ap.add_argument("--only", default=None, help="comma-separated stores to build (default: all of "
+                    + ", ".join(v[0] for v in variants(None)) + ")")
     args = ap.parse_args()
     if not (args.model / "model.safetensors").exists():
         print(f"no fine-tuned model in {args.model}: run `sti finetune` first", file=sys.stderr)
@@ -76,7 +83,7 @@ def main() -> int:
     tok = Tokenizer(args.model)
     rows, ref = [], None
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
-        for name, codec, texts in variants(calibration):
+        for name, codec, texts in chosen(args.only, calibration):
             t0 = time.perf_counter()
             path = build_store(args.model, Path(tmp) / name, codec=codec, calibration=texts)
             build_s = time.perf_counter() - t0
@@ -102,7 +109,7 @@ def main() -> int:
     fp32 = {r["codec"]: r["test_accuracy"] for r in rows if r["bits"] == 32}
     print(f"\nlinear: group {args.group}, clipped down to {args.clip_min}; test accuracy (KL) per bitwidth")
     print(f"{'codec':12}" + "".join(f"{b:>16}" for b in (2, 3, 4, 5, 6, 32)) + "   build s  store MB")
-    for codec, _, _ in variants(None):
+    for codec, _, _ in chosen(args.only, None):
         sel = {r["bits"]: r for r in rows if r["codec"] == codec}
         print(f"{codec:12}" + "".join(f"{sel[b]['test_accuracy']:8.4f} ({sel[b]['kl']:.3f})" for b in sorted(sel))
               + f"   {sel[32]['build_s']:7.1f}  {sel[32]['store_bytes'] / 1e6:8.1f}")
