@@ -30,11 +30,6 @@ def nearest(w: torch.Tensor, bits: int):
     return codes, scale, zero
 
 
-def decoded(w: torch.Tensor, codes, scale, zero) -> torch.Tensor:
-    blob = codecs.encode(w.numpy(), 2 if codes.max() < 4 else 3, "linear", choice=(codes, scale, zero))
-    return torch.from_numpy(codecs.decode(blob, tuple(w.shape)))
-
-
 def gptq_codes(w: torch.Tensor, x: torch.Tensor, bits: int):
     _, scale, zero = nearest(w, bits)
     spread = lambda a: gptq._spread(a, tuple(w.shape))  # noqa: E731
@@ -76,10 +71,14 @@ def test_gptq_codes_are_stored_on_the_nearest_grid():
 def test_a_choice_the_format_cannot_hold_is_refused():
     w = np.random.default_rng(0).normal(0, 0.05, (8, 128)).astype(np.float32)
     codes, scale, zero = codecs.linear_choice(w.ravel(), 2)
-    with pytest.raises(codecs.CodecError, match="does not fit 2 bits"):
-        codecs.encode(w, 2, "linear", choice=(codes + 3, scale, zero))
-    with pytest.raises(codecs.CodecError, match="not a float16 value"):
-        codecs.encode(w, 2, "linear", choice=(codes, scale + 1e-6, zero))
+    for bad in (codes + 3, codes.astype(np.int16) - 1, codes + 0.5):
+        with pytest.raises(codecs.CodecError, match="whole numbers in 0..3"):
+            codecs.encode(w, 2, "linear", choice=(bad, scale, zero))
+    for bad in (scale + 1e-6, scale * np.inf):
+        with pytest.raises(codecs.CodecError, match="not a finite float16 value"):
+            codecs.encode(w, 2, "linear", choice=(codes, bad, zero))
+    with pytest.raises(codecs.CodecError, match="negative"):
+        codecs.encode(w, 2, "linear", choice=(codes, -scale, zero))
     with pytest.raises(codecs.CodecError, match="needs 1024 codes"):
         codecs.encode(w, 2, "linear", choice=(codes[:-1], scale, zero))
     with pytest.raises(codecs.CodecError, match="linear codec"):
@@ -115,23 +114,63 @@ def test_error_stays_inside_each_shard(tiny_weights):
         assert not np.array_equal(before[(name, 1)][0], after[(name, 1)][0])
 
 
+def inputs_by_hand(x: torch.Tensor, layer, c) -> dict:
+    """The inputs of a layer's projections for one request's states x [S, H], written out
+    head by head (softmax attention, no torch attention kernel), each projection fed the
+    input `gptq.INPUTS` names for it, beside the layer's output (so a wrong name in INPUTS
+    gives a wrong output)."""
+    ins = {"x": x}
+    sh, ln = layer.shared, torch.nn.functional.layer_norm
+
+    def proj(name: str, bias=0.0):
+        return ins[gptq.INPUTS[name]] @ getattr(layer, name).T + bias
+
+    q, k, v = proj("q_w", layer.q_b), proj("k_w", layer.k_b), proj("v_w", layer.v_b)
+    heads = []
+    for j in range(c.num_heads):
+        sl = slice(j * c.head_dim, (j + 1) * c.head_dim)
+        heads.append(torch.softmax(q[:, sl] @ k[:, sl].T / c.head_dim ** 0.5, dim=-1) @ v[:, sl])
+    ins["ctx"] = torch.cat(heads, dim=1)
+    ins["mid"] = ln(x + proj("o_w") + sh.o_b, (c.hidden_size,), sh.ln1_w, sh.ln1_b, c.layer_norm_eps)
+    ins["act"] = torch.nn.functional.gelu(proj("i_w", layer.i_b))
+    out = ln(ins["mid"] + proj("f_w") + sh.f_b, (c.hidden_size,), sh.ln2_w, sh.ln2_b, c.layer_norm_eps)
+    return {**ins, "out": out}
+
+
 def test_grams_are_the_inputs_the_model_sees(tiny_weights, tmp_path):
-    """The Gram matrix of every layer's input equals X^T X over the real (unpadded) tokens of
-    the hidden states `encoder.encode` returns."""
+    """Each Gram matrix equals X^T X over the real (unpadded) tokens of that projection's
+    input, computed by hand from the hidden states `encoder.encode` returns (padding and a
+    second text included: batches of 2 mix lengths)."""
+    c = tiny_weights.config
     tok = Tokenizer(word_tokenizer(tmp_path / "t"))
     texts = [("w1 w2 w3", None), ("w4 w5 w6 w7 w8 w9 w10", None), ("w11", "w12 w13")]
     cal = gptq.measure(tiny_weights, tok, texts, batch_size=2)
     assert cal.texts == 3 and cal.tokens == 5 + 9 + 6
-    want = [torch.zeros(tiny_weights.config.hidden_size, tiny_weights.config.hidden_size, dtype=torch.float64)
-            for _ in tiny_weights.layers]
+    want = [{} for _ in tiny_weights.layers]
     for text, pair in texts:
         b = tok.encode([text], pairs=[pair] if pair else None)
         states = encode(tiny_weights, b.input_ids, b.attention_mask, all_hidden=True, token_type_ids=b.token_type_ids)
-        for i, gram in enumerate(want):
-            x = states[i][0].double()
-            gram += x.T @ x
-    for i, gram in enumerate(want):
-        assert torch.allclose(cal.grams[i]["x"], gram, rtol=1e-4, atol=1e-6)
+        for i, layer in enumerate(tiny_weights.layers):
+            ins = inputs_by_hand(states[i][0], layer, c)
+            assert torch.allclose(ins.pop("out"), states[i + 1][0], atol=1e-5)  # the hand-written layer is right
+            for kind, t in ins.items():
+                want[i][kind] = want[i].get(kind, 0) + t.double().T @ t.double()
+    for i, kinds in enumerate(want):
+        assert set(cal.grams[i]) == set(gptq.INPUTS.values())
+        for kind, gram in kinds.items():
+            assert torch.allclose(cal.grams[i][kind], gram, rtol=1e-4, atol=1e-5), (i, kind)
+
+
+def test_with_uncorrelated_inputs_gptq_is_nearest_rounding():
+    """With a diagonal H there is nothing to compensate: GPTQ's codes are nearest rounding's,
+    on a shape whose rows are not a whole number of groups (the last group padded)."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(9, 100, generator=gen) * 0.05
+    gram = torch.diag(torch.rand(100, generator=gen, dtype=torch.float64) + 0.5)
+    codes, scale, zero = nearest(w, 3)
+    spread = lambda a: gptq._spread(a, tuple(w.shape))  # noqa: E731
+    mine = gptq.round_columns(w, spread(scale), spread(zero), 3, *gptq.inverse_factor(gram))
+    assert np.array_equal(mine.numpy().ravel().astype(np.uint8), codes)
 
 
 def texts_for(n: int, seed: int = 0) -> list[str]:
@@ -167,9 +206,10 @@ def test_calibration_is_refused_where_it_cannot_run(tiny_weights, tmp_path):
         build_store(tiny_weights, tmp_path / "s", bits=(2, 32), codec="gobo", calibration=["w1 w2"])
     with pytest.raises(ConfigError, match="tokenizer"):
         build_store(tiny_weights, tmp_path / "s", bits=(2, 32), calibration=["w1 w2"])
-    with pytest.raises(ConfigError, match="list of texts"):
-        build_store(tiny_weights, tmp_path / "s", bits=(2, 32), calibration="w1 w2",
-                    tokenizer_from=word_tokenizer(tmp_path / "t"))
+    for bad in ("w1 w2", {"w1": 1}, [None], ["w1", 3], [("w1", "w2", "w3")]):
+        with pytest.raises(ConfigError, match="list of texts"):
+            build_store(tiny_weights, tmp_path / "s", bits=(2, 32), calibration=bad,
+                        tokenizer_from=word_tokenizer(tmp_path / "t"))
     with pytest.raises(ConfigError, match="none were given"):
         build_store(tiny_weights, tmp_path / "s", bits=(2, 32), calibration=[], tokenizer_from=tmp_path / "t")
     assert not (tmp_path / "s").exists()
@@ -180,6 +220,7 @@ def test_calibration_texts_from_a_file(tmp_path):
     f.write_text("text\tlabel\n" + "".join(f"sentence {i}\tpos\n" for i in range(100)))
     texts = calibration_texts(f, count=10)
     assert len(texts) == 10 and texts[0] == ("sentence 0", None) and texts[1] == ("sentence 10", None)
+    assert calibration_texts(f, count=40)[-1] == ("sentence 97", None)   # spread over the whole file
     assert len(calibration_texts(f, count=500)) == 100
     with pytest.raises(InputError, match="positive integer"):
         calibration_texts(f, count=0)
@@ -225,3 +266,23 @@ def test_gptq_brings_the_real_model_closer_at_2_bits(real_model_dir, real_data_d
         err_g = (pooled(g.load_model(2)) - ref).norm(dim=1).mean().item()
         err_n = (pooled(n.load_model(2)) - ref).norm(dim=1).mean().item()
     assert err_g < 0.8 * err_n, (err_g, err_n)
+
+
+def test_sti_build_calibrates_on_a_file_or_not_at_all(tiny_weights, tmp_path):
+    """`sti build --calibration FILE` rounds by GPTQ on the file's texts, `none` to nearest,
+    and a file with a codec that has no GPTQ rounding is refused with a message."""
+    from typer.testing import CliRunner
+    from sti.cli import app
+    from sti.weights import save_model_dir
+    model = save_model_dir(tiny_weights, tmp_path / "m", tokenizer_from=word_tokenizer(tmp_path / "t"))
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(texts_for(40)) + "\n")
+    run = CliRunner().invoke
+    ok = run(app, ["build", str(model), str(tmp_path / "g"), "--bits", "2,32", "--calibration", str(data)])
+    assert ok.exit_code == 0, ok.output
+    assert Store(tmp_path / "g").rounding["texts"] == 40
+    ok = run(app, ["build", str(model), str(tmp_path / "n"), "--bits", "2,32", "--calibration", "none"])
+    assert ok.exit_code == 0 and Store(tmp_path / "n").rounding == {"method": "nearest"}
+    bad = run(app, ["build", str(model), str(tmp_path / "b"), "--codec", "gobo", "--calibration", str(data)])
+    assert isinstance(bad.exception, InputError) and "linear codec" in str(bad.exception)  # main() prints it
+    assert not (tmp_path / "b").exists()

@@ -176,8 +176,7 @@ def calibration_texts(path: str | Path | None = None, count: int | None = None,
     found = _file_requests(path, columns or {})
     if not found:
         raise InputError(f"{path}: no texts to calibrate on")
-    step = max(1, len(found) // count)
-    return found[::step][:count]
+    return [found[i * len(found) // count] for i in range(min(count, len(found)))]
 
 
 def sample_requests(importance: ImportanceProfile | None = None) -> tuple[list[tuple[str, str | None]], str]:

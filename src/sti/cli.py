@@ -109,6 +109,9 @@ def build(model_dir: Path = typer.Argument(..., help="a Hugging Face model direc
     from .store import build_store
     t0 = time.perf_counter()
     texts = None
+    if calibration not in ("none", "builtin") and codec != "linear":
+        raise InputError(f"--calibration {calibration} calibrates GPTQ rounding, which the linear codec has and "
+                         f"{codec} does not: leave --calibration out")
     if calibration != "none" and codec == "linear":
         texts = calibration_texts(None if calibration == "builtin" else Path(calibration), calibration_count)
     with Bar(console=console, transient=True) as bar:

@@ -163,11 +163,14 @@ def _checked(choice: tuple, n: int, bits: int) -> tuple[np.ndarray, np.ndarray, 
     groups = -(-n // GROUP)
     if codes.shape != (n,) or scale.shape != (groups,) or zero.shape != (groups,):
         raise CodecError(f"a linear choice for {n} weights needs {n} codes and {groups} scales and zeros")
-    if codes.size and int(codes.max()) >= 1 << bits:
-        raise CodecError(f"a code of {int(codes.max())} does not fit {bits} bits")
+    if codes.size and (not np.array_equal(codes, np.round(codes)) or codes.min() < 0 or codes.max() >= 1 << bits):
+        raise CodecError(f"codes must be whole numbers in 0..{(1 << bits) - 1}: a code of {bits} bits does "
+                         "not fit (take the grid from linear_choice)")
     for name, a in (("scale", scale), ("zero", zero)):
-        if not np.array_equal(a.astype(np.float16).astype(np.float32), a.astype(np.float32)):
-            raise CodecError(f"a linear choice's {name} is not a float16 value")
+        if not np.isfinite(a).all() or not np.array_equal(a.astype(np.float16).astype(np.float32), a.astype(np.float32)):
+            raise CodecError(f"a linear choice's {name} is not a finite float16 value (take the grid from linear_choice)")
+    if (scale < 0).any():
+        raise CodecError("a linear choice's scale is negative (take the grid from linear_choice)")
     return codes.astype(np.uint8), scale.astype(np.float32), zero.astype(np.float32)
 
 

@@ -45,8 +45,10 @@ CALIBRATION_TEXTS = 512  # texts measured by default (about 13k tokens of the bu
 
 @dataclass(frozen=True)
 class Calibration:
-    """Per layer, the Gram matrix X^T X (float64) of the input of each projection kind
-    (`x`, `ctx`, `mid`, `act`: see `encoder.layer_forward`) over the calibration tokens."""
+    """Per layer, the Gram matrix X^T X of the input of each projection kind (`x`, `ctx`,
+    `mid`, `act`: see `encoder.layer_forward`) over the calibration tokens (each batch's
+    product in float32, summed in float64). Held for every layer at once: 135 MB for
+    MiniLM, about 1 GB for BERT-base."""
     grams: tuple[dict[str, torch.Tensor], ...]
     texts: int
     tokens: int
@@ -135,7 +137,7 @@ def inverse_factor(gram: torch.Tensor, blocks: list[slice] | None = None) -> tup
         diag[diag <= 0] = 1.0                   # an input that never fires: any code will do
         diag += DAMP * diag.mean()
         h[sl, sl] = b
-    order = torch.argsort(torch.diagonal(h), descending=True)
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
     h = h[order][:, order]
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return order, torch.linalg.cholesky(inverse, upper=True)

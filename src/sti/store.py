@@ -224,11 +224,16 @@ def _calibrate(model: ModelWeights, texts: list[str], tokenizer_from, progress) 
         raise ConfigError("GPTQ rounding runs the model on the calibration texts, which needs its tokenizer: "
                           f"give a model directory holding {TOKENIZER} (or tokenizer_from=...), or build "
                           "without calibration (`sti build --calibration none`: nearest rounding)")
-    pairs = [(t, None) if isinstance(t, str) else tuple(t) for t in texts] if not isinstance(texts, str) else None
-    if pairs is None or not all(len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], (str, type(None)))
-                                for p in pairs):
+    def pair(t):
+        if isinstance(t, str):
+            return t, None
+        if isinstance(t, (tuple, list)) and len(t) == 2 and isinstance(t[0], str) and isinstance(t[1], (str, type(None))):
+            return t[0], t[1]
         raise ConfigError("calibration must be a list of texts, or of (text, second text or None) pairs "
-                          "(see sti.calibration_texts)")
+                          f"(see sti.calibration_texts), not one holding {t!r:.60}")
+    if isinstance(texts, (str, dict)) or not isinstance(texts, (list, tuple)):
+        raise ConfigError("calibration must be a list of texts (see sti.calibration_texts)")
+    pairs = [pair(t) for t in texts]
     # requests are cut to 128 tokens by default (api.DEFAULT_MAX_LENGTH), never past the model's positions
     tokenizer = Tokenizer(tokenizer_from, max_length=min(128, model.config.max_tokens))
     return gptq.measure(model, tokenizer, pairs, progress=progress)
