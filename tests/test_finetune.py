@@ -158,7 +158,8 @@ def test_target_checks_name_each_target_and_its_verdict():
     # (6, 3) is 6.1 below; 3 bits 0.4 below (target 0.3); 61 > 60 min
     assert verdicts == [True, True, False, True, True, False, True, False]
     lines = [line for line, _ in ft.target_checks(metrics)]
-    assert "(6, 6) 1.9 points below" in lines[1] and "3 bits 0.4 points below" in lines[5] and "61.0 min" in lines[7]
+    assert "(6, 6) 1.9 points below" in lines[1] and "3 bits, nearest rounding, 0.4 points below" in lines[5]
+    assert "61.0 min" in lines[7]
     assert "target <= 45" in lines[7]  # 60 with the quantization-aware step
     metrics["train_seconds"] = {"qat_s": 300.0}
     assert ft.target_checks(metrics)[7] == ("training 61.0 min (target <= 60 for the full preset)", False)
