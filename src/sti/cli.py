@@ -108,12 +108,10 @@ def build(model_dir: Path = typer.Argument(..., help="a Hugging Face model direc
     from .api import calibration_texts
     from .store import build_store
     t0 = time.perf_counter()
-    texts = None
-    if calibration not in ("none", "builtin") and codec != "linear":
-        raise InputError(f"--calibration {calibration} calibrates GPTQ rounding, which the linear codec has and "
-                         f"{codec} does not: leave --calibration out")
-    if calibration != "none" and codec == "linear":
-        texts = calibration_texts(None if calibration == "builtin" else Path(calibration), calibration_count)
+    if calibration == "builtin" and codec != "linear":
+        calibration = "none"   # the default: GPTQ rounding is the linear codec's (build_store refuses a file)
+    texts = None if calibration == "none" else \
+        calibration_texts(None if calibration == "builtin" else Path(calibration), calibration_count)
     with Bar(console=console, transient=True) as bar:
         task = bar.add_task("building store", total=None)
         build_store(model_dir, store_dir, bits=_bits(bits), codec=codec, calibration=texts,

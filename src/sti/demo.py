@@ -25,11 +25,12 @@ def demo_store(model_dir: Path, console: Console) -> Path:
     path = sti_home() / "stores" / f"{model_dir.name}-linear"
     if (path / MANIFEST).exists():
         built_from, version, rounding = _built_from(path)
-        if built_from == checkpoint_sha256(model_dir) and version == VERSION and rounding == "gptq":
+        same_model = built_from == checkpoint_sha256(model_dir)
+        if same_model and version == VERSION and rounding == "gptq":
             return path
         why = (f"is in format version {version} (this sti writes {VERSION})" if version != VERSION else
                "records no model hash (built by an older sti)" if built_from is None else
-               f"was built from another version of {model_dir.name}" if built_from != checkpoint_sha256(model_dir)
+               f"was built from another version of {model_dir.name}" if not same_model
                else "rounds every weight to its nearest code (this sti calibrates GPTQ rounding)")
         console.print(f"{path} {why}: rebuilding it (its profiles go with it and are measured again)")
     from rich.progress import Progress as Bar

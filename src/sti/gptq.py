@@ -101,8 +101,8 @@ def layer_choices(layer: LayerWeights, config: ModelConfig, bits: int, grams: di
     across bitwidths (they do not depend on b)."""
     factors = {} if factors is None else factors
     out = {}
+    parts = [layer.shard(j, config) for j in layer.shard_ids]
     for name, kind in INPUTS.items():
-        parts = [layer.shard(j, config) for j in layer.shard_ids]
         grids = [codecs.linear_choice(getattr(p, name).contiguous().numpy().ravel(), bits) for p in parts]
         dim = split_dim(name)  # 0: the shards' rows are stacked; 1: their columns are
         scale = torch.cat([_spread(g[1], getattr(p, name).shape) for g, p in zip(grids, parts)], dim)
@@ -186,9 +186,3 @@ def _round_block(w, scale, zero, u, codes, b0, b1, levels):
             for r in range(rows):
                 w[k, r] -= f * errs[i - b0, r]
     return errs
-
-
-def output_error(w: torch.Tensor, decoded: torch.Tensor, gram: torch.Tensor) -> float:
-    """||(W - Q) X||^2 = trace((W - Q) G (W - Q)^T) for the Gram matrix G = X^T X."""
-    d = (w - decoded).double()
-    return float(torch.einsum("ri,ij,rj->", d, gram, d))

@@ -218,7 +218,7 @@ def build_store(model: str | Path | ModelWeights, store_dir: str | Path, bits=DE
     return store_dir
 
 
-def _calibrate(model: ModelWeights, texts: list[str], tokenizer_from, progress) -> "gptq.Calibration":
+def _calibrate(model: ModelWeights, texts: list, tokenizer_from, progress) -> "gptq.Calibration":
     from .tokenizer import Tokenizer
     if tokenizer_from is None or not (Path(tokenizer_from) / TOKENIZER).exists():
         raise ConfigError("GPTQ rounding runs the model on the calibration texts, which needs its tokenizer: "
