@@ -198,3 +198,23 @@ def test_length_aware_plan_accuracy_scores_each_example_with_the_plan_of_its_len
                 logits = classify(w, batch.input_ids, batch.attention_mask, plan.submodel)
             hits += int(logits[0].argmax()) == e.label
     assert h.plan_accuracy(plans)["test"] == pytest.approx(hits / len(splits["test"]))
+
+
+def test_bench_cli_plans_with_the_headroom_given_and_refuses_a_bad_one(tiny_bench, tmp_path):
+    """`sti bench --headroom H` runs the sweep with that headroom (the planners keep it back:
+    tests/test_planner.py) and says so in its results; a headroom that is not a share of T
+    is refused before anything runs."""
+    import json
+    from typer.testing import CliRunner
+    from sti.cli import app
+    store, _, _ = tiny_bench
+    out = tmp_path / "res"
+    args = ["bench", str(store), str(store), "--systems", "sti-joint", "--storages", "warm", "--seq-modes", "own",
+            "--targets-x", "1000", "--memories-mb", "1", "--requests", "3", "--ood-limit", "2", "--no-calibrate",
+            "--out", str(out)]
+    r = CliRunner().invoke(app, args + ["--headroom", "0.3"])
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["headroom"] == 0.3
+    bad = CliRunner().invoke(app, args + ["--headroom", "1.5"])
+    assert bad.exit_code != 0 and "--headroom" in str(bad.exception)

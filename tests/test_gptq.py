@@ -232,6 +232,17 @@ def test_calibration_texts_from_a_file(tmp_path):
         calibration_texts(f, count=0)
 
 
+def test_builtin_calibration_draws_follow_their_seed(real_data_dir):
+    """The built-in draw is the training split's, fixed by its seed: seed 0 is the default
+    (what `sti build` calibrates on), another seed another sample, never a dev or test text."""
+    from sti.data import load_split
+    default, again, other = calibration_texts(count=64), calibration_texts(count=64, seed=0), calibration_texts(count=64, seed=1)
+    assert default == again and len(default) == 64 and len(set(default)) == 64
+    assert len(set(default) & set(other)) < 16
+    train = {(e.text, e.text_pair) for e in load_split("train")}
+    assert set(default) <= train and set(other) <= train
+
+
 def test_a_store_manifest_with_a_bad_rounding_is_refused(tiny_weights, tmp_path):
     import json
     from sti.errors import StoreError

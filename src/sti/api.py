@@ -159,10 +159,11 @@ def dev_texts() -> list[str]:
 
 
 def calibration_texts(path: str | Path | None = None, count: int | None = None,
-                      columns: dict | None = None) -> list[tuple[str, str | None]]:
+                      columns: dict | None = None, seed: int = 0) -> list[tuple[str, str | None]]:
     """Texts a store's GPTQ rounding is calibrated on, as (text, second text or None): `count`
-    (default 512) spread evenly over a data file's rows (docs/DATA.md), or drawn with a fixed
-    seed from the built-in training split (never dev or test, which profiles and benchmarks use)."""
+    (default 512) spread evenly over a data file's rows (docs/DATA.md), or drawn with `seed`
+    from the built-in training split (never dev or test, which profiles and benchmarks use;
+    another seed is another draw, to measure how much the rounding depends on it)."""
     import random
     from .gptq import CALIBRATION_TEXTS
     count = CALIBRATION_TEXTS if count is None else count
@@ -171,7 +172,7 @@ def calibration_texts(path: str | Path | None = None, count: int | None = None,
     if path is None:
         from .data import load_split
         train = [(e.text, e.text_pair) for e in load_split("train")]
-        random.Random(0).shuffle(train)
+        random.Random(seed).shuffle(train)
         return train[:count]
     found = _file_requests(path, columns or {})
     if not found:
