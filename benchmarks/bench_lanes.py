@@ -9,8 +9,10 @@ Three measurements, in one run, one torch thread:
      beside a background thread doing Python work of different shapes: a plain sleep loop,
      0.1 ms of Python spin before each 0.5 ms sleep (what the emulated reader once did), a
      shard-head decode before each 0.5 ms sleep (what the decoder does), and a tight decode
-     loop. The compute lane takes the GIL back after every torch op; a thread that holds
-     it then, or must be woken for it, costs the layer time;
+     loop, in a thread and in another process. The compute lane takes the GIL back after
+     every torch op; a thread that holds it then, or must be woken for it, costs the layer
+     time, while another process shares only the cores and the memory (what an IO process,
+     issue 19's open option, would cost);
   2. the engine at T = 18.4 and 40 ms (M = 2 MB, 40 test sentences, guard off, a profile
      measured in the same run): each layer's compute-lane time over the profile's
      prediction, per layer position (median over requests). The IO lane is busiest during
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
 import threading
 import time
 from pathlib import Path
@@ -72,6 +75,33 @@ def sleep_overshoot_us(fine: bool, count: int = 300) -> float:
     return float(np.median(out))
 
 
+def _decode_until(store_dir: str, stop) -> None:
+    """The tight head-decode loop, in a process of its own, until `stop` is set."""
+    with Store(store_dir) as s:
+        rec = s.shard_record(5, 0, 4)
+        buf = s.read(rec)
+        while not stop.is_set():
+            s.decode_parts(rec, buf, ATTN_PARTS)
+
+
+class BackgroundProcess:
+    """The tight head-decode loop in another process for the span of a `with` block."""
+
+    def __init__(self, store_dir: Path):
+        ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no torch threads forked
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(target=_decode_until, args=(str(store_dir), self._stop), daemon=True)
+
+    def __enter__(self) -> "BackgroundProcess":
+        self._proc.start()
+        time.sleep(3.0)  # its imports and first decodes are done before the timing starts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._proc.join()
+
+
 def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
     """Median ms of one layer alone and beside each background load."""
     x, keep = torch.randn(1, 28, store.config.hidden_size), attention_keep(torch.ones(1, 28))
@@ -90,14 +120,15 @@ def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
              "sleep 0.5 ms loop": lambda: time.sleep(5e-4),
              "0.1 ms spin + 0.5 ms sleep": lambda: (spin(0.1), time.sleep(5e-4)),
              "head decode + 0.5 ms sleep": lambda: (decode(), time.sleep(5e-4)),
-             "tight head-decode loop": decode}
+             "tight head-decode loop": decode,
+             "tight head-decode loop, another process": "process"}
     out = {}
     for name, work in loads.items():
         layer()
         if work is None:
             out[name] = median_ms(layer, repeat)
         else:
-            with Background(work):
+            with BackgroundProcess(store.path) if work == "process" else Background(work):
                 out[name] = median_ms(layer, repeat)
     return out
 
@@ -134,7 +165,7 @@ def main() -> None:
         loads = beside_loads(store)
     print("one layer (6 shards, 4 bits, 28 tokens), median ms:")
     for name, ms in loads.items():
-        print(f"  {name:28s} {ms:6.3f}  ({ms / loads['alone']:.2f}x)")
+        print(f"  {name:40s} {ms:6.3f}  ({ms / loads['alone']:.2f}x)")
     texts = [e.text for e in load_split("test")[:40]]
     engine = [per_layer(store_dir, args.storage, t, texts) for t in (18.4, 40.0)]
     print(f"engine at {args.storage}, M = 2 MB, compute lane over profile per layer (median of 40 requests):")
