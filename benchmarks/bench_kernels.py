@@ -19,26 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench_groups import median_ms
+
 OUT = Path(__file__).resolve().parent / "results" / "kernels.json"
 IN, OUT_FEATURES, GROUP = 384, 1152, 128
-
-
-def median_ms(fn, repeat: int) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def kernels(w: torch.Tensor):
