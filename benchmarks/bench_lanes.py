@@ -75,31 +75,42 @@ def sleep_overshoot_us(fine: bool, count: int = 300) -> float:
     return float(np.median(out))
 
 
-def _decode_until(store_dir: str, stop) -> None:
-    """The tight head-decode loop, in a process of its own, until `stop` is set."""
+def _decode_until(store_dir: str, ready, stop) -> None:
+    """The tight head-decode loop, in a process of its own, until `stop` is set (`ready` set
+    after the first decode)."""
     with Store(store_dir) as s:
         rec = s.shard_record(5, 0, 4)
         buf = s.read(rec)
+        s.decode_parts(rec, buf, ATTN_PARTS)
+        ready.set()
         while not stop.is_set():
             s.decode_parts(rec, buf, ATTN_PARTS)
 
 
 class BackgroundProcess:
-    """The tight head-decode loop in another process for the span of a `with` block."""
+    """The tight head-decode loop in another process for the span of a `with` block; a
+    loop that never started or died is an error, not a quiet "no load"."""
 
     def __init__(self, store_dir: Path):
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no torch threads forked
-        self._stop = ctx.Event()
-        self._proc = ctx.Process(target=_decode_until, args=(str(store_dir), self._stop), daemon=True)
+        self._ready, self._stop = ctx.Event(), ctx.Event()
+        self._proc = ctx.Process(target=_decode_until, args=(str(store_dir), self._ready, self._stop), daemon=True)
 
     def __enter__(self) -> "BackgroundProcess":
         self._proc.start()
-        time.sleep(3.0)  # its imports and first decodes are done before the timing starts
+        if not self._ready.wait(120):
+            self._proc.terminate()
+            raise RuntimeError("the decode process did not start decoding within 120 s")
         return self
 
     def __exit__(self, *exc) -> None:
+        alive = self._proc.is_alive()
         self._stop.set()
-        self._proc.join()
+        self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.terminate()
+        if exc[0] is None and (not alive or self._proc.exitcode != 0):
+            raise RuntimeError(f"the decode process died during the timing (exit code {self._proc.exitcode})")
 
 
 def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
@@ -121,7 +132,8 @@ def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
              "0.1 ms spin + 0.5 ms sleep": lambda: (spin(0.1), time.sleep(5e-4)),
              "head decode + 0.5 ms sleep": lambda: (decode(), time.sleep(5e-4)),
              "tight head-decode loop": decode,
-             "tight head-decode loop, another process": "process"}
+             "tight head-decode loop, another process": "process",
+             "alone, again last": None}
     out = {}
     for name, work in loads.items():
         layer()

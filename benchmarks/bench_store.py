@@ -16,7 +16,8 @@ codec with another group size or clipping floor, to compare the choices of docs/
 `sti.calibration_texts`; seed 0 is what `sti build` uses) and reports each bitwidth's mean
 and range over them: on the test split, which draw a store was calibrated on moves 2-bit
 accuracy by more than a point, so one draw does not say how good the rounding is.
-Writes benchmarks/results/store.json (store-G<G>-clip<R>.json for a variant, or --out).
+Writes benchmarks/results/store.json (store-G<G>-clip<R>.json for a variant, -draws<N> added
+with --draws, or --out).
 """
 
 from __future__ import annotations
@@ -65,8 +66,7 @@ def fidelity(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def mean_row(rows: list[dict]) -> dict:
     """One row standing for several draws of the same store and bitwidth: numbers averaged."""
-    return {k: statistics.mean(r[k] for r in rows) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-            for k, v in rows[0].items()}
+    return {k: statistics.mean(r[k] for r in rows) if isinstance(v, float) else v for k, v in rows[0].items()}
 
 
 def fp32_of(rows: list[dict], row: dict) -> float:
@@ -85,6 +85,9 @@ def main() -> int:
                     + ", ".join(v[0] for v in variants([None])) + ")")
     ap.add_argument("--draws", type=int, default=1, help="linear-gptq: draws of calibration texts (seeds 0..N-1)")
     args = ap.parse_args()
+    if args.draws < 1:
+        print(f"--draws must be at least 1, not {args.draws}", file=sys.stderr)
+        return 1
     if not (args.model / "model.safetensors").exists():
         print(f"no fine-tuned model in {args.model}: run `sti finetune` first", file=sys.stderr)
         return 1
@@ -93,7 +96,7 @@ def main() -> int:
     codecs.CLIP_RATIOS = codecs.clip_ratios(args.clip_min)
     test = load_split("test")
     labels = torch.tensor([e.label for e in test])
-    calibrations = [calibration_texts(seed=k) for k in range(max(1, args.draws))]
+    calibrations = [calibration_texts(seed=k) for k in range(args.draws)]
     held = set().union(*map(set, calibrations))
     train = load_split("train")
     random.Random(0).shuffle(train)
@@ -142,7 +145,8 @@ def main() -> int:
     best = {b: min(means, key=lambda codec: means[codec][b]["kl"] * means[codec][b]["bits_per_weight"])
             for b in (2, 3)}
     print(f"least KL x bits at 2 bits: {best[2]}; at 3 bits: {best[3]} (the default is linear-gptq)")
-    out = args.out or RESULTS / (f"store-G{args.group}-clip{args.clip_min:g}.json" if variant else "store.json")
+    name = f"store-G{args.group}-clip{args.clip_min:g}" if variant else "store"
+    out = args.out or RESULTS / (f"{name}-draws{args.draws}.json" if args.draws > 1 else f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": str(args.model), "split": "test", "kl_sentences": KL_SENTENCES,
                                "linear_group": args.group, "linear_clip_min": args.clip_min,

@@ -163,7 +163,8 @@ def calibration_texts(path: str | Path | None = None, count: int | None = None,
     """Texts a store's GPTQ rounding is calibrated on, as (text, second text or None): `count`
     (default 512) spread evenly over a data file's rows (docs/DATA.md), or drawn with `seed`
     from the built-in training split (never dev or test, which profiles and benchmarks use;
-    another seed is another draw, to measure how much the rounding depends on it)."""
+    another seed is another draw, to measure how much the rounding depends on it; a data
+    file's spread has no seed)."""
     import random
     from .gptq import CALIBRATION_TEXTS
     count = CALIBRATION_TEXTS if count is None else count
