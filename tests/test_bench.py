@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +219,37 @@ def test_bench_cli_plans_with_the_headroom_given_and_refuses_a_bad_one(tiny_benc
     assert results["config"]["headroom"] == 0.3
     bad = CliRunner().invoke(app, args + ["--headroom", "1.5"])
     assert bad.exit_code != 0 and "--headroom" in str(bad.exception)
+
+
+def test_a_run_can_plan_with_an_earlier_runs_conditions(tiny_bench, tmp_path, tiny_weights, monkeypatch):
+    """With `conditions_from`, a run takes the earlier run's T units and device profiles (as
+    its own store's) instead of measuring them: the same plans for a store of the same shape;
+    a store whose shards have other sizes is refused, naming why."""
+    import sti.bench as bench
+    from sti.bench import run_bench
+    from sti.results import write_outputs
+    from sti.store import build_store
+    store, cfg, _ = tiny_bench
+    first = run_bench(store, store, cfg, log=lambda *a: None)
+    write_outputs(first, tmp_path / "first")
+    from sti.weights import ModelWeights
+    # the same shapes and record sizes, other weights (another store id)
+    twin = build_store(ModelWeights.random(tiny_weights.config, seed=11), tmp_path / "twin", bits=(2, 4, 32),
+                       tokenizer_from=store)
+    (tmp_path / "twin" / "profiles").mkdir(exist_ok=True)
+    for f in (Path(store) / "profiles").glob("importance-*.json"):   # its importance, re-keyed
+        d = json.loads(f.read_text())
+        d["store_id"] = json.loads((tmp_path / "twin" / "manifest.json").read_text())["store_id"]
+        (tmp_path / "twin" / "profiles" / f.name).write_text(json.dumps(d))
+    monkeypatch.setattr(bench, "measure_device", lambda *a, **k: pytest.fail("measured a profile it was given"))
+    monkeypatch.setattr(bench, "full_compute_ms", lambda *a, **k: pytest.fail("measured a T unit it was given"))
+    second = run_bench(twin, twin, dataclass_replace(cfg, conditions_from=str(tmp_path / "first")), log=lambda *a: None)
+    assert second["conditions"]["full_compute_ms"] == first["conditions"]["full_compute_ms"]
+    mine, theirs = (r["conditions"]["device_profiles"][-1]["profile"] for r in (second, first))
+    assert mine["store_id"] != theirs["store_id"]
+    assert {k: v for k, v in mine.items() if k != "store_id"} == {k: v for k, v in theirs.items() if k != "store_id"}
+    joint = lambda r: [x["planned_ms"] for x in r["rows"] if x["system"] == "sti-joint"]  # noqa: E731
+    assert joint(second) == joint(first)
+    other = build_store(tiny_weights, tmp_path / "other", bits=(3, 32), tokenizer_from=store)
+    with pytest.raises(InputError, match="other sizes"):
+        run_bench(other, other, dataclass_replace(cfg, conditions_from=str(tmp_path / "first")), log=lambda *a: None)

@@ -36,12 +36,13 @@ Systems (`SYSTEMS`):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ from .evaluate import accuracy, latency_stats
 from .planning import (Plan, PlanChoice, PlanPrediction, PlanRequest, PlanSet, make_plan, make_plan_set,
                        make_plan_set_with_rows, simulate)
 from .planning.problem import predicted_memory
-from .profiles import profile_id
+from .profiles import DeviceProfile, profile_id
 from .profile_device import measure_device
 from .runtime import Engine
 from .runtime.memory import PeakRSS
@@ -95,6 +96,10 @@ class BenchConfig:
     # (T x, M MB) points where sti-joint is served again without the deadline guard
     no_guard_points: tuple[tuple[float, float], ...] = ((1.0, 2.0), (2.0, 2.0))
     seed: int = 0
+    # a results.json of an earlier run whose T units and device profiles this run takes
+    # instead of measuring its own (`same_conditions`): two stores of one shape (e.g. two
+    # codecs' roundings) then plan with the same figures, and differ only in their weights
+    conditions_from: str | None = None
 
     @staticmethod
     def quick() -> "BenchConfig":
@@ -213,6 +218,7 @@ class Harness:
         self._devices: dict = {}
         self._skew: str | None = None
         self._acc_cache: dict = {}
+        self.borrowed = same_conditions(cfg.conditions_from, store_dir) if cfg.conditions_from else None
 
     # --- accuracy of exact weights + submodel, cached per (layers, shards, bits) ---
     def accuracy_of(self, layers, shards, bits) -> dict:
@@ -285,6 +291,8 @@ class Harness:
         once, when the group's first system needs it, so that joint and paper plan from the
         same figures), corrected on the engine unless the config says not to."""
         key = (storage, seq_mode)
+        if key not in self._devices and self.borrowed is not None:
+            self._devices[key] = self.borrowed_device(storage, seq_mode)
         if key not in self._devices:
             device = self.device(spec, seq_len, f"{storage} / {seq_mode}")
             if self.cfg.calibrate:
@@ -293,6 +301,29 @@ class Harness:
                                       "engine", "profile": device.to_dict()})
             self._devices[key] = device
         return self._devices[key]
+
+    def borrowed_device(self, storage: str, seq_mode: str):
+        """The profile the earlier run planned this group with, as this store's."""
+        used_for = f"{storage} / {seq_mode}" + (", calibrated on the engine" if self.cfg.calibrate else "")
+        found = [p["profile"] for p in self.borrowed["conditions"]["device_profiles"] if p["used_for"] == used_for]
+        if not found:
+            raise InputError(f"{self.cfg.conditions_from} has no device profile used for {used_for!r}: "
+                             "run the same storages and length modes (and --calibrate or not) as it did")
+        device = replace(DeviceProfile.from_dict(found[-1], self.cfg.conditions_from), store_id=self.store_id)
+        self.profiles.append({"storage": device.storage, "used_for": used_for + f" (from {self.cfg.conditions_from})",
+                              "profile": device.to_dict()})
+        return device
+
+    def t_unit(self, storage: str, seq_mode: str) -> float:
+        """The full model's time that T is a multiple of: the earlier run's, if borrowed."""
+        group = f"{storage}/{seq_mode}"
+        if self.borrowed is None:
+            return full_compute_ms(self.weights32, self.tokenizer, self.sample, SEQ_MODES[seq_mode])
+        units = self.borrowed["conditions"]["full_compute_ms"]
+        if group not in units:
+            raise InputError(f"{self.cfg.conditions_from} measured no T unit for {group}: "
+                             "run the same storages and length modes as it did")
+        return float(units[group])
 
     def calibrated(self, device, spec: str, pad_to, full_ms: float):
         """The device profile corrected on the engine, probed with dev-split requests under
@@ -572,8 +603,9 @@ def run_bench(store_dir, model_dir, cfg: BenchConfig | None = None, log=print, p
     for i, (storage, seq_mode, system) in enumerate(steps):
         group = f"{storage}/{seq_mode}"  # the T unit is measured again for every group (drift)
         if group not in units:
-            units[group] = full_compute_ms(h.weights32, h.tokenizer, h.sample, SEQ_MODES[seq_mode])
-            log(f"full model, resident, {seq_mode} lengths: {units[group]:.2f} ms (the T unit for {storage})")
+            units[group] = h.t_unit(storage, seq_mode)
+            log(f"full model, resident, {seq_mode} lengths: {units[group]:.2f} ms (the T unit for {storage}"
+                + (f", from {cfg.conditions_from})" if h.borrowed else ")"))
         t0 = time.perf_counter()
         h.rows.extend(measure_point(h, system, storage, seq_mode, units[group]))
         log(f"[{i + 1}/{len(steps)}] {system} / {storage} / {seq_mode}: {time.perf_counter() - t0:.0f} s")
@@ -585,9 +617,35 @@ def run_bench(store_dir, model_dir, cfg: BenchConfig | None = None, log=print, p
     return {"config": asdict(cfg), "conditions": conditions(h, units, command), "rows": [asdict(r) for r in h.rows]}
 
 
+def same_conditions(path, store_dir) -> dict:
+    """An earlier run's results (a results.json or the directory holding one), checked to be
+    of a store of this one's shape and record sizes, whose figures this run may plan with."""
+    path = Path(path)
+    path = path / "results.json" if path.is_dir() else path
+    try:
+        results = json.loads(path.read_text())
+        profiles = results["conditions"]["device_profiles"]
+        results["conditions"]["full_compute_ms"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not the results.json of a finished `sti bench` run ({exc})") from None
+    with Store(store_dir) as s:
+        sizes = {b: float(np.median([r.length for k, r in s.shards.items() if k[2] == b])) for b in s.bits}
+        config = s.config.to_dict()
+    for entry in profiles:
+        theirs = {int(b): v for b, v in entry["profile"]["shard_bytes"].items()}
+        if theirs != sizes:
+            raise InputError(f"{path} was measured on a store whose shards have other sizes ({theirs} bytes by "
+                             f"bitwidth, this one {sizes}): its figures do not hold here")
+    source = results["conditions"].get("store_config")
+    if source is not None and source != config:
+        raise InputError(f"{path} was measured on a store of another model shape: its figures do not hold here")
+    return results
+
+
 def conditions(h: Harness, units: dict, command: str = "") -> dict:
     from .profile_device import machine
     return {"machine": machine(), "threads": torch.get_num_threads(), "store_id": h.store_id, "command": command,
+            "store_config": h.config.to_dict(), "conditions_from": h.cfg.conditions_from,
             "store": str(h.store_dir), "model": str(h.model_dir), "full_compute_ms": units,
             "device_profiles": h.profiles, "importance_method": h.importance.method,
             "fp32_model_bytes": model_bytes(h.weights32), "test_size": len(h.test),

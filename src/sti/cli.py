@@ -394,7 +394,11 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
           one_plan: bool = typer.Option(False, help="sti-joint with one plan for 48 tokens, not a plan per length"),
           calibrate: bool = typer.Option(True, help="correct each device profile on the engine before planning"),
           row_cache: bool = typer.Option(True, help=ROW_CACHE_HELP),
-          headroom: Optional[float] = typer.Option(None, help=HEADROOM_HELP + " (default 0.1)")) -> None:
+          headroom: Optional[float] = typer.Option(None, help=HEADROOM_HELP + " (default 0.1)"),
+          same_conditions_as: Optional[Path] = typer.Option(
+              None, help="an earlier run's results (its directory or results.json): plan with its T units and "
+              "device profiles instead of measuring new ones, to compare two stores of one shape (e.g. two "
+              "roundings) on equal terms")) -> None:
     """Measure sti against the baselines and peers: accuracy, latency, deadline hits, memory."""
     from dataclasses import replace
     from .bench import BenchConfig, run_bench
@@ -424,6 +428,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
         if not 0.0 <= headroom < 1.0:  # (before a sweep of many minutes, not at its first plan)
             raise InputError(f"--headroom is a share of T, at least 0 and below 1, not {headroom:g}")
         cfg = replace(cfg, headroom=headroom)
+    if same_conditions_as is not None:
+        cfg = replace(cfg, conditions_from=str(same_conditions_as))
     # results.json is rewritten after every step, so an interrupted sweep keeps what it measured
     command = "sti " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("sti") else ""
     results = run_bench(store_dir, model_dir, cfg, log=console.print, checkpoint=lambda r: save_results(r, out),
