@@ -187,6 +187,8 @@ class Harness:
         # every system computes with the engine's thread count (one core left to the IO lane)
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
         with Store(store_dir) as s:
+            # an earlier run's conditions are checked against this store first, before any work
+            self.borrowed = same_conditions(cfg.conditions_from, s) if cfg.conditions_from else None
             self.config, self.store_id = s.config, s.store_id
             self.rows_per_block = s.tables["position"][1]
             self.fixed = api.resident_bytes(s)
@@ -218,7 +220,6 @@ class Harness:
         self._devices: dict = {}
         self._skew: str | None = None
         self._acc_cache: dict = {}
-        self.borrowed = same_conditions(cfg.conditions_from, store_dir) if cfg.conditions_from else None
 
     # --- accuracy of exact weights + submodel, cached per (layers, shards, bits) ---
     def accuracy_of(self, layers, shards, bits) -> dict:
@@ -617,9 +618,9 @@ def run_bench(store_dir, model_dir, cfg: BenchConfig | None = None, log=print, p
     return {"config": asdict(cfg), "conditions": conditions(h, units, command), "rows": [asdict(r) for r in h.rows]}
 
 
-def same_conditions(path, store_dir) -> dict:
+def same_conditions(path, store: Store) -> dict:
     """An earlier run's results (a results.json or the directory holding one), checked to be
-    of a store of this one's shape and record sizes, whose figures this run may plan with."""
+    of a store of `store`'s shape and record sizes, whose figures this run may plan with."""
     path = Path(path)
     path = path / "results.json" if path.is_dir() else path
     try:
@@ -628,9 +629,8 @@ def same_conditions(path, store_dir) -> dict:
         results["conditions"]["full_compute_ms"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not the results.json of a finished `sti bench` run ({exc})") from None
-    with Store(store_dir) as s:
-        sizes = {b: float(np.median([r.length for k, r in s.shards.items() if k[2] == b])) for b in s.bits}
-        config = s.config.to_dict()
+    sizes = {b: float(np.median([r.length for k, r in store.shards.items() if k[2] == b])) for b in store.bits}
+    config = store.config.to_dict()
     for entry in profiles:
         theirs = {int(b): v for b, v in entry["profile"]["shard_bytes"].items()}
         if theirs != sizes:
