@@ -106,13 +106,13 @@ def test_a_slow_compute_lane_is_not_taken_for_slow_storage(tiny_store, monkeypat
         return cal.io_scale, statistics.median(sum(lr.group_wait_ms for lr in r.layers) for r in reports)
 
     fair, fair_wait = io_scale()
-    compute = ShardGroup.compute
+    compute = ShardGroup.accumulate
 
     def slow(self, *args, **kw):
         time.sleep(0.004)   # 4 ms a group: the decoder soon has no free group to fill
         return compute(self, *args, **kw)
 
-    monkeypatch.setattr(ShardGroup, "compute", slow)
+    monkeypatch.setattr(ShardGroup, "accumulate", slow)
     slowed, slowed_wait = io_scale()
     assert slowed_wait > fair_wait + 5.0          # the decoder did wait for groups
     assert slowed < 1.3 * fair + 0.1, (slowed, fair)

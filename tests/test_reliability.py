@@ -202,7 +202,7 @@ def test_fault_in_the_compute_lane_stops_the_io_lane(base, monkeypatch):
     good = engine.run(text).logits.clone()
     from sti import codec
     from sti.weights import FFN_PARTS
-    real_compute, real_decode = ShardGroup.compute, codec.run_jobs
+    real_compute, real_decode = ShardGroup.accumulate, codec.run_jobs
     for nth in (1, 4, 9):
         calls = {"n": 0}
 
@@ -218,7 +218,7 @@ def test_fault_in_the_compute_lane_stops_the_io_lane(base, monkeypatch):
                 if calls["n"] == nth:
                     raise StoreError("injected decode failure")
             return real_decode(raw, jobs, *rest)
-        for target, name, fake, what in ((ShardGroup, "compute", failing_compute, "compute"),
+        for target, name, fake, what in ((ShardGroup, "accumulate", failing_compute, "compute"),
                                          (codec, "run_jobs", failing_decode, "decode")):
             calls["n"] = 0
             monkeypatch.setattr(target, name, fake)

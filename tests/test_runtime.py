@@ -167,13 +167,13 @@ def test_the_decoder_runs_ahead_only_as_far_as_its_group_pools(tiny_store, monke
     importance = dataclasses.replace(importance, bits_error={2: 0.01, 4: 0.005, 32: 0.0})
     plan = make_plan(device, importance, store.store_id, 2.0, 0, seq_len=16)
     assert {b for row in plan.choice.bits for b in row} == {2} and not plan.choice.preload
-    real, ahead = ShardGroup.compute, []
+    real, ahead = ShardGroup.accumulate, []
 
     def slow_compute(group, *args):
         time.sleep(0.002)
         ahead.append(len(engine.pool.slabs) - len(engine.pool.free))  # out: this one + filled ahead
         return real(group, *args)
-    monkeypatch.setattr(ShardGroup, "compute", slow_compute)
+    monkeypatch.setattr(ShardGroup, "accumulate", slow_compute)
     with Engine(store, plan, device, storage="warm", guard=False) as engine:
         got = engine.run(TEXTS[3])
         assert plan.choice.m > max(engine.group_sizes)  # several groups of each phase a layer

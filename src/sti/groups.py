@@ -138,12 +138,15 @@ class ShardGroup:
     def clear(self) -> None:
         self.shards = []
 
-    def compute(self, x: torch.Tensor, keep: torch.Tensor | None, n: int, start: int = 0) -> torch.Tensor:
-        """The contribution of slots start..start+n-1 (before the layer's output bias), float32."""
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None, n: int,
+                   start: int = 0) -> None:
+        """Add the contribution of slots start..start+n-1 to `acc` [tokens, h] (float32, in
+        place; `x` is [batch, seq, h])."""
         w, b, out = self.w[start:start + n], self.b[start:start + n], self.columns(start, n)
         if self.phase == ATTN:
-            return heads_output(x, keep, w, b, out)
-        return ffn_slices(x, w, b, out)
+            add_heads(acc, x, keep, w, b, out)
+        else:
+            add_ffn_slices(acc, x, w, b, out)
 
     def runs(self, used) -> list[tuple[int, int]]:
         """(start, count) of each run of consecutive slots whose shard satisfies `used`: one
@@ -158,23 +161,48 @@ class ShardGroup:
         return out
 
 
-def heads_output(x: torch.Tensor, keep: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor:
-    """Attention output of g heads at once: w [g, 3, hd, h] (q, k, v rows), b [g, 3, hd],
-    out [h, g * hd] (the output projection's columns of these heads)."""
+def add_heads(acc: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+              out: torch.Tensor) -> None:
+    """Add the attention output of g heads at once to acc [bsz * s, h]: w [g, 3, hd, h] (q,
+    k, v rows), b [g, 3, hd], out [h, g * hd] (the output projection's columns of these heads)."""
     bsz, s, h = x.shape
     g, _, hd, _ = w.shape
-    y = F.linear(x.to(w.dtype), w.reshape(g * 3 * hd, h), b.reshape(-1)).view(bsz, s, g, 3, hd)
+    y = F.linear(_as(x, w.dtype), w.reshape(g * 3 * hd, h), b.reshape(-1)).view(bsz, s, g, 3, hd)
     q, k, v = y.permute(3, 0, 2, 1, 4).unbind(0)                        # [bsz, g, s, hd] each
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0 / math.sqrt(hd))
-    return F.linear(ctx.transpose(1, 2).reshape(bsz, s, g * hd), out).float()
+    _add_product(acc, ctx.transpose(1, 2).reshape(bsz * s, g * hd), out)
 
 
-def ffn_slices(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """FFN output of g slices at once: w [g, fs, h] (in rows), b [g, fs], out [h, g * fs]."""
+def add_ffn_slices(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """Add the FFN output of g slices at once to acc [bsz * s, h]: w [g, fs, h] (in rows), b
+    [g, fs], out [h, g * fs]."""
     g, fs, h = w.shape
-    hidden = F.gelu(F.linear(x.to(w.dtype), w.reshape(g * fs, h), b.reshape(-1)))
-    return F.linear(hidden, out).float()
+    hidden = F.gelu(F.linear(_as(x, w.dtype).reshape(-1, h), w.reshape(g * fs, h), b.reshape(-1)))
+    _add_product(acc, hidden, out)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> None:
+    """acc += a @ out.T. In float32 one fused multiply-add into the accumulator (no
+    temporary, no separate sum: at short lengths the per-op cost is a large part of a small
+    group's time); bfloat16 groups multiply in bfloat16 and add in float32."""
+    if out.dtype == acc.dtype:
+        acc.addmm_(a, out.t())
+    else:
+        acc += F.linear(a, out).float()
+
+
+def phase_sum(x: torch.Tensor, keep: torch.Tensor | None, groups: list[tuple["ShardGroup", int]],
+              bias: torch.Tensor) -> torch.Tensor:
+    """`bias` plus the contributions of (group, slots used) in order, [bsz, s, h]."""
+    acc = bias.repeat(x.shape[0] * x.shape[1], 1)
+    for grp, n in groups:
+        if n:
+            grp.accumulate(acc, x, keep, n)
+    return acc.view(x.shape)
 
 
 def layer_by_groups(x: torch.Tensor, keep: torch.Tensor, attn: list[tuple[ShardGroup, int]],
@@ -183,10 +211,8 @@ def layer_by_groups(x: torch.Tensor, keep: torch.Tensor, attn: list[tuple[ShardG
     shards used) in order. Equal to `encoder.layer_forward` on the same shards up to float
     rounding (and bfloat16's, for bfloat16 groups)."""
     h, eps = config.hidden_size, config.layer_norm_eps
-    a = sum((grp.compute(x, keep, n) for grp, n in attn if n), torch.zeros_like(x))
-    x = F.layer_norm(x + a + shared.o_b, (h,), shared.ln1_w, shared.ln1_b, eps)
-    f = sum((grp.compute(x, None, n) for grp, n in ffn if n), torch.zeros_like(x))
-    return F.layer_norm(x + f + shared.f_b, (h,), shared.ln2_w, shared.ln2_b, eps)
+    x = F.layer_norm(x + phase_sum(x, keep, attn, shared.o_b), (h,), shared.ln1_w, shared.ln1_b, eps)
+    return F.layer_norm(x + phase_sum(x, None, ffn, shared.f_b), (h,), shared.ln2_w, shared.ln2_b, eps)
 
 
 def group_sizes(config: ModelConfig, dtype: torch.dtype, slabs: int = 2) -> tuple[int, int]:

@@ -580,33 +580,34 @@ class Engine:
         lr = req.report.layers[pos]
         c, sh = self.config, self.shared[req.sched.steps[pos][0].layer]
         lr.start_ms = req.now()
-        attn = self._phase(ATTN, pos, x, keep, dropped, req, lr)
+        attn = self._phase(ATTN, pos, x, keep, dropped, req, lr, sh.o_b)
         a = req.now()
-        x = F.layer_norm(x + attn + sh.o_b, (c.hidden_size,), sh.ln1_w, sh.ln1_b, c.layer_norm_eps)
+        x = F.layer_norm(x + attn, (c.hidden_size,), sh.ln1_w, sh.ln1_b, c.layer_norm_eps)
         lr.compute_ms += req.now() - a
-        ffn = self._phase(FFN, pos, x, None, dropped, req, lr)
+        ffn = self._phase(FFN, pos, x, None, dropped, req, lr, sh.f_b)
         a = req.now()
-        x = F.layer_norm(x + ffn + sh.f_b, (c.hidden_size,), sh.ln2_w, sh.ln2_b, c.layer_norm_eps)
+        x = F.layer_norm(x + ffn, (c.hidden_size,), sh.ln2_w, sh.ln2_b, c.layer_norm_eps)
         lr.compute_ms += req.now() - a  # the LayerNorms too: the profile's layer includes them
         lr.shards = len(lr.shard_ids)
         lr.end_ms = req.now()
         req.span("compute", f"layer {lr.layer}", lr.start_ms, lr.end_ms)
         return x
 
-    def _phase(self, phase: str, pos: int, x, keep, dropped: set[int], req: Request, lr: LayerReport):
-        """The sum of one phase's groups of layer `pos`, each group released once computed."""
-        total, count = torch.zeros_like(x), 0
+    def _phase(self, phase: str, pos: int, x, keep, dropped: set[int], req: Request, lr: LayerReport, bias):
+        """`bias` plus the sum of one phase's groups of layer `pos`, each group released once
+        computed."""
+        total, count = bias.repeat(x.shape[0] * x.shape[1], 1), 0
         while (group := self._ready(req, (phase, pos, count), lr)) is not None:
             a = req.now()
             for start, n in group.runs(lambda shard: shard[0].shard not in dropped):
-                total += group.compute(x, keep, n, start)
+                group.accumulate(total, x, keep, n, start)
                 if phase == ATTN:
                     lr.shard_ids.extend(s.shard for s, _ in group.shards[start:start + n])
                     lr.bits.extend(b for _, b in group.shards[start:start + n])
             lr.compute_ms += req.now() - a
             self.pool.release(group)
             count += 1
-        return total
+        return total.view(x.shape)
 
     def _ready(self, req: Request, key, lr: LayerReport):
         """The next group of a phase from the decoder, waiting for it if need be (None: the
