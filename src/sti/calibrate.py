@@ -19,13 +19,17 @@ they run in the engine; the profile times each alone, beside one busy thread):
   - `io_scale`, the median over layers with streamed shards of the IO lane's progress since
     the embeddings (the end of the layer's last decode, less the decoder's waits for the
     compute lane to free a group) over the timeline's prediction of it;
-  - `embed_scale`, the median of the embedding rows' read time over the profile's.
+  - `embed_scale`, the median of the embedding rows' read time over the profile's;
+and, with all of these applied, what is left of each request's latency beyond its
+prediction (tokenizing it, starting the lanes, the Python between layers, the answer):
+  - `request_ms`, the median of that rest (not below 0), charged to the first layer too.
 Measured in three `sti bench` runs on the full-preset store (2026-12-03, before the waits
 for groups were taken out; the corrected profiles are in benchmarks/results/io_calibration/
 and headline/): io_scale 1.10-1.11 at emulated 100 MB/s and 1.01-1.29 cold, embed_scale
 1.24-1.72 (docs/PROFILES.md has what taking the waits out changed).
-`corrected` applies them: compute_coef scaled, `first_layer_ms` set (the timeline adds it
-to the first executed layer, planning/plan.py `simulate`), shard read and decode times and
+`corrected` applies them: compute_coef scaled, `first_layer_ms` set to the first layer's
+extra plus `request_ms` (the timeline adds it to the first executed layer, planning/plan.py
+`simulate`), shard read and decode times and
 the embedding read scaled, and the figures recorded in the profile's `calibrated` field,
 with the raw profile's id. Plans made from the corrected profile predict what the engine
 does, so the guard's headroom is left for jitter.
@@ -50,6 +54,7 @@ class Calibration:
     requests: int
     io_scale: float = 1.0      # the engine's IO lane progress / the timeline's, layers with streamed shards
     embed_scale: float = 1.0   # the engine's embedding read / the profile's
+    request_ms: float = 0.0    # the rest of a request's latency beyond the corrected prediction
 
 
 def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
@@ -72,8 +77,16 @@ def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
     scale = max(scale, 0.5)
     first = statistics.median(busy - scale * planned for busy, planned in firsts) if firsts else 0.0
     io, embed = io_paces(engine, reports)
-    return Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports),
-                       io_scale=_bounded(io), embed_scale=_bounded(embed))
+    cal = Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports),
+                      io_scale=_bounded(io), embed_scale=_bounded(embed))
+    return replace(cal, request_ms=rest_ms(engine, reports, corrected(device, cal)))
+
+
+def rest_ms(engine, reports, device: DeviceProfile) -> float:
+    """The median of what the requests took beyond `device`'s prediction of them (not
+    below 0): the engine's cost per request that no lane's pace explains."""
+    rest = [r.latency_ms - engine.predicted_ms(r.width, r.embed_misses, device) for r in reports]
+    return max(0.0, statistics.median(rest))
 
 
 def _probe(engine, texts: list, probes: int) -> list:
@@ -124,17 +137,20 @@ def calibrated(engine, texts: list, log=print, source: str = "dev split") -> Dev
     it was, guard included)."""
     cal = measure(engine, texts)
     log(f"calibrated on the engine ({cal.requests} requests from the {source}): compute x{cal.compute_scale:.2f}, "
-        f"first layer +{cal.first_layer_ms:.2f} ms, IO x{cal.io_scale:.2f}, embedding rows x{cal.embed_scale:.2f}")
+        f"first layer +{cal.first_layer_ms:.2f} ms, IO x{cal.io_scale:.2f}, embedding rows x{cal.embed_scale:.2f}, "
+        f"each request +{cal.request_ms:.2f} ms")
     return corrected(engine.device, cal)
 
 
 def corrected(device: DeviceProfile, cal: Calibration) -> DeviceProfile:
-    """The profile as the engine runs: compute scaled, the first layer's extra cost set."""
+    """The profile as the engine runs: compute scaled, the first layer's extra cost and the
+    request's set."""
     return replace(device, compute_coef=tuple(c * cal.compute_scale for c in device.compute_coef),
-                   first_layer_ms=cal.first_layer_ms,
+                   first_layer_ms=cal.first_layer_ms + cal.request_ms,
                    shard_read_ms={b: v * cal.io_scale for b, v in device.shard_read_ms.items()},
                    shard_decode_ms={b: v * cal.io_scale for b, v in device.shard_decode_ms.items()},
                    embed_ms=tuple(v * cal.embed_scale for v in device.embed_ms),
                    calibrated={"compute_scale": cal.compute_scale, "first_layer_ms": cal.first_layer_ms,
+                               "request_ms": cal.request_ms,
                                "io_scale": cal.io_scale, "embed_scale": cal.embed_scale,
                                "requests": cal.requests, "raw_profile": profile_id(device)})
