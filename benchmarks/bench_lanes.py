@@ -9,10 +9,12 @@ Three measurements, in one run, one torch thread:
      beside a background thread doing Python work of different shapes: a plain sleep loop,
      0.1 ms of Python spin before each 0.5 ms sleep (what the emulated reader once did), a
      shard-head decode before each 0.5 ms sleep (what the decoder does), and a tight decode
-     loop, in a thread and in another process. The compute lane takes the GIL back after
-     every torch op; a thread that holds it then, or must be woken for it, costs the layer
-     time, while another process shares only the cores and the memory (what an IO process,
-     issue 19's open option, would cost);
+     loop, in a thread and in another process; and a loop copying one fp32 layer's bytes
+     (7 MB: what the decoder does for 32-bit shards), in a thread and in another process.
+     The compute lane takes the GIL back after every torch op; a thread that holds it then,
+     or must be woken for it, costs the layer time, while another process shares only the
+     cores and the memory (what an IO process, issue 19's open option, would cost; the copy
+     shows what sharing the memory alone costs);
   2. the engine at T = 18.4 and 40 ms (M = 2 MB, 40 test sentences, guard off, a profile
      measured in the same run): each layer's compute-lane time over the profile's
      prediction, per layer position (median over requests). The IO lane is busiest during
@@ -87,20 +89,38 @@ def _decode_until(store_dir: str, ready, stop) -> None:
             s.decode_parts(rec, buf, ATTN_PARTS)
 
 
-class BackgroundProcess:
-    """The tight head-decode loop in another process for the span of a `with` block; a
-    loop that never started or died is an error, not a quiet "no load"."""
+LAYER_COPY_BYTES = 7 << 20   # about one fp32 MiniLM layer
 
-    def __init__(self, store_dir: Path):
+
+def _copy(src: np.ndarray, dst: np.ndarray) -> None:
+    np.copyto(dst, src)
+
+
+def _copy_until(nbytes: int, ready, stop) -> None:
+    """A loop copying `nbytes`, in a process of its own, until `stop` is set."""
+    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    _copy(src, dst)
+    ready.set()
+    while not stop.is_set():
+        _copy(src, dst)
+
+
+class BackgroundProcess:
+    """A background loop in another process for the span of a `with` block: the tight
+    head-decode loop (`store_dir`) or the layer copy (`copy_bytes`); a loop that never
+    started or died is an error, not a quiet "no load"."""
+
+    def __init__(self, store_dir: Path | None = None, copy_bytes: int = 0):
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no torch threads forked
         self._ready, self._stop = ctx.Event(), ctx.Event()
-        self._proc = ctx.Process(target=_decode_until, args=(str(store_dir), self._ready, self._stop), daemon=True)
+        target, arg = (_copy_until, copy_bytes) if copy_bytes else (_decode_until, str(store_dir))
+        self._proc = ctx.Process(target=target, args=(arg, self._ready, self._stop), daemon=True)
 
     def __enter__(self) -> "BackgroundProcess":
         self._proc.start()
         if not self._ready.wait(120):
             self._proc.terminate()
-            raise RuntimeError("the decode process did not start decoding within 120 s")
+            raise RuntimeError("the background process did not start its loop within 120 s")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -110,7 +130,7 @@ class BackgroundProcess:
         if self._proc.is_alive():
             self._proc.terminate()
         if exc[0] is None and (not alive or self._proc.exitcode != 0):
-            raise RuntimeError(f"the decode process died during the timing (exit code {self._proc.exitcode})")
+            raise RuntimeError(f"the background process died during the timing (exit code {self._proc.exitcode})")
 
 
 def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
@@ -127,12 +147,15 @@ def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
     rec = store.shard_record(5, 0, 4)
     buf = store.read(rec)
     decode = lambda: store.decode_parts(rec, buf, ATTN_PARTS)  # noqa: E731
+    src, dst = np.ones(LAYER_COPY_BYTES, np.uint8), np.zeros(LAYER_COPY_BYTES, np.uint8)
     loads = {"alone": None,
              "sleep 0.5 ms loop": lambda: time.sleep(5e-4),
              "0.1 ms spin + 0.5 ms sleep": lambda: (spin(0.1), time.sleep(5e-4)),
              "head decode + 0.5 ms sleep": lambda: (decode(), time.sleep(5e-4)),
              "tight head-decode loop": decode,
              "tight head-decode loop, another process": "process",
+             "7 MB copy loop": lambda: _copy(src, dst),
+             "7 MB copy loop, another process": "copy process",
              "alone, again last": None}
     out = {}
     for name, work in loads.items():
@@ -140,7 +163,9 @@ def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
         if work is None:
             out[name] = median_ms(layer, repeat)
         else:
-            with BackgroundProcess(store.path) if work == "process" else Background(work):
+            procs = {"process": lambda: BackgroundProcess(store.path),
+                     "copy process": lambda: BackgroundProcess(copy_bytes=LAYER_COPY_BYTES)}
+            with procs[work]() if isinstance(work, str) else Background(work):
                 out[name] = median_ms(layer, repeat)
     return out
 

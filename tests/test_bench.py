@@ -253,3 +253,39 @@ def test_a_run_can_plan_with_an_earlier_runs_conditions(tiny_bench, tmp_path, ti
     other = build_store(tiny_weights, tmp_path / "other", bits=(3, 32), tokenizer_from=store)
     with pytest.raises(InputError, match="other sizes"):
         run_bench(other, other, dataclass_replace(cfg, conditions_from=str(tmp_path / "first")), log=lambda *a: None)
+
+
+def test_each_point_is_calibrated_for_its_own_targets_as_a_users_engine_is(tiny_bench, tmp_path, monkeypatch):
+    """With calibration on, the planned systems plan and run at each (T, M) with the profile
+    corrected under that point's joint plans (as `sti.open_engine` corrects a user's), probed
+    once per point; an earlier run's point profiles are reused, not probed again."""
+    import dataclasses
+    import sti.calibrate as calibrate
+    from sti.bench import run_bench
+    from sti.results import write_outputs
+    store, cfg, _ = tiny_bench
+    probed = []
+
+    def fake_calibrated(engine, texts, log=print, source=""):
+        req = engine.plans.first.request
+        probed.append((req.target_ms, req.memory_bytes))
+        return dataclasses.replace(engine.device, first_layer_ms=len(probed) * 0.001,
+                                   calibrated={"probe_target_ms": req.target_ms})
+    monkeypatch.setattr(calibrate, "calibrated", fake_calibrated)
+    cfg = dataclass_replace(cfg, targets_x=(1000.0, 2000.0), memories_mb=(1.0,), calibrate=True,
+                            systems=("sti-joint", "sti-paper"), no_guard_points=())
+    first = run_bench(store, store, cfg, log=lambda *a: None)
+    unit = next(iter(first["conditions"]["full_compute_ms"].values()))
+    assert probed == [(pytest.approx(1000.0 * unit), 1_000_000), (pytest.approx(2000.0 * unit), 1_000_000)]
+    used = {p["used_for"]: p["profile"]["calibrated"] for p in first["conditions"]["device_profiles"]}
+    assert used["warm / own, calibrated on the engine at T = 1000x, M = 1 MB"]["probe_target_ms"] == \
+        pytest.approx(1000.0 * unit)
+    assert used["warm / own, calibrated on the engine at T = 2000x, M = 1 MB"]["probe_target_ms"] == \
+        pytest.approx(2000.0 * unit)
+    write_outputs(first, tmp_path / "first")
+    probed.clear()
+    second = run_bench(store, store, dataclass_replace(cfg, conditions_from=str(tmp_path / "first")),
+                       log=lambda *a: None)
+    assert probed == []
+    planned = lambda r: [(x["system"], x["planned_ms"]) for x in r["rows"]]  # noqa: E731
+    assert planned(second) == planned(first)

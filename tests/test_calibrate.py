@@ -32,6 +32,17 @@ def test_the_requests_own_cost_is_charged_to_the_first_layer():
     assert dev.first_layer_ms == pytest.approx(1.9) and dev.calibrated["request_ms"] == 1.5
 
 
+def test_a_requests_own_cost_is_its_setup_the_gaps_between_layers_and_its_late_end():
+    from sti.calibrate import request_ms
+    from sti.runtime.report import LayerReport, Report
+    layers = [LayerReport(0, start_ms=3.0, end_ms=5.0), LayerReport(2, start_ms=5.5, end_ms=8.0),
+              LayerReport(4, start_ms=9.0, end_ms=10.0)]      # gaps 0.5 + 1.0
+    r = Report(latency_ms=10.0 + HAND_DEV.head_ms + 0.25, setup_ms=1.0, layers=layers)
+    assert request_ms(r, HAND_DEV) == pytest.approx(1.0 + 1.5 + 0.25)
+    r.latency_ms = 10.0                                       # an end faster than the profile's head
+    assert request_ms(r, HAND_DEV) == pytest.approx(2.5)
+
+
 def test_a_cost_per_request_no_lane_explains_is_measured_and_predicted(tiny_store, monkeypatch):
     """Tokenizing counts in a request's latency (its clock starts with the call); a slow
     tokenizer is a cost of every request that calibration must put into the prediction."""

@@ -287,29 +287,43 @@ class Harness:
         self.profiles.append({"storage": spec, "used_for": used_for, "profile": p.to_dict()})
         return p
 
-    def group_device(self, storage: str, seq_mode: str, spec: str, seq_len: int, full_ms: float):
-        """The profile every system of one storage and length mode plans with (measured
-        once, when the group's first system needs it, so that joint and paper plan from the
-        same figures), corrected on the engine unless the config says not to."""
+    def group_device(self, storage: str, seq_mode: str, spec: str, seq_len: int, full_ms: float,
+                     corrected: bool = True):
+        """The profile the systems of one storage and length mode run with (measured once,
+        when the group's first system needs it, so that every system plans from the same
+        figures); `corrected` on the engine unless the config says not to (the planned
+        systems take it raw and correct it at each point: `point_device`)."""
         key = (storage, seq_mode)
-        if key not in self._devices and self.borrowed is not None:
-            self._devices[key] = self.borrowed_device(storage, seq_mode)
         if key not in self._devices:
-            device = self.device(spec, seq_len, f"{storage} / {seq_mode}")
-            if self.cfg.calibrate:
-                device = self.calibrated(device, spec, SEQ_MODES[seq_mode], full_ms)
-                self.profiles.append({"storage": spec, "used_for": f"{storage} / {seq_mode}, calibrated on the "
-                                      "engine", "profile": device.to_dict()})
-            self._devices[key] = device
-        return self._devices[key]
+            self._devices[key] = self.borrowed_device(_label(storage, seq_mode)) if self.borrowed is not None \
+                else self.device(spec, seq_len, _label(storage, seq_mode))
+        if not (corrected and self.cfg.calibrate):
+            return self._devices[key]
+        return self.point_device(storage, seq_mode, spec, full_ms, 1.5, max(self.cfg.memories_mb), "fixed plans")
 
-    def borrowed_device(self, storage: str, seq_mode: str):
-        """The profile the earlier run planned this group with, as this store's."""
-        used_for = f"{storage} / {seq_mode}" + (", calibrated on the engine" if self.cfg.calibrate else "")
+    def point_device(self, storage: str, seq_mode: str, spec: str, full_ms: float, x: float, mem: float,
+                     what: str = "") -> DeviceProfile:
+        """The group's profile corrected on the engine as a user's engine is when it opens
+        for these targets (`sti.open_engine`): probed under the joint plans for T = x times
+        the T unit and M = mem, right before the point is served (shared by the systems
+        served there)."""
+        label = _label(storage, seq_mode, (x, mem) if not what else None, what)
+        if label not in self._devices:
+            if self.borrowed is not None:
+                self._devices[label] = self.borrowed_device(label)
+            else:
+                raw = self._devices[(storage, seq_mode)]
+                self._devices[label] = self.calibrated(raw, spec, SEQ_MODES[seq_mode], x * full_ms, mem)
+                self.profiles.append({"storage": spec, "used_for": label, "profile": self._devices[label].to_dict()})
+        return self._devices[label]
+
+    def borrowed_device(self, used_for: str):
+        """The profile the earlier run used for `used_for`, as this store's."""
         found = [p["profile"] for p in self.borrowed["conditions"]["device_profiles"] if p["used_for"] == used_for]
         if not found:
             raise InputError(f"{self.cfg.conditions_from} has no device profile used for {used_for!r}: "
-                             "run the same storages and length modes (and --calibrate or not) as it did")
+                             "run the same storages, length modes, targets and memories (and --calibrate or not) "
+                             "as it did")
         device = replace(DeviceProfile.from_dict(found[-1], self.cfg.conditions_from), store_id=self.store_id)
         self.profiles.append({"storage": device.storage, "used_for": used_for + f" (from {self.cfg.conditions_from})",
                               "profile": device.to_dict()})
@@ -326,14 +340,24 @@ class Harness:
                              "run the same storages and length modes as it did")
         return float(units[group])
 
-    def calibrated(self, device, spec: str, pad_to, full_ms: float):
+    def calibrated(self, device, spec: str, pad_to, target_ms: float, mem: float):
         """The device profile corrected on the engine, probed with dev-split requests under
-        the joint plans for T = 1.5x and the largest M of the sweep."""
+        the joint plans for these targets."""
         from .calibrate import calibrated
-        plans = planned(self, "sti-joint", device, 1.5 * full_ms, max(self.cfg.memories_mb), pad_to)
+        plans = planned(self, "sti-joint", device, target_ms, mem, pad_to)
         with Engine(Store(self.store_dir, spec), plans, device, storage=spec, guard=False, pad_to=pad_to) as engine:
             engine.run(self.dev_texts[0])
-            return calibrated(engine, self.dev_texts, lambda msg: self.log(f"{spec}: {msg}"))
+            return calibrated(engine, self.dev_texts, lambda msg: self.log(f"{spec}, T = {target_ms:.1f} ms, "
+                                                                           f"M = {mem} MB: {msg}"))
+
+
+def _label(storage: str, seq_mode: str, point: tuple | None = None, what: str = "") -> str:
+    """What a device profile of the run was used for (results.json keeps it; an earlier
+    run's conditions are looked up by it)."""
+    label = f"{storage} / {seq_mode}"
+    if point is not None:
+        return label + f", calibrated on the engine at T = {point[0]:g}x, M = {point[1]:g} MB"
+    return label + (f", calibrated on the engine for the {what}" if what else "")
 
 
 # --- measuring one system at one point -------------------------------------------------------
@@ -466,9 +490,11 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
     pad_to = SEQ_MODES[seq_mode]
     plan_len = pad_to or cfg.plan_len_own
     storage = h.storage_spec(storage_name, plan_len)
-    # the systems that run our engine plan and predict with the group's fresh profile
+    # the systems that run our engine plan and predict with the group's fresh profile (the
+    # planned ones with it corrected at each point)
     uses_profile = system in PLANNED or system in FIXED
-    device = h.group_device(storage_name, seq_mode, storage, plan_len, full_ms) if uses_profile else None
+    device = h.group_device(storage_name, seq_mode, storage, plan_len, full_ms, corrected=system in FIXED) \
+        if uses_profile else None
     sets = {"test": h.served_test, **h.ood}
 
     def row(**kw) -> Row:
@@ -490,17 +516,18 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
             for mem in cfg.memories_mb:
                 target = x * full_ms
                 try:
-                    plan = planned(h, system, device, target, mem, pad_to)
+                    dev = h.point_device(storage_name, seq_mode, storage, full_ms, x, mem) if cfg.calibrate else device
+                    plan = planned(h, system, dev, target, mem, pad_to)
                 except StiError as exc:
                     rows.append(row(target_x=x, target_ms=target, memory_mb=mem, note=f"infeasible: {exc}"[:300]))
                     continue
-                m = run_engine(h.store_dir, plan, device, storage, pad_to, sets)
+                m = run_engine(h.store_dir, plan, dev, storage, pad_to, sets)
                 r = row(target_x=x, target_ms=target, memory_mb=mem, accuracy=h.plan_accuracy(plan),
                         planned_ms=plan.plan_for(width).predicted.latency_ms,
                         note=f"{len(plan.plans)} plans by length" if len(plan.plans) > 1 else "",
                         **engine_fields(m, target))
                 if system == "sti-joint" and (x, mem) in cfg.no_guard_points:
-                    free = run_engine(h.store_dir, plan, device, storage, pad_to, {"test": h.served_test}, guard=False)
+                    free = run_engine(h.store_dir, plan, dev, storage, pad_to, {"test": h.served_test}, guard=False)
                     r.served_accuracy_no_guard = free["served_accuracy"]["test"]
                 rows.append(r)
         return rows

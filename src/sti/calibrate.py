@@ -20,9 +20,9 @@ they run in the engine; the profile times each alone, beside one busy thread):
     the embeddings (the end of the layer's last decode, less the decoder's waits for the
     compute lane to free a group) over the timeline's prediction of it;
   - `embed_scale`, the median of the embedding rows' read time over the profile's;
-and, with all of these applied, what is left of each request's latency beyond its
-prediction (tokenizing it, starting the lanes, the Python between layers, the answer):
-  - `request_ms`, the median of that rest (not below 0), charged to the first layer too.
+and what a request spends outside its lanes' work, which no pace above scales:
+  - `request_ms`, the median of each request's tokenizing, gaps between layers and end
+    beyond the profile's head; charged to the first layer too.
 Measured in three `sti bench` runs on the full-preset store (2026-12-03, before the waits
 for groups were taken out; the corrected profiles are in benchmarks/results/io_calibration/
 and headline/): io_scale 1.10-1.11 at emulated 100 MB/s and 1.01-1.29 cold, embed_scale
@@ -54,7 +54,7 @@ class Calibration:
     requests: int
     io_scale: float = 1.0      # the engine's IO lane progress / the timeline's, layers with streamed shards
     embed_scale: float = 1.0   # the engine's embedding read / the profile's
-    request_ms: float = 0.0    # the rest of a request's latency beyond the corrected prediction
+    request_ms: float = 0.0    # a request's own cost outside its lanes' work (tokenizing, gaps)
 
 
 def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
@@ -79,14 +79,17 @@ def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
     io, embed = io_paces(engine, reports)
     cal = Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports),
                       io_scale=_bounded(io), embed_scale=_bounded(embed))
-    return replace(cal, request_ms=rest_ms(engine, reports, corrected(device, cal)))
+    return replace(cal, request_ms=statistics.median(request_ms(r, device) for r in reports))
 
 
-def rest_ms(engine, reports, device: DeviceProfile) -> float:
-    """The median of what the requests took beyond `device`'s prediction of them (not
-    below 0): the engine's cost per request that no lane's pace explains."""
-    rest = [r.latency_ms - engine.predicted_ms(r.width, r.embed_misses, device) for r in reports]
-    return max(0.0, statistics.median(rest))
+def request_ms(report, device: DeviceProfile) -> float:
+    """What a request spent on the compute lane's clock outside its lanes' work: tokenizing
+    it, the gaps between its layers, and the end beyond the profile's head (not below 0).
+    Waits for IO are left out: they depend on the plan, and the IO lane's pace has them."""
+    layers = report.layers
+    gaps = sum(max(0.0, b.start_ms - a.end_ms) for a, b in zip(layers, layers[1:]))
+    tail = max(0.0, report.latency_ms - layers[-1].end_ms - device.head_ms) if layers else 0.0
+    return report.setup_ms + gaps + tail
 
 
 def _probe(engine, texts: list, probes: int) -> list:
