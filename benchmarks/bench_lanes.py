@@ -9,8 +9,9 @@ Three measurements, in one run, one torch thread:
      beside a background thread doing Python work of different shapes: a plain sleep loop,
      0.1 ms of Python spin before each 0.5 ms sleep (what the emulated reader once did), a
      shard-head decode before each 0.5 ms sleep (what the decoder does), and a tight decode
-     loop, in a thread and in another process; and a loop copying one fp32 layer's bytes
-     (7 MB: what the decoder does for 32-bit shards), in a thread and in another process.
+     loop, in a thread and in another process; and a loop copying a 42 MB buffer a 1.5 MB
+     slab at a time into one slab (what the decoder does with 32-bit preloaded shards), in a
+     thread and in another process.
      The compute lane takes the GIL back after every torch op; a thread that holds it then,
      or must be woken for it, costs the layer time, while another process shares only the
      cores and the memory (what an IO process, issue 19's open option, would cost; the copy
@@ -89,31 +90,41 @@ def _decode_until(store_dir: str, ready, stop) -> None:
             s.decode_parts(rec, buf, ATTN_PARTS)
 
 
-LAYER_COPY_BYTES = 7 << 20   # about one fp32 MiniLM layer
+MODEL_BYTES = 42 << 20   # about the fp32 MiniLM encoder: the preload buffer at 32 bits
+SLAB_BYTES = 3 << 19     # about one shard group's slab
 
 
-def _copy(src: np.ndarray, dst: np.ndarray) -> None:
-    np.copyto(dst, src)
+class Copier:
+    """What the decoder does with 32-bit shards: copy the preload buffer, a slab at a time,
+    into a slab (the buffer streams from memory, the slab stays in cache)."""
+
+    def __init__(self):
+        self.src, self.dst = np.ones(MODEL_BYTES, np.uint8), np.zeros(SLAB_BYTES, np.uint8)
+        self.at = 0
+
+    def __call__(self) -> None:
+        np.copyto(self.dst, self.src[self.at:self.at + SLAB_BYTES])
+        self.at = (self.at + SLAB_BYTES) % (MODEL_BYTES - SLAB_BYTES)
 
 
-def _copy_until(nbytes: int, ready, stop) -> None:
-    """A loop copying `nbytes`, in a process of its own, until `stop` is set."""
-    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
-    _copy(src, dst)
+def _copy_until(_, ready, stop) -> None:
+    """The copy loop, in a process of its own, until `stop` is set."""
+    copy = Copier()
+    copy()
     ready.set()
     while not stop.is_set():
-        _copy(src, dst)
+        copy()
 
 
 class BackgroundProcess:
     """A background loop in another process for the span of a `with` block: the tight
-    head-decode loop (`store_dir`) or the layer copy (`copy_bytes`); a loop that never
+    head-decode loop (`store_dir`) or the preload buffer's copy (`copy`); a loop that never
     started or died is an error, not a quiet "no load"."""
 
-    def __init__(self, store_dir: Path | None = None, copy_bytes: int = 0):
+    def __init__(self, store_dir: Path | None = None, copy: bool = False):
         ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no torch threads forked
         self._ready, self._stop = ctx.Event(), ctx.Event()
-        target, arg = (_copy_until, copy_bytes) if copy_bytes else (_decode_until, str(store_dir))
+        target, arg = (_copy_until, None) if copy else (_decode_until, str(store_dir))
         self._proc = ctx.Process(target=target, args=(arg, self._ready, self._stop), daemon=True)
 
     def __enter__(self) -> "BackgroundProcess":
@@ -147,15 +158,14 @@ def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
     rec = store.shard_record(5, 0, 4)
     buf = store.read(rec)
     decode = lambda: store.decode_parts(rec, buf, ATTN_PARTS)  # noqa: E731
-    src, dst = np.ones(LAYER_COPY_BYTES, np.uint8), np.zeros(LAYER_COPY_BYTES, np.uint8)
     loads = {"alone": None,
              "sleep 0.5 ms loop": lambda: time.sleep(5e-4),
              "0.1 ms spin + 0.5 ms sleep": lambda: (spin(0.1), time.sleep(5e-4)),
              "head decode + 0.5 ms sleep": lambda: (decode(), time.sleep(5e-4)),
              "tight head-decode loop": decode,
              "tight head-decode loop, another process": "process",
-             "7 MB copy loop": lambda: _copy(src, dst),
-             "7 MB copy loop, another process": "copy process",
+             "32-bit copy loop": Copier(),
+             "32-bit copy loop, another process": "copy process",
              "alone, again last": None}
     out = {}
     for name, work in loads.items():
@@ -164,7 +174,7 @@ def beside_loads(store: Store, repeat: int = 40) -> dict[str, float]:
             out[name] = median_ms(layer, repeat)
         else:
             procs = {"process": lambda: BackgroundProcess(store.path),
-                     "copy process": lambda: BackgroundProcess(copy_bytes=LAYER_COPY_BYTES)}
+                     "copy process": lambda: BackgroundProcess(copy=True)}
             with procs[work]() if isinstance(work, str) else Background(work):
                 out[name] = median_ms(layer, repeat)
     return out
