@@ -27,50 +27,6 @@ def test_corrected_scales_compute_and_records_how(tmp_path):
     assert load_profile(path) == dev                         # the new fields round-trip
 
 
-def test_the_requests_own_cost_is_charged_to_the_first_layer():
-    dev = corrected(HAND_DEV, Calibration(compute_scale=1.0, first_layer_ms=0.4, requests=3, request_ms=1.5))
-    assert dev.first_layer_ms == pytest.approx(1.9) and dev.calibrated["request_ms"] == 1.5
-
-
-def test_a_requests_own_cost_is_its_setup_the_gaps_between_layers_and_its_late_end():
-    from sti.calibrate import request_ms
-    from sti.runtime.report import LayerReport, Report
-    layers = [LayerReport(0, start_ms=3.0, end_ms=5.0), LayerReport(2, start_ms=5.5, end_ms=8.0),
-              LayerReport(4, start_ms=9.0, end_ms=10.0)]      # gaps 0.5 + 1.0
-    r = Report(latency_ms=10.0 + HAND_DEV.head_ms + 0.25, setup_ms=1.0, layers=layers)
-    assert request_ms(r, HAND_DEV) == pytest.approx(1.0 + 1.5 + 0.25)
-    r.latency_ms = 10.0                                       # an end faster than the profile's head
-    assert request_ms(r, HAND_DEV) == pytest.approx(2.5)
-
-
-def test_a_cost_per_request_no_lane_explains_is_measured_and_predicted(tiny_store, monkeypatch):
-    """Tokenizing counts in a request's latency (its clock starts with the call); a slow
-    tokenizer is a cost of every request that calibration must put into the prediction."""
-    import time
-    from sti.tokenizer import Tokenizer
-    _, path = tiny_store
-    store = Store(path, "warm")
-    device, importance = profiles(store)
-    plan = make_plan(device, importance, store.store_id, 1e4, 10**8, seq_len=16)
-    encode = Tokenizer.encode
-
-    def slow_encode(self, *args, **kw):
-        time.sleep(0.02)   # 20 ms a request, before the lanes start
-        return encode(self, *args, **kw)
-    with Engine(store, plan, device, storage="warm") as engine:
-        engine.run(TEXTS[0])
-        fair = measure(engine, TEXTS * 2)
-        monkeypatch.setattr(Tokenizer, "encode", slow_encode)
-        got = engine.run(TEXTS[1]).report
-        assert got.setup_ms >= 20.0 and got.latency_ms >= got.setup_ms + got.layers[-1].end_ms - got.layers[0].start_ms
-        cal = measure(engine, TEXTS * 2)
-        assert cal.request_ms >= fair.request_ms + 15.0
-        fixed = corrected(device, cal)
-        late = [engine.run(t).report for t in TEXTS]
-    ratio = statistics.median(r.latency_ms / engine.predicted_ms(r.width, r.embed_misses, fixed) for r in late)
-    assert 0.7 < ratio < 1.3, ratio
-
-
 def test_the_first_layer_cost_is_in_the_timeline_and_the_plan():
     dev = dataclasses.replace(HAND_DEV, first_layer_ms=7.0)
     base = simulate((0, 1), 1, ((2,), (2,)), [(0, 0, 2)], HAND_DEV, 1)

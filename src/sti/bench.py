@@ -3,9 +3,10 @@
 For every storage mode and sequence-length mode, the harness first measures the full
 model's resident compute time (the `preload` system) and expresses every latency target T
 as a multiple of it, and measures the device profile afresh (a few seconds), which every
-system of that storage and length mode then plans with: the machines we run on are shared
-and their speed drifts by up to 2x within an hour, so a profile saved earlier would make
-stale plans and predictions. The profiles used are kept in the results. Then, per system
+system of that storage and length mode then plans with (corrected on the engine at each
+point, as a user's engine is when it opens): the machines we run on are shared and their
+speed drifts by up to 2x within an hour, so a profile saved earlier would make stale plans
+and predictions. The profiles used are kept in the results. Then, per system
 and point:
   - latency: the median, p95 and p99 over the test sentences (all of them unless `requests`
     says fewer), one request at a time, as an app would send them; the deadline-hit rate;
@@ -85,7 +86,7 @@ class BenchConfig:
     # sti-joint at own lengths: a plan per length bucket sharing one buffer chosen for the dev
     # split's lengths (False: one plan for plan_len_own tokens, as sti-paper)
     length_aware: bool = True
-    # correct each group's device profile on the engine before planning (calibrate.py)
+    # correct the device profile on the engine at each point before planning (calibrate.py)
     calibrate: bool = True
     # sti-joint's length-aware plans may hold frequent tokens' embedding rows resident
     # (planning/rows.py; False: every row is read, as before)

@@ -19,17 +19,13 @@ they run in the engine; the profile times each alone, beside one busy thread):
   - `io_scale`, the median over layers with streamed shards of the IO lane's progress since
     the embeddings (the end of the layer's last decode, less the decoder's waits for the
     compute lane to free a group) over the timeline's prediction of it;
-  - `embed_scale`, the median of the embedding rows' read time over the profile's;
-and what a request spends outside its lanes' work, which no pace above scales:
-  - `request_ms`, the median of each request's tokenizing, gaps between layers and end
-    beyond the profile's head; charged to the first layer too.
+  - `embed_scale`, the median of the embedding rows' read time over the profile's.
 Measured in three `sti bench` runs on the full-preset store (2026-12-03, before the waits
 for groups were taken out; the corrected profiles are in benchmarks/results/io_calibration/
 and headline/): io_scale 1.10-1.11 at emulated 100 MB/s and 1.01-1.29 cold, embed_scale
 1.24-1.72 (docs/PROFILES.md has what taking the waits out changed).
-`corrected` applies them: compute_coef scaled, `first_layer_ms` set to the first layer's
-extra plus `request_ms` (the timeline adds it to the first executed layer, planning/plan.py
-`simulate`), shard read and decode times and
+`corrected` applies them: compute_coef scaled, `first_layer_ms` set (the timeline adds it
+to the first executed layer, planning/plan.py `simulate`), shard read and decode times and
 the embedding read scaled, and the figures recorded in the profile's `calibrated` field,
 with the raw profile's id. Plans made from the corrected profile predict what the engine
 does, so the guard's headroom is left for jitter.
@@ -54,7 +50,6 @@ class Calibration:
     requests: int
     io_scale: float = 1.0      # the engine's IO lane progress / the timeline's, layers with streamed shards
     embed_scale: float = 1.0   # the engine's embedding read / the profile's
-    request_ms: float = 0.0    # a request's own cost outside its lanes' work (tokenizing, gaps)
 
 
 def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
@@ -77,19 +72,8 @@ def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
     scale = max(scale, 0.5)
     first = statistics.median(busy - scale * planned for busy, planned in firsts) if firsts else 0.0
     io, embed = io_paces(engine, reports)
-    cal = Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports),
-                      io_scale=_bounded(io), embed_scale=_bounded(embed))
-    return replace(cal, request_ms=statistics.median(request_ms(r, device) for r in reports))
-
-
-def request_ms(report, device: DeviceProfile) -> float:
-    """What a request spent on the compute lane's clock outside its lanes' work: tokenizing
-    it, the gaps between its layers, and the end beyond the profile's head (not below 0).
-    Waits for IO are left out: they depend on the plan, and the IO lane's pace has them."""
-    layers = report.layers
-    gaps = sum(max(0.0, b.start_ms - a.end_ms) for a, b in zip(layers, layers[1:]))
-    tail = max(0.0, report.latency_ms - layers[-1].end_ms - device.head_ms) if layers else 0.0
-    return report.setup_ms + gaps + tail
+    return Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports),
+                       io_scale=_bounded(io), embed_scale=_bounded(embed))
 
 
 def _probe(engine, texts: list, probes: int) -> list:
@@ -140,20 +124,17 @@ def calibrated(engine, texts: list, log=print, source: str = "dev split") -> Dev
     it was, guard included)."""
     cal = measure(engine, texts)
     log(f"calibrated on the engine ({cal.requests} requests from the {source}): compute x{cal.compute_scale:.2f}, "
-        f"first layer +{cal.first_layer_ms:.2f} ms, IO x{cal.io_scale:.2f}, embedding rows x{cal.embed_scale:.2f}, "
-        f"each request +{cal.request_ms:.2f} ms")
+        f"first layer +{cal.first_layer_ms:.2f} ms, IO x{cal.io_scale:.2f}, embedding rows x{cal.embed_scale:.2f}")
     return corrected(engine.device, cal)
 
 
 def corrected(device: DeviceProfile, cal: Calibration) -> DeviceProfile:
-    """The profile as the engine runs: compute scaled, the first layer's extra cost and the
-    request's set."""
+    """The profile as the engine runs: compute scaled, the first layer's extra cost set."""
     return replace(device, compute_coef=tuple(c * cal.compute_scale for c in device.compute_coef),
-                   first_layer_ms=cal.first_layer_ms + cal.request_ms,
+                   first_layer_ms=cal.first_layer_ms,
                    shard_read_ms={b: v * cal.io_scale for b, v in device.shard_read_ms.items()},
                    shard_decode_ms={b: v * cal.io_scale for b, v in device.shard_decode_ms.items()},
                    embed_ms=tuple(v * cal.embed_scale for v in device.embed_ms),
                    calibrated={"compute_scale": cal.compute_scale, "first_layer_ms": cal.first_layer_ms,
-                               "request_ms": cal.request_ms,
                                "io_scale": cal.io_scale, "embed_scale": cal.embed_scale,
                                "requests": cal.requests, "raw_profile": profile_id(device)})

@@ -392,7 +392,7 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
           ood_limit: Optional[int] = typer.Option(None, help="sentences per out-of-domain set for accuracy "
                                                   "(default: the full sweep's 300)"),
           one_plan: bool = typer.Option(False, help="sti-joint with one plan for 48 tokens, not a plan per length"),
-          calibrate: bool = typer.Option(True, help="correct each device profile on the engine before planning"),
+          calibrate: bool = typer.Option(True, help="correct the device profile on the engine at each point before planning"),
           row_cache: bool = typer.Option(True, help=ROW_CACHE_HELP),
           headroom: Optional[float] = typer.Option(None, help=HEADROOM_HELP + " (default 0.1)"),
           same_conditions_as: Optional[Path] = typer.Option(

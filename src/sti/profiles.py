@@ -94,9 +94,8 @@ class DeviceProfile:
     io_under_load: bool = False       # IO timed beside a running compute lane (as in the engine)
     compute_dtype: str = "float32"    # the dtype the engine decodes into and multiplies in (groups.py)
     dtype_layer_ms: dict = field(default_factory=dict)  # a whole layer in each dtype, when it was chosen by timing
-    # what the first executed layer costs in the engine beyond compute_ms, with the request's own
-    # fixed cost (tokenizing, starting the lanes: 0 until calibrated on the engine, calibrate.py;
-    # `calibrated` then says how: scale, first layer, request, probe requests, raw profile)
+    # what the first executed layer costs in the engine beyond compute_ms (0 until calibrated on
+    # the engine, calibrate.py; `calibrated` then says how: scale, probe requests, raw profile)
     first_layer_ms: float = 0.0
     calibrated: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)

@@ -199,21 +199,17 @@ class Engine:
 
     # --- one request ------------------------------------------------------------------------
     def run(self, text: str, pair: str | None = None) -> Result:
-        """The answer for one text (with `pair`, a sentence pair: text, then pair). The
-        request's clock, which the deadline guard and `report.latency_ms` go by, starts with
-        this call: tokenizing the text counts, waiting for an earlier request does not."""
-        called = time.perf_counter()
+        """The answer for one text (with `pair`, a sentence pair: text, then pair)."""
         if not isinstance(text, str):
             raise InputError(f"expected a text, got {type(text).__name__}")
         if self.closed:
             raise InputError("this engine is closed: open a new one")
         pad = None if self.pad_to is None else min(self.pad_to, self.tokenizer.max_length)
         batch = self.tokenizer.encode([text], pad_to=pad, pairs=None if pair is None else [pair])
-        setup_ms = (time.perf_counter() - called) * 1e3
         with self._lock, torch.inference_mode():
             self._take_replan()
             torch.set_num_threads(self.threads)
-            result = self._serve(batch, setup_ms)
+            result = self._serve(batch)
             if self._announce is not None:
                 result.report.replanned, self._announce = self._announce, None
             self._follow(result.report)
@@ -342,17 +338,15 @@ class Engine:
         """`retarget` with a new preload budget only."""
         return self.retarget(memory_mb=memory_mb)
 
-    def _serve(self, batch, setup_ms: float = 0.0) -> Result:
-        """The reader and the decoder start on the IO threads; this thread computes. The
-        request's clock starts `setup_ms` ago (the time it took to tokenize it)."""
+    def _serve(self, batch) -> Result:
+        """The reader and the decoder start on the IO threads; this thread computes."""
         rss = PeakRSS()
         self.bytes.reset_peak()
         self.window.reset()
         self.pool.reset()
         width = int(batch.input_ids.shape[1])
         i = self.plans.index_for(width)
-        req = Request(self._new_report(batch, i), self.walks[i], setup_ms)
-        req.report.setup_ms = setup_ms
+        req = Request(self._new_report(batch, i), self.walks[i])
         read = queue.SimpleQueue()
         lanes = [self._io.submit(self._read_lane, batch.input_ids[0], req, read),
                  self._io.submit(self._decode_lane, req, read)]
@@ -383,11 +377,6 @@ class Engine:
                       target_ms=plan.request.target_ms, tokens=int(batch.attention_mask.sum()), width=width,
                       truncated=batch.truncated[0], preload_bytes=self.preload_bytes,
                       plan_tokens=plan.request.seq_len, layers=[LayerReport(layer) for layer in plan.choice.layers])
-
-    def predicted_ms(self, width: int, distinct: int, device: DeviceProfile | None = None) -> float:
-        """The latency its plans predict for a request `width` tokens wide holding `distinct`
-        different tokens (by the engine's device profile, or by `device`)."""
-        return self._predicted_ms(self.plans.index_for(width), width, distinct, device)
 
     def _predicted_ms(self, bucket: int, width: int, distinct: int, device: DeviceProfile | None = None) -> float:
         """The latency of the plan of `bucket` for a request `width` tokens wide (padding

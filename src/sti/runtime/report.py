@@ -38,7 +38,6 @@ class Report:
     tokens: int = 0
     width: int = 0                 # tokens computed on: `tokens`, or the padded length the engine pads to
     truncated: bool = False
-    setup_ms: float = 0.0          # tokenizing the text, before the lanes start (in latency_ms)
     embed_ms: float = 0.0          # compute lane: from its start until the embeddings are done
     embed_read_ms: float = 0.0     # IO lane: getting the embedding rows (resident ones, and reads)
     embed_hits: int = 0            # distinct tokens whose word rows were resident (rowcache.py)

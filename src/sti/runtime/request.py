@@ -15,10 +15,10 @@ PRELOADED = object()   # the shard is in the preload buffer: nothing to read
 
 
 class Request:
-    def __init__(self, report: Report, sched: Schedule, setup_ms: float = 0.0):
+    def __init__(self, report: Report, sched: Schedule):
         self.report = report
         self.sched = sched         # the plan this request runs, as the engine walks it
-        self.t0 = time.perf_counter() - setup_ms / 1e3  # its clock counts what it took to set it up
+        self.t0 = time.perf_counter()
         self.cond = threading.Condition()
         self.items: dict = {}      # delivered by the IO side, keyed by (layer, shard) or "embed"
         self.error: BaseException | None = None
