@@ -306,8 +306,8 @@ class Harness:
                      what: str = "") -> DeviceProfile:
         """The group's profile corrected on the engine as a user's engine is when it opens
         for these targets (`sti.open_engine`): probed under the joint plans for T = x times
-        the T unit and M = mem, right before the point is served (shared by the systems
-        served there)."""
+        the T unit and M = mem when the first planned system reaches the point (the others
+        plan from the same profile)."""
         label = _label(storage, seq_mode, (x, mem) if not what else None, what)
         if label not in self._devices:
             if self.borrowed is not None:

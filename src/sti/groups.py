@@ -195,10 +195,16 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> None:
         acc += F.linear(a, out).float()
 
 
+def accumulator(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """What `ShardGroup.accumulate` adds into for input `x` [bsz, s, h]: `bias` on every
+    token, [bsz * s, h] (`.view(x.shape)` gives the phase's output)."""
+    return bias.repeat(x.shape[0] * x.shape[1], 1)
+
+
 def phase_sum(x: torch.Tensor, keep: torch.Tensor | None, groups: list[tuple["ShardGroup", int]],
               bias: torch.Tensor) -> torch.Tensor:
     """`bias` plus the contributions of (group, slots used) in order, [bsz, s, h]."""
-    acc = bias.repeat(x.shape[0] * x.shape[1], 1)
+    acc = accumulator(x, bias)
     for grp, n in groups:
         if n:
             grp.accumulate(acc, x, keep, n)

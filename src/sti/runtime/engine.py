@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..encoder import attention_keep, embed, head_logits
-from ..groups import ATTN, DTYPES, FFN, group_sizes
+from ..groups import ATTN, DTYPES, FFN, accumulator, group_sizes
 from .. import codec as codecs
 from ..errors import InputError, StiError
 from ..planning import Plan, PlanError, PlanSet, simulate
@@ -596,7 +596,7 @@ class Engine:
     def _phase(self, phase: str, pos: int, x, keep, dropped: set[int], req: Request, lr: LayerReport, bias):
         """`bias` plus the sum of one phase's groups of layer `pos`, each group released once
         computed."""
-        total, count = bias.repeat(x.shape[0] * x.shape[1], 1), 0
+        total, count = accumulator(x, bias), 0
         while (group := self._ready(req, (phase, pos, count), lr)) is not None:
             a = req.now()
             for start, n in group.runs(lambda shard: shard[0].shard not in dropped):
