@@ -289,3 +289,44 @@ def test_each_point_is_calibrated_for_its_own_targets_as_a_users_engine_is(tiny_
     assert probed == []
     planned = lambda r: [(x["system"], x["planned_ms"]) for x in r["rows"]]  # noqa: E731
     assert planned(second) == planned(first)
+
+
+def test_with_follow_the_planned_engines_plan_again_when_the_device_drifts(tiny_bench, monkeypatch):
+    """`--follow`: the planned systems' engines follow the device as `sti.open_engine`'s do;
+    a drift the follower reports makes the engine plan again (the joint planner around its
+    kept buffer), and the row counts the plans swapped in."""
+    import sti.bench as bench
+    from sti.runtime import follow
+    from sti.runtime.follow import rescaled
+    store, cfg, _ = tiny_bench
+    engines = []
+
+    class Recorded(bench.Engine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            engines.append(self)
+    monkeypatch.setattr(bench, "Engine", Recorded)
+    cfg = dataclass_replace(cfg, systems=("sti-joint", "sti-paper"), no_guard_points=())
+    plain = bench.run_bench(store, store, cfg, log=lambda *a: None)
+    assert [r["replans"] for r in plain["rows"]] == [None, None] and all(e.follower is None for e in engines)
+
+    engines.clear()
+    calls = []
+    real_add = follow.Follower.add
+
+    def drifts_once(self, paces):   # the compute lane 2x slower, reported once per engine
+        real_add(self, paces)
+        calls.append(self)
+        return {"compute": 2.0} if calls.count(self) == 3 else None
+    monkeypatch.setattr(follow.Follower, "add", drifts_once)
+    followed = bench.run_bench(store, store, dataclass_replace(cfg, follow=True), log=lambda *a: None)
+    assert followed["config"]["follow"] is True
+    assert [r["replans"] for r in followed["rows"]] == [1, 1]
+    assert all("followed the device: 1 replans" in r["note"] for r in followed["rows"])
+    joint = engines[0]
+    assert joint.follower is not None and joint.history[0]["kind"] == "drift"
+    # the joint engine's replans keep its preload buffer; a new target plans afresh
+    kept, slow = joint.plans, rescaled(joint.device, {"read": 2.0})
+    target = kept.first.request.target_ms
+    assert joint.replan(slow, target, 1.0, kept, False).buffer == kept.buffer
+    assert joint.replan(joint.device, target / 2, 1.0).first.request.target_ms == pytest.approx(target / 2)

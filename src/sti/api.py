@@ -383,11 +383,8 @@ def _engine(store_dir, storage, device, guard, max_length, warmup, args, lengths
 
 class _Replanner:
     """How an engine opened here plans again (`Engine.replan`): with `kept` (the device
-    drifted), each bucket streamed around the kept preload buffer and rows, which stay
-    (planning/lengths.py `plan_set_around`, a few ms), unless `new_buffer` (the engine asks
-    when the shard reads drifted) and a new buffer around the same rows is predicted better
-    by more than 0.2 points (planning/rows.py `replan_drifted`, about 0.1 s more; the paper
-    planner plans afresh);
+    drifted), around the kept preload buffer and rows (planning/rows.py `replan_around`;
+    the paper planner plans afresh);
     without it (new targets), `plan` from scratch for the engine's current profile. What a
     quick replan needs (the importance profile, the sample's token ids) is loaded once,
     by `prepare` (opening the store alone takes about a second)."""
@@ -413,12 +410,9 @@ class _Replanner:
         if kept is None or planner != "joint":
             return plan(store_dir, latency_ms, memory_mb, planner, storage, seq_len, method, _quiet, headroom,
                         allow_pruning, self.max_length, self.lengths, device, self.row_cache)
-        from .planning.lengths import plan_set_around
-        from .planning.rows import replan_drifted
+        from .planning.rows import replan_around
         importance, tokens, hidden, per_block = self.prepare()
-        if tokens is None or not new_buffer:   # around the kept buffer only
-            return plan_set_around(kept, device, importance, headroom)
-        return replan_drifted(kept, device, importance, tokens, per_block, hidden, headroom)
+        return replan_around(kept, device, importance, tokens, per_block, hidden, headroom, new_buffer)
 
 
 def _quiet(*args, **kwargs) -> None:

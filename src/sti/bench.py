@@ -57,6 +57,7 @@ from .evaluate import accuracy, latency_stats
 from .planning import (Plan, PlanChoice, PlanPrediction, PlanRequest, PlanSet, make_plan, make_plan_set,
                        make_plan_set_with_rows, simulate)
 from .planning.problem import predicted_memory
+from .planning.rows import replan_around
 from .profiles import DeviceProfile, profile_id
 from .profile_device import measure_device
 from .runtime import Engine
@@ -88,6 +89,9 @@ class BenchConfig:
     length_aware: bool = True
     # correct the device profile on the engine at each point before planning (calibrate.py)
     calibrate: bool = True
+    # the planned systems' engines follow the device as they serve (runtime/follow.py): when
+    # their lanes drift from the profile, they plan again between requests
+    follow: bool = False
     # sti-joint's length-aware plans may hold frequent tokens' embedding rows resident
     # (planning/rows.py; False: every row is read, as before)
     row_cache: bool = True
@@ -131,6 +135,7 @@ class Row:
     predicted_ratio: float | None = None   # median over requests of measured / predicted at its length
     stall_median_ms: float | None = None
     guard_rate: float | None = None
+    replans: int | None = None                # plans swapped in because the device drifted (--follow)
     guard_skipped_mean: float | None = None   # shards the guard left out, per request
     guard_lowered_mean: float | None = None   # shards the guard read at fewer bits, per request
     embed_read_median_ms: float | None = None  # the IO lane's embedding rows, per request (engine systems)
@@ -376,11 +381,13 @@ def served(labels: list[str], examples, names: tuple[str, ...]) -> float:
     return served_ids([names.index(got) for got in labels], examples)
 
 
-def run_engine(store_dir: Path, plan: Plan | PlanSet, device, storage: str, pad_to, sets: dict, guard=True) -> dict:
+def run_engine(store_dir: Path, plan: Plan | PlanSet, device, storage: str, pad_to, sets: dict, guard=True,
+               replan=None) -> dict:
     """The engine over every example of `sets` ({name: examples}, "test" first), one request
     at a time after one warm-up request: latency and guard figures over the test requests,
-    served accuracy per set."""
-    engine = Engine(Store(store_dir, storage), plan, device, storage=storage, guard=guard, pad_to=pad_to)
+    served accuracy per set. Given `replan` (`replanner`), the engine follows the device."""
+    engine = Engine(Store(store_dir, storage), plan, device, storage=storage, guard=guard, pad_to=pad_to,
+                    replan=replan, follow=replan is not None)
     try:
         first = next(iter(sets.values()))
         engine.run(first[0].text)  # warm-up: the first request pays for lazy initialisation
@@ -404,7 +411,9 @@ def run_engine(store_dir: Path, plan: Plan | PlanSet, device, storage: str, pad_
                        embed_read=statistics.median(r.embed_read_ms for r in reports),
                        embed_hits=sum(r.embed_hits for r in reports) / max(1, sum(r.embed_hits + r.embed_misses
                                                                                 for r in reports)),
-                       row_cache_bytes=engine.rows.nbytes)
+                       row_cache_bytes=engine.rows.nbytes,
+                       replans=sum(e.get("kind") == "drift" and "error" not in e for e in engine.history)
+                       if replan is not None else None)
         return out
     finally:
         engine.close()
@@ -485,6 +494,21 @@ def planned(h: Harness, system: str, device, target: float, mem: float, pad_to) 
         embed_tokens=device.embed_tokens(plan_len, min(plan_len, cfg.plan_len_own), h.rows_per_block)))
 
 
+def replanner(h: Harness, system: str, pad_to):
+    """How a planned system's engine plans again when it follows the device, as the
+    engines `sti.open_engine` opens do (api._Replanner): the device drifted (`kept`
+    given), the joint planner streams around the kept buffer and rows; otherwise, and for
+    the paper planner, `planned` afresh from the drifted profile."""
+    rows = pad_to is None and h.cfg.length_aware and h.cfg.row_cache  # plans costed on the dev split's tokens
+
+    def replan(device, latency_ms: float, memory_mb: float, kept=None, new_buffer: bool = False):
+        if kept is None or system != "sti-joint":
+            return planned(h, system, device, latency_ms, memory_mb, pad_to)
+        return replan_around(kept, device, h.importance, h.dev_tokens if rows else None, h.rows_per_block,
+                             h.config.hidden_size, h.cfg.headroom, new_buffer)
+    return replan
+
+
 def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, full_ms: float) -> list[Row]:
     """Rows for one system under one storage and length mode, across the T x M grid."""
     cfg = h.cfg
@@ -504,6 +528,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
     def engine_fields(m: dict, target: float) -> dict:
         return dict(served_accuracy=m["served_accuracy"], **latency_stats(m["lat"], target),
                     predicted_ratio=m["ratio"], stall_median_ms=m["stall"], guard_rate=m["guard_rate"],
+                    replans=m["replans"],
                     guard_skipped_mean=m["guard_skipped"], guard_lowered_mean=m["guard_lowered"],
                     embed_read_median_ms=m["embed_read"], embed_hit_share=m["embed_hits"],
                     row_cache_bytes=m["row_cache_bytes"],
@@ -522,10 +547,13 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
                 except StiError as exc:
                     rows.append(row(target_x=x, target_ms=target, memory_mb=mem, note=f"infeasible: {exc}"[:300]))
                     continue
-                m = run_engine(h.store_dir, plan, dev, storage, pad_to, sets)
+                m = run_engine(h.store_dir, plan, dev, storage, pad_to, sets,
+                               replan=replanner(h, system, pad_to) if cfg.follow else None)
                 r = row(target_x=x, target_ms=target, memory_mb=mem, accuracy=h.plan_accuracy(plan),
                         planned_ms=plan.plan_for(width).predicted.latency_ms,
-                        note=f"{len(plan.plans)} plans by length" if len(plan.plans) > 1 else "",
+                        note=", ".join(filter(None, [
+                            f"{len(plan.plans)} plans by length" if len(plan.plans) > 1 else "",
+                            f"followed the device: {m['replans']} replans" if m["replans"] is not None else ""])),
                         **engine_fields(m, target))
                 if system == "sti-joint" and (x, mem) in cfg.no_guard_points:
                     free = run_engine(h.store_dir, plan, dev, storage, pad_to, {"test": h.served_test}, guard=False)

@@ -394,6 +394,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
           one_plan: bool = typer.Option(False, help="sti-joint with one plan for 48 tokens, not a plan per length"),
           calibrate: bool = typer.Option(True, help="correct the device profile on the engine at each point before planning"),
           row_cache: bool = typer.Option(True, help=ROW_CACHE_HELP),
+          follow: bool = typer.Option(False, help="the planned systems' engines follow the device: they plan "
+                                      "again when it runs slower or faster than its profile"),
           headroom: Optional[float] = typer.Option(None, help=HEADROOM_HELP + " (default 0.1)"),
           same_conditions_as: Optional[Path] = typer.Option(
               None, help="an earlier run's results (its directory or results.json): plan with its T units and "
@@ -424,6 +426,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
         cfg = replace(cfg, calibrate=False)
     if not row_cache:
         cfg = replace(cfg, row_cache=False)
+    if follow:
+        cfg = replace(cfg, follow=True)
     if headroom is not None:
         if not 0.0 <= headroom < 1.0:  # (before a sweep of many minutes, not at its first plan)
             raise InputError(f"--headroom is a share of T, at least 0 and below 1, not {headroom:g}")

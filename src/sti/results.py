@@ -125,7 +125,9 @@ def report(results: dict, source: Path, out: Path) -> str:
              f"Sweep: T in {results['config']['targets_x']} x the T unit, M in {results['config']['memories_mb']} MB, "
              f"storages {', '.join(results['config']['storages'])}, length modes "
              f"{', '.join(results['config']['seq_modes'])}; plans keep {results['config']['headroom']:.0%} of T "
-             "as headroom for the deadline guard.", "",
+             "as headroom for the deadline guard"
+             + ("; the planned systems' engines follow the device (they plan again when it drifts)"
+                if results['config'].get('follow') else "") + ".", "",
              "## Headline: T = 1x, 2x, 3x at M = 2 MB, own lengths", "",
              "Served test accuracy is the accuracy of the labels the engine returned, over every test request; plan "
              "accuracy is the same plan's weights in batches (the deadline guard's cost is the difference)."

@@ -128,3 +128,15 @@ def replan_drifted(kept: PlanSet, device, importance, token_lists, rows_per_bloc
     except PlanError:
         return near
     return fresh if score(fresh) > (near.covered, near.expected_accuracy + gain) else near
+
+
+def replan_around(kept: PlanSet, device, importance, token_lists, rows_per_block: int, hidden: int,
+                  headroom: float = 0.0, new_buffer: bool = False) -> PlanSet:
+    """How an engine whose device drifted plans again (`Engine.replan` with `kept`): each
+    bucket streamed around the kept preload buffer and rows (`plan_set_around`, a few ms),
+    unless `new_buffer` (the engine asks when the shard reads drifted) and `token_lists`
+    (the sample the plans were costed on; None when they hold no rows) let
+    `replan_drifted` choose the buffer afresh around the same rows (about 0.1 s more)."""
+    if token_lists is None or not new_buffer:
+        return plan_set_around(kept, device, importance, headroom)
+    return replan_drifted(kept, device, importance, token_lists, rows_per_block, hidden, headroom)
