@@ -41,6 +41,37 @@ def test_the_first_layer_cost_is_in_the_timeline_and_the_plan():
         assert plan.predicted.timeline[0].compute_ms == dev.compute_ms(plan.choice.m, 1) + 7.0
 
 
+def test_the_requests_setup_delays_both_lanes_in_the_timeline_and_the_plan():
+    """A request's setup (tokenizing, its report, starting its lanes) is on its clock before
+    either lane starts: the whole timeline moves by it, and plans fit T with it counted."""
+    dev = dataclasses.replace(HAND_DEV, setup_ms=3.0)
+    base = simulate((0, 1), 1, ((2,), (2,)), [(0, 0, 2)], HAND_DEV, 1)
+    later = simulate((0, 1), 1, ((2,), (2,)), [(0, 0, 2)], dev, 1)
+    shift = lambda t, d: (t.io_start + d, t.io_end + d, t.compute_start + d, t.compute_end + d, t.stall, t.slack)  # noqa: E731
+    assert [shift(t, 3.0) for t in base] == [shift(t, 0.0) for t in later]
+    assert simulate((0, 1), 1, ((2,), (2,)), [(0, 0, 2)], dev, 1, setup_ms=0.0) == base
+    for planner in ("paper", "joint"):
+        plan = make_plan(dev, HAND_IMP, STORE, 200.0, 250, planner=planner)
+        assert plan.predicted.latency_ms <= 200.0
+        assert plan.predicted.embed_ms == pytest.approx(3.0 + HAND_DEV.embed_read_ms(1))
+        assert plan.predicted.timeline[0].io_start == pytest.approx(3.0 + HAND_DEV.embed_read_ms(1))
+        same = make_plan(HAND_DEV, HAND_IMP, STORE, 200.0, 250, planner=planner)
+        if same.choice == plan.choice:
+            assert plan.predicted.latency_ms == pytest.approx(same.predicted.latency_ms + 3.0)
+        # a T the plan met only without the setup is not met with it
+        tight = same.predicted.latency_ms + 1.0
+        got = _plan_or_none(dev, tight, planner)
+        assert got is None or got.predicted.latency_ms <= tight
+
+
+def _plan_or_none(dev, target, planner):
+    from sti.planning import PlanError
+    try:
+        return make_plan(dev, HAND_IMP, STORE, target, 250, planner=planner)
+    except PlanError:
+        return None
+
+
 def test_a_profile_far_off_the_engine_is_corrected_towards_it(tiny_store):
     _, path = tiny_store
     store = Store(path, "warm")
@@ -116,3 +147,35 @@ def test_a_slow_compute_lane_is_not_taken_for_slow_storage(tiny_store, monkeypat
     slowed, slowed_wait = io_scale()
     assert slowed_wait > fair_wait + 5.0          # the decoder did wait for groups
     assert slowed < 1.3 * fair + 0.1, (slowed, fair)
+
+
+def test_a_slow_setup_is_measured_as_setup_not_as_slow_storage(tiny_store, monkeypatch):
+    """Tokenizing is on the request's clock before the lanes start: calibration measures it
+    as the request's setup (which the corrected profile carries, so plans count it), and
+    the IO lane's pace is measured from where its lane started, not inflated by it."""
+    import time
+    from sti.tokenizer import Tokenizer
+    from tests.test_runtime import SlowReader
+    _, path = tiny_store
+
+    def calibrate():
+        store = Store(path, "warm", reader=SlowReader(path / "store.bin", 0.001))   # 1 ms a read
+        device, importance = profiles(store, read_ms=1.0)                           # as profiled
+        plan = make_plan(device, importance, store.store_id, 1e4, 0, seq_len=16)  # nothing preloaded
+        with Engine(store, plan, device, storage="warm") as engine:
+            engine.run(TEXTS[0])
+            return measure(engine, TEXTS * 3), engine.device
+
+    fair, device = calibrate()
+    encode = Tokenizer.encode
+
+    def slow(self, *args, **kw):
+        time.sleep(0.006)   # 6 ms to tokenize
+        return encode(self, *args, **kw)
+
+    monkeypatch.setattr(Tokenizer, "encode", slow)
+    slowed, _ = calibrate()
+    assert slowed.setup_ms >= 6.0 > fair.setup_ms >= 0.0
+    assert slowed.io_scale < 1.3 * fair.io_scale + 0.1, (slowed, fair)
+    dev = corrected(device, slowed)
+    assert dev.setup_ms == slowed.setup_ms and dev.calibrated["setup_ms"] == slowed.setup_ms

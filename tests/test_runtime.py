@@ -569,3 +569,38 @@ def test_engine_refuses_a_device_profile_other_than_the_plans(tiny_store):
     with pytest.raises(InputError, match="device profile"):
         Engine(store, plan, other, storage="warm")
     store.close()
+
+
+def test_a_requests_clock_counts_its_tokenizing_not_a_wait_behind_another(tiny_store, monkeypatch):
+    """The caller's T runs from the call: tokenizing is on the request's clock (its setup,
+    before the lanes start), waiting for the engine to finish another request is not."""
+    from sti.tokenizer import Tokenizer
+    _, path = tiny_store
+    engine, _ = engine_for(path, 1e4, 0, guard=False)
+    with engine:
+        engine.run(TEXTS[0])
+        quick = engine.run(TEXTS[1]).report
+        assert 0 < quick.setup_ms < quick.latency_ms
+        assert quick.layers[0].start_ms >= quick.setup_ms
+        encode = Tokenizer.encode
+
+        def slow(self, *args, **kw):
+            time.sleep(0.02)
+            return encode(self, *args, **kw)
+        monkeypatch.setattr(Tokenizer, "encode", slow)
+        tokenized = engine.run(TEXTS[1]).report
+        assert tokenized.setup_ms >= 20.0 and tokenized.latency_ms >= quick.latency_ms + 15.0
+        monkeypatch.setattr(Tokenizer, "encode", encode)
+        held = threading.Event()
+
+        def hold():   # another request in flight: the lock held for 50 ms
+            with engine._lock:
+                held.set()
+                time.sleep(0.05)
+        other = threading.Thread(target=hold)
+        other.start()
+        held.wait()
+        a = time.perf_counter()
+        waited = engine.run(TEXTS[1]).report
+        other.join()
+        assert (time.perf_counter() - a) * 1e3 >= 45.0 and waited.latency_ms < 40.0

@@ -50,6 +50,7 @@ class Calibration:
     requests: int
     io_scale: float = 1.0      # the engine's IO lane progress / the timeline's, layers with streamed shards
     embed_scale: float = 1.0   # the engine's embedding read / the profile's
+    setup_ms: float = 0.0      # a request's time from the call until its lanes start
 
 
 def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
@@ -73,7 +74,8 @@ def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
     first = statistics.median(busy - scale * planned for busy, planned in firsts) if firsts else 0.0
     io, embed = io_paces(engine, reports)
     return Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports),
-                       io_scale=_bounded(io), embed_scale=_bounded(embed))
+                       io_scale=_bounded(io), embed_scale=_bounded(embed),
+                       setup_ms=statistics.median(r.setup_ms for r in reports))
 
 
 def _probe(engine, texts: list, probes: int) -> list:
@@ -106,12 +108,15 @@ def io_paces(engine, reports) -> tuple[list[float], list[float]]:
         planned = device.embed_rows_ms(r.width, r.embed_misses, engine.rows_per_block, r.width > rows.positions)
         if planned > 0 and r.embed_read_ms > 0:
             embed.append(r.embed_read_ms / planned)
-        timeline = simulate(c.layers, c.m, c.bits, c.preload, device, r.width, embed_ms=r.embed_read_ms)
+        # both measured from the end of the embedding read: the request's setup (on its clock,
+        # and in the timeline as the profile has it) is not the IO lane's
+        timeline = simulate(c.layers, c.m, c.bits, c.preload, device, r.width, embed_ms=r.embed_read_ms, setup_ms=0.0)
+        start = r.setup_ms + r.embed_read_ms
         waited = 0.0  # the decoder's waits for free groups so far: the compute lane's pace, not IO's
         for t, lr in zip(timeline, r.layers):
             waited += lr.group_wait_ms
             if lr.decode_end_ms > 0 and t.io_end - r.embed_read_ms > MIN_IO_MS:
-                io.append((lr.decode_end_ms - r.embed_read_ms - waited) / (t.io_end - r.embed_read_ms))
+                io.append((lr.decode_end_ms - start - waited) / (t.io_end - r.embed_read_ms))
     return io, embed
 
 
@@ -124,17 +129,18 @@ def calibrated(engine, texts: list, log=print, source: str = "dev split") -> Dev
     it was, guard included)."""
     cal = measure(engine, texts)
     log(f"calibrated on the engine ({cal.requests} requests from the {source}): compute x{cal.compute_scale:.2f}, "
-        f"first layer +{cal.first_layer_ms:.2f} ms, IO x{cal.io_scale:.2f}, embedding rows x{cal.embed_scale:.2f}")
+        f"first layer +{cal.first_layer_ms:.2f} ms, IO x{cal.io_scale:.2f}, embedding rows x{cal.embed_scale:.2f}, "
+        f"setup {cal.setup_ms:.2f} ms")
     return corrected(engine.device, cal)
 
 
 def corrected(device: DeviceProfile, cal: Calibration) -> DeviceProfile:
     """The profile as the engine runs: compute scaled, the first layer's extra cost set."""
     return replace(device, compute_coef=tuple(c * cal.compute_scale for c in device.compute_coef),
-                   first_layer_ms=cal.first_layer_ms,
+                   first_layer_ms=cal.first_layer_ms, setup_ms=cal.setup_ms,
                    shard_read_ms={b: v * cal.io_scale for b, v in device.shard_read_ms.items()},
                    shard_decode_ms={b: v * cal.io_scale for b, v in device.shard_decode_ms.items()},
                    embed_ms=tuple(v * cal.embed_scale for v in device.embed_ms),
                    calibrated={"compute_scale": cal.compute_scale, "first_layer_ms": cal.first_layer_ms,
-                               "io_scale": cal.io_scale, "embed_scale": cal.embed_scale,
+                               "io_scale": cal.io_scale, "embed_scale": cal.embed_scale, "setup_ms": cal.setup_ms,
                                "requests": cal.requests, "raw_profile": profile_id(device)})

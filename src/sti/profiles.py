@@ -97,6 +97,10 @@ class DeviceProfile:
     # what the first executed layer costs in the engine beyond compute_ms (0 until calibrated on
     # the engine, calibrate.py; `calibrated` then says how: scale, probe requests, raw profile)
     first_layer_ms: float = 0.0
+    # what a request costs before its lanes start (tokenizing it, setting up its report and
+    # its lanes), which the request's clock counts: both lanes start this late (0 until
+    # calibrated on the engine)
+    setup_ms: float = 0.0
     calibrated: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)
     created: str = ""
@@ -173,6 +177,7 @@ class DeviceProfile:
                 dtype_layer_ms={_dtype(k, f"{where}.dtype_layer_ms"): _num(v, f"{where}.dtype_layer_ms[{k}]")
                                 for k, v in _dtypes_map(d.get("dtype_layer_ms", {}), f"{where}.dtype_layer_ms").items()},
                 first_layer_ms=_num(d.get("first_layer_ms", 0.0), f"{where}.first_layer_ms"),
+                setup_ms=_num(d.get("setup_ms", 0.0), f"{where}.setup_ms", 0.0, 1e6),
                 calibrated=d.get("calibrated") if isinstance(d.get("calibrated"), dict) else {},
                 machine=d.get("machine") if isinstance(d.get("machine"), dict) else {},
                 created=str(d.get("created", ""))[:64])

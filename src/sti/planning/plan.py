@@ -60,13 +60,17 @@ class LayerTiming:
 
 
 def simulate(layers, m: int, bits, preload, device: DeviceProfile,
-             seq_len: int | None = None, embed_ms: float | None = None) -> tuple[LayerTiming, ...]:
+             seq_len: int | None = None, embed_ms: float | None = None,
+             setup_ms: float | None = None) -> tuple[LayerTiming, ...]:
     """The two-lane timeline of a plan. `bits[k][j]` is the bitwidth of shard j of the k-th
     executed layer; `preload` holds (layer, shard[, bits]) entries. `embed_ms` overrides the
-    embedding read time (a padded request reads only its distinct tokens' rows). The first
-    executed layer also costs the device's `first_layer_ms` (measured on the engine)."""
+    embedding read time (a padded request reads only its distinct tokens' rows). Both lanes
+    start after the request's setup (`setup_ms`, by default the device's) and the embedding
+    read. The first executed layer also costs the device's `first_layer_ms` (measured on the
+    engine)."""
     held = {(entry[0], entry[1]) for entry in preload}
-    io_clock = device.embed_read_ms(seq_len) if embed_ms is None else embed_ms
+    io_clock = (device.setup_ms if setup_ms is None else setup_ms) + \
+        (device.embed_read_ms(seq_len) if embed_ms is None else embed_ms)
     due = io_clock                      # layer 0 also needs the embeddings
     out = []
     for k, layer in enumerate(layers):
@@ -121,7 +125,7 @@ class PlanPrediction:
     accuracy: float
     submodel_accuracy: float               # the (n, m) submodel at full precision
     full_accuracy: float                   # the whole model at full precision
-    embed_ms: float
+    embed_ms: float                        # when the lanes start: the request's setup and the embedding read
     head_ms: float
     preload_bytes: float
     inflight_bytes: float
@@ -355,7 +359,7 @@ def explain(plan: Plan) -> str:
         lines.append(f"{layer:>5} {c.m:>6}  {_bits_summary(row):<22} {held.get(layer, 0):>7} {t.io_ms:>9.2f} "
                      f"{t.compute_ms:>10.2f} {t.stall:>9.2f} {t.slack:>9.2f}")
     lines.append(f"latency   {p.latency_ms:.2f} ms of target {r.target_ms:.2f} ms ({plan.spare_ms:.2f} ms spare); "
-                 f"embeddings {p.embed_ms:.2f} ms, head {p.head_ms:.2f} ms")
+                 f"setup and embeddings {p.embed_ms:.2f} ms, head {p.head_ms:.2f} ms")
     if plan.is_stall_free:
         lines.append("stalls    none (every layer's shards arrive before it is due)")
     elif plan.is_stall_free_after_first:

@@ -51,7 +51,7 @@ class Problem:
     io: dict                         # bits -> IO ms of a shard (read + decode)
     nbytes: dict                     # bits -> bytes of a shard record
     err: dict                        # bits -> relative error
-    embed_ms: float
+    embed_ms: float                  # when the lanes start: the request's setup and the embedding read
     head_ms: float
     first_ms: float                  # the first executed layer's extra cost (device.first_layer_ms)
     candidates: list                 # (n, m, accuracy at full precision), sorted
@@ -118,10 +118,12 @@ class Problem:
         # planning/rows.py), or `embed_tokens` distinct tokens' rows and their positions
         embed = arg_float(device.embed_read_ms(embed_tokens or seq_len) if embed_ms is None else embed_ms,
                           "embedding read time")
+        setup = arg_float(device.setup_ms, "device setup_ms")
         head = arg_float(device.head_ms, "device head_ms")
         first = arg_float(device.first_layer_ms, "device first_layer_ms")
-        if embed < 0 or head < 0 or first < 0:
-            raise PlanError("device profile: embedding read, first-layer and head times must be >= 0")
+        if embed < 0 or head < 0 or first < 0 or setup < 0:
+            raise PlanError("device profile: setup, embedding read, first-layer and head times must be >= 0")
+        embed += setup   # the lanes start after both (`simulate`)
         cands = _candidates(importance, *kl.shape, prune)
         compute = {m: arg_float(device.compute_ms(m, seq_len), f"device compute_ms({m})")
                    for m in sorted({m for _, m, _ in cands})}
@@ -259,7 +261,7 @@ def assemble(P: Problem, planner: str, n: int, m: int, bits, held: dict) -> Plan
     layers = P.layers(n)
     bits = tuple(tuple(int(b) for b in row) for row in bits)
     preload = tuple(sorted((layer, j, int(b)) for (layer, j), b in held.items()))
-    timeline = simulate(layers, m, bits, preload, P.device, P.seq_len, embed_ms=P.embed_ms)
+    timeline = simulate(layers, m, bits, preload, P.device, P.seq_len, embed_ms=P.embed_ms, setup_ms=0.0)
     latency = timeline[-1].compute_end + P.head_ms
     preload_bytes = float(sum(P.nbytes[b] for _, _, b in preload))
     streamed = [sum(P.nbytes[b] for j, b in enumerate(row) if (layer, j) not in held)

@@ -204,12 +204,17 @@ class Engine:
             raise InputError(f"expected a text, got {type(text).__name__}")
         if self.closed:
             raise InputError("this engine is closed: open a new one")
+        called = time.perf_counter()
         pad = None if self.pad_to is None else min(self.pad_to, self.tokenizer.max_length)
         batch = self.tokenizer.encode([text], pad_to=pad, pairs=None if pair is None else [pair])
+        tokenizing = time.perf_counter() - called
         with self._lock, torch.inference_mode():
+            # the request's clock runs from the call, as its caller's does, less any wait
+            # behind another request (the caller's T is for this request's own work)
+            start = time.perf_counter() - tokenizing
             self._take_replan()
             torch.set_num_threads(self.threads)
-            result = self._serve(batch)
+            result = self._serve(batch, start)
             if self._announce is not None:
                 result.report.replanned, self._announce = self._announce, None
             self._follow(result.report)
@@ -338,15 +343,17 @@ class Engine:
         """`retarget` with a new preload budget only."""
         return self.retarget(memory_mb=memory_mb)
 
-    def _serve(self, batch) -> Result:
-        """The reader and the decoder start on the IO threads; this thread computes."""
+    def _serve(self, batch, start: float) -> Result:
+        """The reader and the decoder start on the IO threads; this thread computes. `start`
+        is the request's clock's zero (`time.perf_counter()`)."""
         rss = PeakRSS()
         self.bytes.reset_peak()
         self.window.reset()
         self.pool.reset()
         width = int(batch.input_ids.shape[1])
         i = self.plans.index_for(width)
-        req = Request(self._new_report(batch, i), self.walks[i])
+        req = Request(self._new_report(batch, i), self.walks[i], start)
+        req.report.setup_ms = req.now()
         read = queue.SimpleQueue()
         lanes = [self._io.submit(self._read_lane, batch.input_ids[0], req, read),
                  self._io.submit(self._decode_lane, req, read)]
@@ -363,11 +370,12 @@ class Engine:
         for lane in lanes:
             lane.result()
         report = req.report
-        report.latency_ms = req.now()
         report.peak_model_bytes = self.bytes.peak
         report.rss_growth_bytes = rss.growth()
         probs = torch.softmax(logits, -1)[0]
-        return Result(self.config.labels[int(probs.argmax())], probs.tolist(), logits[0], report)
+        result = Result(self.config.labels[int(probs.argmax())], probs.tolist(), logits[0], report)
+        report.latency_ms = req.now()
+        return result
 
     def _new_report(self, batch, bucket: int) -> Report:
         width, ids = int(batch.input_ids.shape[1]), batch.input_ids[0].tolist()

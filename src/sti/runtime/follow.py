@@ -152,11 +152,11 @@ def request_paces(report, device: DeviceProfile, rows_per_block: int, resident_p
 
 def rescaled(device: DeviceProfile, drift: dict[str, float]) -> DeviceProfile:
     """The profile with each drifted lane's times scaled by its drift: compute (and the CPU
-    work beside it: decoding, the first layer's extra, the head), shard reads, embedding
-    reads."""
+    work beside it: decoding, the first layer's extra, the head, the request's setup), shard
+    reads, embedding reads."""
     c, r, e = (drift.get(lane, 1.0) for lane in LANES)
     return replace(device, compute_coef=tuple(v * c for v in device.compute_coef),
-                   first_layer_ms=device.first_layer_ms * c, head_ms=device.head_ms * c,
+                   first_layer_ms=device.first_layer_ms * c, head_ms=device.head_ms * c, setup_ms=device.setup_ms * c,
                    shard_decode_ms={b: v * c for b, v in device.shard_decode_ms.items()},
                    shard_read_ms={b: v * r for b, v in device.shard_read_ms.items()},
                    layer_read_ms=device.layer_read_ms * r,

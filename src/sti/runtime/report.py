@@ -30,7 +30,8 @@ class LayerReport:
 
 @dataclass
 class Report:
-    latency_ms: float = 0.0
+    latency_ms: float = 0.0        # from the call (tokenizing included) to the answer
+    setup_ms: float = 0.0          # from the call until the lanes start: tokenizing, the report, the lanes
     planned_ms: float = 0.0        # the plan's prediction at its sequence length (plan.request.seq_len)
     plan_tokens: int = 0           # that length: the plan of this request's length bucket was made for it
     predicted_ms: float = 0.0      # the same plan's prediction at this request's length

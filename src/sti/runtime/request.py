@@ -15,10 +15,10 @@ PRELOADED = object()   # the shard is in the preload buffer: nothing to read
 
 
 class Request:
-    def __init__(self, report: Report, sched: Schedule):
+    def __init__(self, report: Report, sched: Schedule, t0: float | None = None):
         self.report = report
         self.sched = sched         # the plan this request runs, as the engine walks it
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if t0 is None else t0   # the clock's zero
         self.cond = threading.Condition()
         self.items: dict = {}      # delivered by the IO side, keyed by (layer, shard) or "embed"
         self.error: BaseException | None = None
