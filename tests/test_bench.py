@@ -330,3 +330,14 @@ def test_with_follow_the_planned_engines_plan_again_when_the_device_drifts(tiny_
     target = kept.first.request.target_ms
     assert joint.replan(slow, target, 1.0, kept, False).buffer == kept.buffer
     assert joint.replan(joint.device, target / 2, 1.0).first.request.target_ms == pytest.approx(target / 2)
+
+
+def test_ood_limit_zero_serves_the_test_split_only_and_a_negative_one_is_refused(tiny_bench):
+    from sti.bench import run_bench
+    from sti.errors import InputError
+    store, cfg, _ = tiny_bench
+    got = run_bench(store, store, dataclass_replace(cfg, ood_limit=0, systems=("sti-joint",), no_guard_points=()),
+                    log=lambda *a: None)
+    assert set(got["rows"][0]["served_accuracy"]) == {"test"} and got["conditions"]["ood_sizes"] == {}
+    with pytest.raises(InputError, match="ood-limit"):
+        run_bench(store, store, dataclass_replace(cfg, ood_limit=-1), log=lambda *a: None)

@@ -96,7 +96,7 @@ class BenchConfig:
     # (planning/rows.py; False: every row is read, as before)
     row_cache: bool = True
     # sentences per out-of-domain set, served and in batches (None: all 12,752, which makes
-    # every point ~13x slower than the test split's 1057)
+    # every point ~13x slower than the test split's 1057; 0: none, the test split only)
     ood_limit: int | None = 200
     # (T x, M MB) points where sti-joint is served again without the deadline guard
     no_guard_points: tuple[tuple[float, float], ...] = ((1.0, 2.0), (2.0, 2.0))
@@ -208,7 +208,10 @@ class Harness:
         self.sample = [e.text for e in self.served_test]
         rng = np.random.default_rng(cfg.seed)
         self.ood = {}
-        for name in OOD_SETS:
+        if cfg.ood_limit is not None and (isinstance(cfg.ood_limit, bool) or not isinstance(cfg.ood_limit, int)
+                                          or cfg.ood_limit < 0):
+            raise InputError(f"--ood-limit must be 0 (no out-of-domain sets) or more, got {cfg.ood_limit!r}")
+        for name in OOD_SETS if cfg.ood_limit != 0 else ():
             ex = load_split(name)
             if cfg.ood_limit and len(ex) > cfg.ood_limit:
                 ex = [ex[i] for i in sorted(rng.choice(len(ex), cfg.ood_limit, replace=False))]

@@ -389,8 +389,8 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
           targets_x: Optional[str] = typer.Option(None, help="comma-separated T as multiples of the full model's time"),
           memories_mb: Optional[str] = typer.Option(None, help="comma-separated preload budgets M in MB"),
           requests: Optional[int] = typer.Option(None, help="latency sample size per point"),
-          ood_limit: Optional[int] = typer.Option(None, help="sentences per out-of-domain set for accuracy "
-                                                  "(default: the full sweep's 300)"),
+          ood_limit: Optional[int] = typer.Option(None, help="sentences per out-of-domain set for accuracy, 0 for none "
+                                                  "(default 200)"),
           one_plan: bool = typer.Option(False, help="sti-joint with one plan for 48 tokens, not a plan per length"),
           calibrate: bool = typer.Option(True, help="correct the device profile on the engine at each point before planning"),
           row_cache: bool = typer.Option(True, help=ROW_CACHE_HELP),
@@ -418,7 +418,7 @@ def bench(store_dir: Path = typer.Argument(..., help="a store directory (of the 
         cfg = replace(cfg, memories_mb=_numbers(memories_mb, "--memories-mb"))
     if requests:
         cfg = replace(cfg, requests=requests)
-    if ood_limit:
+    if ood_limit is not None:
         cfg = replace(cfg, ood_limit=ood_limit)
     if one_plan:
         cfg = replace(cfg, length_aware=False)
