@@ -322,6 +322,8 @@ def test_with_follow_the_planned_engines_plan_again_when_the_device_drifts(tiny_
     followed = bench.run_bench(store, store, dataclass_replace(cfg, follow=True), log=lambda *a: None)
     assert followed["config"]["follow"] is True
     assert [r["replans"] for r in followed["rows"]] == [1, 1]
+    assert [len(r["replan_history"]) for r in followed["rows"]] == [1, 1]
+    assert followed["rows"][0]["replan_history"][0]["drift"] == {"compute": 2.0}
     assert all("followed the device: 1 replans" in r["note"] for r in followed["rows"])
     joint = engines[0]
     assert joint.follower is not None and joint.history[0]["kind"] == "drift"

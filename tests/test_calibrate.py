@@ -179,3 +179,48 @@ def test_a_slow_setup_is_measured_as_setup_not_as_slow_storage(tiny_store, monke
     assert slowed.io_scale < 1.3 * fair.io_scale + 0.1, (slowed, fair)
     dev = corrected(device, slowed)
     assert dev.setup_ms == slowed.setup_ms and dev.calibrated["setup_ms"] == slowed.setup_ms
+
+
+def test_the_time_after_the_last_layer_is_measured_into_the_head(tiny_store, monkeypatch):
+    """What a request costs after its last layer (the head, the answer) is on its clock:
+    calibration measures it, and the corrected head is at least that long."""
+    import time
+    from sti.runtime import engine as engine_module
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store)
+    plan = make_plan(device, importance, store.store_id, 1e4, 0, seq_len=16)
+    head = engine_module.head_logits
+
+    def slow_head(*args, **kw):
+        time.sleep(0.005)
+        return head(*args, **kw)
+    monkeypatch.setattr(engine_module, "head_logits", slow_head)
+    with Engine(store, plan, device, storage="warm") as engine:
+        engine.run(TEXTS[0])
+        cal = measure(engine, TEXTS * 3)
+    assert cal.tail_ms >= 5.0
+    assert corrected(device, cal).head_ms == cal.tail_ms > device.head_ms
+    assert corrected(device, dataclasses.replace(cal, tail_ms=0.0)).head_ms == device.head_ms
+
+
+def test_the_compute_guards_work_is_in_its_layers_span(tiny_store, monkeypatch):
+    """The compute guard decides, before each layer, what to leave out: that work is the
+    layer's (busy time, which calibration scales the profile to), not a gap between layers."""
+    import time
+    from sti.runtime import engine as engine_module
+    _, path = tiny_store
+    store = Store(path, "warm")
+    device, importance = profiles(store)
+    plan = make_plan(device, importance, store.store_id, 1e4, 0, seq_len=16)
+    guard = engine_module.compute_guard
+
+    def slow_guard(*args, **kw):
+        time.sleep(0.003)
+        return guard(*args, **kw)
+    monkeypatch.setattr(engine_module, "compute_guard", slow_guard)
+    with Engine(store, plan, device, storage="warm") as engine:
+        engine.run(TEXTS[0])
+        r = engine.run(TEXTS[1]).report
+    assert all(lr.busy_ms >= 3.0 for lr in r.layers)
+    assert all(r.layers[k].start_ms - r.layers[k - 1].end_ms < 1.0 for k in range(1, len(r.layers)))

@@ -136,6 +136,7 @@ class Row:
     stall_median_ms: float | None = None
     guard_rate: float | None = None
     replans: int | None = None                # plans swapped in because the device drifted (--follow)
+    replan_history: list = field(default_factory=list)  # for each: the request it came after, the drifts
     guard_skipped_mean: float | None = None   # shards the guard left out, per request
     guard_lowered_mean: float | None = None   # shards the guard read at fewer bits, per request
     embed_read_median_ms: float | None = None  # the IO lane's embedding rows, per request (engine systems)
@@ -416,7 +417,9 @@ def run_engine(store_dir: Path, plan: Plan | PlanSet, device, storage: str, pad_
                                                                                 for r in reports)),
                        row_cache_bytes=engine.rows.nbytes,
                        replans=sum(e.get("kind") == "drift" and "error" not in e for e in engine.history)
-                       if replan is not None else None)
+                       if replan is not None else None,
+                       replan_history=[{"request": e["request"], "drift": e.get("drift", {}), "error": e.get("error")}
+                                       for e in engine.history])
         return out
     finally:
         engine.close()
@@ -531,7 +534,7 @@ def measure_point(h: Harness, system: str, storage_name: str, seq_mode: str, ful
     def engine_fields(m: dict, target: float) -> dict:
         return dict(served_accuracy=m["served_accuracy"], **latency_stats(m["lat"], target),
                     predicted_ratio=m["ratio"], stall_median_ms=m["stall"], guard_rate=m["guard_rate"],
-                    replans=m["replans"],
+                    replans=m["replans"], replan_history=m["replan_history"],
                     guard_skipped_mean=m["guard_skipped"], guard_lowered_mean=m["guard_lowered"],
                     embed_read_median_ms=m["embed_read"], embed_hit_share=m["embed_hits"],
                     row_cache_bytes=m["row_cache_bytes"],

@@ -197,8 +197,9 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, out: torch.Tensor) -> None:
 
 def accumulator(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """What `ShardGroup.accumulate` adds into for input `x` [bsz, s, h]: `bias` on every
-    token, [bsz * s, h] (`.view(x.shape)` gives the phase's output)."""
-    return bias.repeat(x.shape[0] * x.shape[1], 1)
+    token, [bsz * s, h] (`.view(x.shape)` gives the phase's output). A broadcast copy into
+    new memory: `repeat` took 12.6 us at 26 tokens against 3.2, twice a layer."""
+    return torch.empty(x.shape[0] * x.shape[1], bias.shape[-1], dtype=bias.dtype).copy_(bias)
 
 
 def phase_sum(x: torch.Tensor, keep: torch.Tensor | None, groups: list[tuple["ShardGroup", int]],
