@@ -14,8 +14,9 @@ calibration on the engine, then two engines opened from it serve every test requ
 taking turns (which goes first alternates), in one process, so that both see the same
 moments of a shared machine:
   - `call`: the engine as it is;
-  - `engine`: the former clock (started after tokenizing), plans from the same profile
-    without setup and with the profiled head.
+  - `engine`: the former clock (started after tokenizing; the former engine started it
+    later still, after setting up the request's report, so this arm is if anything kinder
+    to it), plans from the same profile without setup and with the profiled head.
 Per engine: served test accuracy, requests within T on the caller's clock (the call timed
 around `engine.run`), guard rate, median measured / predicted (each engine's own clock and
 prediction), median caller's clock minus the engine's, and the plans' expected accuracy.

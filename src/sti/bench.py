@@ -166,7 +166,8 @@ def fixed_plan(device, importance, store_id: str, layers, m: int, bits, seq_len:
                     model_layers=importance.num_layers, model_shards=importance.num_shards),
         PlanChoice(n=len(layers), m=m, layers=layers, bits=bits, preload=()),
         PlanPrediction(latency_ms=latency, accuracy=acc, submodel_accuracy=importance.submodel_acc(len(layers), m),
-                       full_accuracy=importance.full_accuracy, embed_ms=device.embed_read_ms(seq_len),
+                       full_accuracy=importance.full_accuracy,
+                       embed_ms=device.setup_ms + device.embed_read_ms(seq_len),   # the lanes' start
                        head_ms=device.head_ms, preload_bytes=0.0, inflight_bytes=float(inflight), working_bytes=working,
                        resident_bytes=fixed_bytes + inflight + working, timeline=timeline))
 

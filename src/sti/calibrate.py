@@ -23,14 +23,16 @@ they run in the engine; the profile times each alone, beside one busy thread):
 and what a request costs outside its lanes' work, on its clock:
   - `setup_ms`, the median time from the call until its lanes start (tokenizing included);
   - `tail_ms`, the median time after its last layer (the head, the answer, the lanes' end),
-    which sets the head's time if longer than profiled.
+    and `embed_step_ms`, the compute lane's embedding step once the rows are read: their
+    sum sets the head's time if longer than profiled (the timeline counts the embedding
+    step with the head, at the end).
 Measured in three `sti bench` runs on the full-preset store (2026-12-03, before the waits
 for groups were taken out; the corrected profiles are in benchmarks/results/io_calibration/
 and headline/): io_scale 1.10-1.11 at emulated 100 MB/s and 1.01-1.29 cold, embed_scale
 1.24-1.72 (docs/PROFILES.md has what taking the waits out changed).
 `corrected` applies them: compute_coef scaled, `first_layer_ms` set (the timeline adds it
 to the first executed layer, planning/plan.py `simulate`), `setup_ms` set (both lanes
-start after it), `head_ms` at least the tail, shard read and decode times and the embedding
+start after it), `head_ms` at least the tail and the embedding step, shard read and decode times and the embedding
 read scaled, and the figures recorded in the profile's `calibrated` field,
 with the raw profile's id. Plans made from the corrected profile predict what the engine
 does, so the guard's headroom is left for jitter.
@@ -57,6 +59,7 @@ class Calibration:
     embed_scale: float = 1.0   # the engine's embedding read / the profile's
     setup_ms: float = 0.0      # a request's time from the call until its lanes start
     tail_ms: float = 0.0       # a request's time after its last layer: the head, the answer, the lanes' end
+    embed_step_ms: float = 0.0  # the compute lane's embedding step after the rows are read
 
 
 def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
@@ -82,7 +85,9 @@ def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
     return Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports),
                        io_scale=_bounded(io), embed_scale=_bounded(embed),
                        setup_ms=statistics.median(r.setup_ms for r in reports),
-                       tail_ms=statistics.median([r.latency_ms - r.layers[-1].end_ms for r in reports if r.layers] or [0.0]))
+                       tail_ms=statistics.median([r.latency_ms - r.layers[-1].end_ms for r in reports if r.layers] or [0.0]),
+                       embed_step_ms=statistics.median([max(0.0, r.layers[0].start_ms - r.setup_ms - r.embed_read_ms)
+                                                        for r in reports if r.layers] or [0.0]))
 
 
 def _probe(engine, texts: list, probes: int) -> list:
@@ -137,7 +142,8 @@ def calibrated(engine, texts: list, log=print, source: str = "dev split") -> Dev
     cal = measure(engine, texts)
     log(f"calibrated on the engine ({cal.requests} requests from the {source}): compute x{cal.compute_scale:.2f}, "
         f"first layer +{cal.first_layer_ms:.2f} ms, IO x{cal.io_scale:.2f}, embedding rows x{cal.embed_scale:.2f}, "
-        f"setup {cal.setup_ms:.2f} ms, after the last layer {cal.tail_ms:.2f} ms")
+        f"setup {cal.setup_ms:.2f} ms, embedding step {cal.embed_step_ms:.2f} ms, after the last layer "
+        f"{cal.tail_ms:.2f} ms")
     return corrected(engine.device, cal)
 
 
@@ -145,13 +151,14 @@ def corrected(device: DeviceProfile, cal: Calibration) -> DeviceProfile:
     """The profile as the engine runs: compute scaled, the first layer's extra cost set."""
     return replace(device, compute_coef=tuple(c * cal.compute_scale for c in device.compute_coef),
                    first_layer_ms=cal.first_layer_ms, setup_ms=cal.setup_ms,
-                   # the head as the engine runs it (its profiled time also holds the
-                   # embeddings' LayerNorm, which runs first: at least the tail measured)
-                   head_ms=max(device.head_ms, cal.tail_ms),
+                   # the head as the engine runs it: its profiled time holds the embeddings'
+                   # LayerNorm too, which the timeline counts here, at the end (the lanes'
+                   # start is the setup and the read): at least the tail and that step
+                   head_ms=max(device.head_ms, cal.tail_ms + cal.embed_step_ms),
                    shard_read_ms={b: v * cal.io_scale for b, v in device.shard_read_ms.items()},
                    shard_decode_ms={b: v * cal.io_scale for b, v in device.shard_decode_ms.items()},
                    embed_ms=tuple(v * cal.embed_scale for v in device.embed_ms),
                    calibrated={"compute_scale": cal.compute_scale, "first_layer_ms": cal.first_layer_ms,
                                "io_scale": cal.io_scale, "embed_scale": cal.embed_scale, "setup_ms": cal.setup_ms,
-                               "tail_ms": cal.tail_ms,
+                               "tail_ms": cal.tail_ms, "embed_step_ms": cal.embed_step_ms,
                                "requests": cal.requests, "raw_profile": profile_id(device)})

@@ -152,6 +152,8 @@ class DeviceProfile:
         for k in ("shard_bytes", "shard_read_ms", "shard_decode_ms"):
             d[k] = {str(b): v for b, v in d[k].items()}
         d["kind"] = "device"
+        if not self.setup_ms:
+            del d["setup_ms"]  # (profiles measured before it existed keep their ids, and the plans made with them)
         return d
 
     @staticmethod

@@ -209,10 +209,11 @@ class Engine:
         batch = self.tokenizer.encode([text], pad_to=pad, pairs=None if pair is None else [pair])
         tokenizing = time.perf_counter() - called
         with self._lock, torch.inference_mode():
-            # the request's clock runs from the call, as its caller's does, less any wait
-            # behind another request (the caller's T is for this request's own work)
-            start = time.perf_counter() - tokenizing
             self._take_replan()
+            # the request's clock runs from the call, as its caller's does, less any wait
+            # behind another request or for new plans to be swapped in (the caller's T is
+            # for this request's own work)
+            start = time.perf_counter() - tokenizing
             torch.set_num_threads(self.threads)
             result = self._serve(batch, start)
             if self._announce is not None:
@@ -560,11 +561,8 @@ class Engine:
         # slow layer (a hand-off, a page fault) is not taken for a slow device
         pace = Pace(self.device.layer_ms(len(steps[0]), width, 1))
         for pos in range(len(steps)):
-            lr = req.report.layers[pos]
-            # the layer's span starts before the compute guard's decision: its work is the
-            # layer's (calibration scales the profile to it), not a gap nothing predicts
-            lr.start_ms = req.now()
             x = self._layer(x, keep, pos, self._dropped(pos, width, req, pace.slowdown(), usual), req)
+            lr = req.report.layers[pos]
             pace.add(usual[pos] * self.device.layer_ms(lr.shards, width, pos), lr.busy_ms)
         self._requests += 1
         if self._requests > 1:
@@ -590,6 +588,7 @@ class Engine:
         groups, the second; in each group, the shards the compute guard kept."""
         lr = req.report.layers[pos]
         c, sh = self.config, self.shared[req.sched.steps[pos][0].layer]
+        lr.start_ms = req.now()
         attn = self._phase(ATTN, pos, x, keep, dropped, req, lr, sh.o_b)
         a = req.now()
         x = F.layer_norm(x + attn, (c.hidden_size,), sh.ln1_w, sh.ln1_b, c.layer_norm_eps)
