@@ -32,9 +32,9 @@ and headline/): io_scale 1.10-1.11 at emulated 100 MB/s and 1.01-1.29 cold, embe
 1.24-1.72 (docs/PROFILES.md has what taking the waits out changed).
 `corrected` applies them: compute_coef scaled, `first_layer_ms` set (the timeline adds it
 to the first executed layer, planning/plan.py `simulate`), `setup_ms` set (both lanes
-start after it), `head_ms` at least the tail and the embedding step, shard read and decode times and the embedding
-read scaled, and the figures recorded in the profile's `calibrated` field,
-with the raw profile's id. Plans made from the corrected profile predict what the engine
+start after it), `head_ms` at least the tail and the embedding step, shard read and decode
+times and the embedding read scaled, and the figures recorded in the profile's `calibrated`
+field, with the raw profile's id. Plans made from the corrected profile predict what the engine
 does, so the guard's headroom is left for jitter.
 """
 
@@ -85,7 +85,8 @@ def measure(engine, texts: list, probes: int = PROBES) -> Calibration:
     return Calibration(compute_scale=scale, first_layer_ms=max(0.0, first), requests=len(reports),
                        io_scale=_bounded(io), embed_scale=_bounded(embed),
                        setup_ms=statistics.median(r.setup_ms for r in reports),
-                       tail_ms=statistics.median([r.latency_ms - r.layers[-1].end_ms for r in reports if r.layers] or [0.0]),
+                       tail_ms=statistics.median([r.latency_ms - r.layers[-1].end_ms for r in reports if r.layers]
+                                                 or [0.0]),
                        embed_step_ms=statistics.median([max(0.0, r.layers[0].start_ms - r.setup_ms - r.embed_read_ms)
                                                         for r in reports if r.layers] or [0.0]))
 

@@ -15,10 +15,10 @@ PRELOADED = object()   # the shard is in the preload buffer: nothing to read
 
 
 class Request:
-    def __init__(self, report: Report, sched: Schedule, t0: float | None = None):
+    def __init__(self, report: Report, sched: Schedule, t0: float):
         self.report = report
         self.sched = sched         # the plan this request runs, as the engine walks it
-        self.t0 = time.perf_counter() if t0 is None else t0   # the clock's zero
+        self.t0 = t0               # the clock's zero (`time.perf_counter()`): the call, for the caller's T
         self.cond = threading.Condition()
         self.items: dict = {}      # delivered by the IO side, keyed by (layer, shard) or "embed"
         self.error: BaseException | None = None
