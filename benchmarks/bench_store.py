@@ -84,9 +84,14 @@ def main() -> int:
     ap.add_argument("--only", default=None, help="comma-separated stores to build (default: all of "
                     + ", ".join(v[0] for v in variants([None])) + ")")
     ap.add_argument("--draws", type=int, default=1, help="linear-gptq: draws of calibration texts (seeds 0..N-1)")
+    ap.add_argument("--calibration-texts", type=int, default=None,
+                    help="linear-gptq: training texts a draw holds (default: what `sti build` uses)")
     args = ap.parse_args()
     if args.draws < 1:
         print(f"--draws must be at least 1, not {args.draws}", file=sys.stderr)
+        return 1
+    if args.calibration_texts is not None and args.calibration_texts < 1:
+        print(f"--calibration-texts must be at least 1, not {args.calibration_texts}", file=sys.stderr)
         return 1
     if not (args.model / "model.safetensors").exists():
         print(f"no fine-tuned model in {args.model}: run `sti finetune` first", file=sys.stderr)
@@ -96,7 +101,7 @@ def main() -> int:
     codecs.CLIP_RATIOS = codecs.clip_ratios(args.clip_min)
     test = load_split("test")
     labels = torch.tensor([e.label for e in test])
-    calibrations = [calibration_texts(seed=k) for k in range(args.draws)]
+    calibrations = [calibration_texts(count=args.calibration_texts, seed=k) for k in range(args.draws)]
     held = set().union(*map(set, calibrations))
     train = load_split("train")
     random.Random(0).shuffle(train)

@@ -171,7 +171,7 @@ def test_the_decoder_runs_ahead_only_as_far_as_its_group_pools(tiny_store, monke
 
     def slow_compute(group, *args):
         time.sleep(0.002)
-        ahead.append(len(engine.pool.slabs) - len(engine.pool.free))  # out: this one + filled ahead
+        ahead.append(engine.pool.in_use)  # out: this one + filled ahead
         return real(group, *args)
     monkeypatch.setattr(ShardGroup, "accumulate", slow_compute)
     with Engine(store, plan, device, storage="warm", guard=False) as engine:

@@ -71,6 +71,7 @@ class ShardGroup:
         self.shards: list = []   # what fills each slot, in order (the caller's records)
         self._targets: dict[int, dict] = {}
         self._batches: dict[tuple, list] = {}
+        self._views: dict[tuple[int, int], tuple] = {}
 
     @property
     def full(self) -> bool:
@@ -142,11 +143,20 @@ class ShardGroup:
                    start: int = 0) -> None:
         """Add the contribution of slots start..start+n-1 to `acc` [tokens, h] (float32, in
         place; `x` is [batch, seq, h])."""
-        w, b, out = self.w[start:start + n], self.b[start:start + n], self.columns(start, n)
+        w, b, out = self._views.get((start, n)) or self._slots(start, n)
         if self.phase == ATTN:
-            add_heads(acc, x, keep, w, b, out)
+            add_heads(acc, x, keep, w, b, out, n)
         else:
             add_ffn_slices(acc, x, w, b, out)
+
+    def _slots(self, start: int, n: int) -> tuple:
+        """The weights of slots start..start+n-1 as the multiplications take them: the rows
+        [n * rows, h], their biases, the output matrix's columns [h, n * cols]. Views made once
+        and kept (a group serves for the engine's life): making them took a tenth of the
+        compute lane's Python time, about 50 groups a request."""
+        w, b = self.w[start:start + n], self.b[start:start + n]
+        got = self._views[(start, n)] = (w.reshape(-1, w.shape[-1]), b.reshape(-1), self.columns(start, n))
+        return got
 
     def runs(self, used) -> list[tuple[int, int]]:
         """(start, count) of each run of consecutive slots whose shard satisfies `used`: one
@@ -162,22 +172,22 @@ class ShardGroup:
 
 
 def add_heads(acc: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-              out: torch.Tensor) -> None:
-    """Add the attention output of g heads at once to acc [bsz * s, h]: w [g, 3, hd, h] (q,
-    k, v rows), b [g, 3, hd], out [h, g * hd] (the output projection's columns of these heads)."""
+              out: torch.Tensor, g: int) -> None:
+    """Add the attention output of g heads at once to acc [bsz * s, h]: w [g * 3 * hd, h]
+    (each head's q, k, v rows), b [g * 3 * hd], out [h, g * hd] (the output projection's
+    columns of these heads)."""
     bsz, s, h = x.shape
-    g, _, hd, _ = w.shape
-    y = F.linear(_as(x, w.dtype), w.reshape(g * 3 * hd, h), b.reshape(-1)).view(bsz, s, g, 3, hd)
+    hd = w.shape[0] // (3 * g)
+    y = F.linear(_as(x, w.dtype), w, b).view(bsz, s, g, 3, hd)
     q, k, v = y.permute(3, 0, 2, 1, 4).unbind(0)                        # [bsz, g, s, hd] each
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0 / math.sqrt(hd))
     _add_product(acc, ctx.transpose(1, 2).reshape(bsz * s, g * hd), out)
 
 
 def add_ffn_slices(acc: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """Add the FFN output of g slices at once to acc [bsz * s, h]: w [g, fs, h] (in rows), b
-    [g, fs], out [h, g * fs]."""
-    g, fs, h = w.shape
-    hidden = F.gelu(F.linear(_as(x, w.dtype).reshape(-1, h), w.reshape(g * fs, h), b.reshape(-1)))
+    """Add the FFN output of some slices at once to acc [bsz * s, h]: w [slices * fs, h]
+    (in rows), b [slices * fs], out [h, slices * fs]."""
+    hidden = F.gelu(F.linear(_as(x, w.dtype).reshape(-1, x.shape[-1]), w, b))
     _add_product(acc, hidden, out)
 
 
