@@ -183,6 +183,32 @@ def test_the_decoder_runs_ahead_only_as_far_as_its_group_pools(tiny_store, monke
     assert got.report.peak_model_bytes >= engine.pool.nbytes + engine.preload_bytes  # groups are model bytes too
 
 
+def test_group_pool_lends_each_slab_once_and_cancel_wakes_a_waiting_decoder():
+    from sti.config import ModelConfig
+    from sti.groups import ATTN, FFN
+    from sti.runtime.memory import GroupPool
+    c = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, vocab_size=100, max_position=16)
+    pool = GroupPool(2, (2, 2), c, torch.float32)
+    a, b = pool.acquire(ATTN), pool.acquire(FFN)
+    assert a.slab.data_ptr() != b.slab.data_ptr() and pool.in_use == 2
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(FFN)))
+    waiter.start()
+    time.sleep(0.05)
+    assert waiter.is_alive()                       # no slab free: the decoder waits
+    pool.release(a)                                # the compute lane gives one back
+    waiter.join(5)
+    assert got[0].slab.data_ptr() == a.slab.data_ptr() and got[0].phase == FFN
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(ATTN)))
+    waiter.start()
+    time.sleep(0.05)
+    pool.cancel()                                  # a failed request: the waiting decoder stops
+    waiter.join(5)
+    assert not waiter.is_alive() and got[1] is None
+    pool.reset()                                   # the next request has every slab again
+    assert pool.all_free and not pool.cancelled and pool.acquire(ATTN) is not None
+
+
 def test_shards_are_decoded_off_the_compute_lane(tiny_store, monkeypatch):
     # shards at 2 bits, some preloaded: the decoder thread, not the caller's thread, decodes
     # every head and every FFN slice, the preloaded ones several in one call
