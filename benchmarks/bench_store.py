@@ -1,6 +1,7 @@
 """Store build time, size, and whole-model fidelity per codec and bitwidth.
 
     .venv/bin/python benchmarks/bench_store.py [--model DIR] [--group G] [--clip-min R] [--draws N]
+        [--calibration-texts N] [--only NAMES] [--out FILE]
 
 Builds a store of the fine-tuned model per codec (bits 2,3,4,5,6,32): the linear codec with
 GPTQ rounding calibrated on 512 training texts (`linear-gptq`, what `sti build` and the demo
@@ -14,7 +15,8 @@ should have the least KL at 2-3 bits for its bytes. --group and --clip-min build
 codec with another group size or clipping floor, to compare the choices of docs/CODECS.md.
 --draws N builds the GPTQ store from N draws of calibration texts (seeds 0..N-1 of
 `sti.calibration_texts`; seed 0 is what `sti build` uses) and reports each bitwidth's mean
-and range over them: on the test split, which draw a store was calibrated on moves 2-bit
+and range over them (--calibration-texts N: N texts a draw instead of 512; the KL sentences
+are those of the 3,000 outside every draw, fewer when the draws cover most of the split): on the test split, which draw a store was calibrated on moves 2-bit
 accuracy by more than a point, so one draw does not say how good the rounding is.
 Writes benchmarks/results/store.json (store-G<G>-clip<R>.json for a variant, -draws<N> added
 with --draws, or --out).
@@ -106,6 +108,9 @@ def main() -> int:
     train = load_split("train")
     random.Random(0).shuffle(train)
     sample = [e for e in train if (e.text, e.text_pair) not in held][:KL_SENTENCES]
+    if len(sample) < KL_SENTENCES:
+        print(f"KL over {len(sample)} training sentences, not {KL_SENTENCES}: the calibration draws hold the rest",
+              file=sys.stderr)
     tok = Tokenizer(args.model)
     rows, ref = [], None
     with tempfile.TemporaryDirectory(dir=Path.home()) as tmp:
@@ -153,7 +158,7 @@ def main() -> int:
     name = f"store-G{args.group}-clip{args.clip_min:g}" if variant else "store"
     out = args.out or RESULTS / (f"{name}-draws{args.draws}.json" if args.draws > 1 else f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(args.model), "split": "test", "kl_sentences": KL_SENTENCES,
+    out.write_text(json.dumps({"model": str(args.model), "split": "test", "kl_sentences": len(sample),
                                "linear_group": args.group, "linear_clip_min": args.clip_min,
                                "calibration_texts": len(calibrations[0]), "calibration_draws": len(calibrations),
                                "codec_version": codecs.VERSION, "rows": rows}, indent=1))

@@ -189,24 +189,34 @@ def test_group_pool_lends_each_slab_once_and_cancel_wakes_a_waiting_decoder():
     from sti.runtime.memory import GroupPool
     c = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, vocab_size=100, max_position=16)
     pool = GroupPool(2, (2, 2), c, torch.float32)
+
+    def waiting(phase):
+        got = []
+        t = threading.Thread(target=lambda: got.append(pool.acquire(phase)), daemon=True)
+        t.start()
+        time.sleep(0.05)
+        assert t.is_alive()                        # no slab free: the decoder waits
+        return t, got
+
     a, b = pool.acquire(ATTN), pool.acquire(FFN)
     assert a.slab.data_ptr() != b.slab.data_ptr() and pool.in_use == 2
-    got = []
-    waiter = threading.Thread(target=lambda: got.append(pool.acquire(FFN)))
-    waiter.start()
-    time.sleep(0.05)
-    assert waiter.is_alive()                       # no slab free: the decoder waits
+    waiter, got = waiting(FFN)
     pool.release(a)                                # the compute lane gives one back
     waiter.join(5)
     assert got[0].slab.data_ptr() == a.slab.data_ptr() and got[0].phase == FFN
-    waiter = threading.Thread(target=lambda: got.append(pool.acquire(ATTN)))
-    waiter.start()
-    time.sleep(0.05)
+    waiter, got = waiting(ATTN)
     pool.cancel()                                  # a failed request: the waiting decoder stops
     waiter.join(5)
-    assert not waiter.is_alive() and got[1] is None
+    assert not waiter.is_alive() and got == [None]
+    assert pool.acquire(FFN) is None and pool.in_use == 2   # the cancel stays; both slabs still out
+    pool.release(b)
+    assert pool.acquire(ATTN) is None and pool.in_use == 1  # nor is a slab given back lent after it
     pool.reset()                                   # the next request has every slab again
-    assert pool.all_free and not pool.cancelled and pool.acquire(ATTN) is not None
+    assert pool.all_free and not pool.cancelled
+    pool.cancel()                                  # a cancel nobody waited on leaves nothing behind
+    pool.reset()
+    x, y = pool.acquire(ATTN), pool.acquire(ATTN)
+    assert x is not None and y is not None and x.slab.data_ptr() != y.slab.data_ptr() and pool.in_use == 2
 
 
 def test_shards_are_decoded_off_the_compute_lane(tiny_store, monkeypatch):

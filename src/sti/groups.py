@@ -145,7 +145,7 @@ class ShardGroup:
         place; `x` is [batch, seq, h])."""
         w, b, out = self._views.get((start, n)) or self._slots(start, n)
         if self.phase == ATTN:
-            add_heads(acc, x, keep, w, b, out, n)
+            add_heads(acc, x, keep, w, b, out, self.head_dim)
         else:
             add_ffn_slices(acc, x, w, b, out)
 
@@ -155,7 +155,7 @@ class ShardGroup:
         and kept (a group serves for the engine's life): making them took a tenth of the
         compute lane's Python time, about 50 groups a request."""
         w, b = self.w[start:start + n], self.b[start:start + n]
-        got = self._views[(start, n)] = (w.reshape(-1, w.shape[-1]), b.reshape(-1), self.columns(start, n))
+        got = self._views[(start, n)] = (w.view(-1, w.shape[-1]), b.view(-1), self.columns(start, n))
         return got
 
     def runs(self, used) -> list[tuple[int, int]]:
@@ -172,12 +172,12 @@ class ShardGroup:
 
 
 def add_heads(acc: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-              out: torch.Tensor, g: int) -> None:
-    """Add the attention output of g heads at once to acc [bsz * s, h]: w [g * 3 * hd, h]
-    (each head's q, k, v rows), b [g * 3 * hd], out [h, g * hd] (the output projection's
-    columns of these heads)."""
+              out: torch.Tensor, hd: int) -> None:
+    """Add the attention output of some heads of width hd at once to acc [bsz * s, h]: w [g *
+    3 * hd, h] (each head's q, k, v rows), b [g * 3 * hd], out [h, g * hd] (the output
+    projection's columns of these heads)."""
     bsz, s, h = x.shape
-    hd = w.shape[0] // (3 * g)
+    g = out.shape[1] // hd
     y = F.linear(_as(x, w.dtype), w, b).view(bsz, s, g, 3, hd)
     q, k, v = y.permute(3, 0, 2, 1, 4).unbind(0)                        # [bsz, g, s, hd] each
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0 / math.sqrt(hd))

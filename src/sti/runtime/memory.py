@@ -118,9 +118,13 @@ class GroupPool:
             self.free.put(i)
 
     def acquire(self, phase: str):
-        """An empty group of `phase` on a free slab; None if the request was cancelled meanwhile."""
+        """An empty group of `phase` on a free slab; None once the request is cancelled (the
+        cancel stays: any later acquire gets None too, and a slab taken back is kept free)."""
         i = self.free.get()
-        return None if i is None or self.cancelled else self.views[i][phase]
+        if i is None or self.cancelled:
+            self.free.put(i)
+            return None
+        return self.views[i][phase]
 
     def release(self, group) -> None:
         group.clear()
@@ -129,7 +133,7 @@ class GroupPool:
     @property
     def in_use(self) -> int:
         """Slabs out of the pool (being filled, filled, or computed)."""
-        return len(self.slabs) - self.free.qsize()
+        return len(self.slabs) - (self.free.qsize() - self.cancelled)  # (a cancel leaves one None in)
 
     @property
     def all_free(self) -> bool:
@@ -144,6 +148,8 @@ class GroupPool:
         self._fill()
 
     def cancel(self) -> None:
-        """Wake a decoder waiting for a slab: it gets None."""
-        self.cancelled = True
-        self.free.put(None)
+        """Wake a decoder waiting for a slab: it gets None (and so does every later acquire,
+        until `reset`)."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.free.put(None)
