@@ -456,6 +456,21 @@ def brute_force(dev, imp, T, M, fixed, n, m):
     return best
 
 
+def test_bounds_hold_when_every_bitwidth_costs_the_same():
+    # one bitwidth, no importance: the IO and byte prices have no range to scale by (a case
+    # hypothesis found, where the bound came out 3e-7 below the best plan's accuracy)
+    dev = DeviceProfile(store_id=STORE, storage="cold", threads=1, seq_len=1, shard_bytes={2: 1.0},
+                        shard_read_ms={2: 0.0}, shard_decode_ms={2: 1.0}, layer_read_ms=0.0,
+                        compute_coef=(0.0, 0.0, 0.0, 0.0), compute_fit_error=0.0, embed_ms=(0.0, 0.0), head_ms=0.0)
+    imp = ImportanceProfile(store_id=STORE, method="degrade", split="dev", seed=0, lowest_bits=2, full_accuracy=1.0,
+                            submodel_accuracy={"1,1": 0.0, "1,2": 0.07, "1,3": 0.0},
+                            shard_kl=((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)), shard_acc_drop=None,
+                            bits_error={2: 0.0}, kl_to_acc=0.0)
+    P = Problem.of(dev, imp, STORE, 1.0, 1, 1, 0, None)
+    exact = brute_force(dev, imp, 1.0, 1, 0, 1, 2)
+    assert exact == 0.07 and grid_bounds(P, [(1, 2, 0.07)])[(1, 2)] >= exact
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_bounds_are_valid_and_plans_are_optimal_or_below(prob):

@@ -26,8 +26,11 @@ def grid_bounds(P: Problem, cands) -> dict:
     kl = P.kl * P.kappa
     mean_kl = float(kl.mean()) or 1.0
     span_e = float(er.max() - er.min()) or 1.0
-    lam0 = mean_kl * span_e / max(float(io.max() - io.min()), 1e-9)
-    mu0 = mean_kl * span_e / max(float(by.max() - by.min()), 1e-9)
+    # the price scales: the accuracy at stake over the cost's range; where every bitwidth
+    # costs the same, over the cost itself (a floor of 1e-9 there priced at 1e9 a ms, and
+    # the bound's sums of such terms lost 3e-7 to rounding: an invalid bound)
+    lam0 = mean_kl * span_e / _spread(io)
+    mu0 = mean_kl * span_e / _spread(by)
     scales = np.concatenate([[0.0], 2.0 ** np.arange(-6.0, 6.5, 0.5)])
     lams, mus = lam0 * scales, mu0 * scales
     g = -kl[:, :, None] * er                                                   # (N, S, b)
@@ -56,6 +59,11 @@ def grid_bounds(P: Problem, cands) -> dict:
     bound = (acc + first.min(axis=0) + rest.min(axis=0) + mus[:, None] * max(P.buffer_bytes, 0.0)).min(axis=0)
     bound = np.where(np.isnan(bound), np.inf, bound + 1e-9 * (1.0 + np.abs(bound)))
     return {(int(n), int(m)): float(b) for n, m, b in zip(ns, ms, bound)}
+
+
+def _spread(cost: np.ndarray) -> float:
+    """The range of a cost over the bitwidths, or its size where it has none (1 if nothing)."""
+    return float(cost.max() - cost.min()) or float(np.abs(cost).max()) or 1.0
 
 
 def lp_bound(P: Problem, pr, first, n: int, m: int, acc: float) -> float:
