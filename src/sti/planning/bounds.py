@@ -12,6 +12,9 @@ from .kernels import lp_gain
 from .problem import Problem
 
 
+ROUNDING = 1e-12   # relative slack for the rounding of a sum of priced terms
+
+
 def grid_bounds(P: Problem, cands) -> dict:
     """A valid upper bound on the accuracy of any plan of each (n, m) candidate, by weak
     duality. Relax the AIBs of layers 1..n-1 to their sum ((n-1)*C of IO), keep layer 0's
@@ -26,11 +29,8 @@ def grid_bounds(P: Problem, cands) -> dict:
     kl = P.kl * P.kappa
     mean_kl = float(kl.mean()) or 1.0
     span_e = float(er.max() - er.min()) or 1.0
-    # the price scales: the accuracy at stake over the cost's range; where every bitwidth
-    # costs the same, over the cost itself (a floor of 1e-9 there priced at 1e9 a ms, and
-    # the bound's sums of such terms lost 3e-7 to rounding: an invalid bound)
-    lam0 = mean_kl * span_e / _spread(io)
-    mu0 = mean_kl * span_e / _spread(by)
+    lam0 = mean_kl * span_e / max(float(io.max() - io.min()), 1e-9)
+    mu0 = mean_kl * span_e / max(float(by.max() - by.min()), 1e-9)
     scales = np.concatenate([[0.0], 2.0 ** np.arange(-6.0, 6.5, 0.5)])
     lams, mus = lam0 * scales, mu0 * scales
     g = -kl[:, :, None] * er                                                   # (N, S, b)
@@ -55,15 +55,16 @@ def grid_bounds(P: Problem, cands) -> dict:
         rest[:, :, k] = at_m @ member[k].T
     first += lams[:, None, None] * S0
     rest += lams[:, None, None] * ((ns - 1) * comp)
+    # rounding: each sum above is off by at most ~1e-13 of the sum of its terms' sizes (a few
+    # thousand float64 terms at most); at large prices that is more than the bound's final
+    # 1e-9 slack (3e-7 in a case hypothesis found), so each grid point gets its own
+    term = np.abs(g).max() + lams[:, None, None] * np.abs(io).max() + mus[None, :, None] * np.abs(by).max()
+    first += ROUNDING * (ms * term + lams[:, None, None] * S0 + mus[None, :, None] * max(P.buffer_bytes, 0.0))
+    rest += ROUNDING * ((ns - 1) * ms * term + lams[:, None, None] * ((ns - 1) * comp))
     acc = np.array([c[2] for c in cands])
     bound = (acc + first.min(axis=0) + rest.min(axis=0) + mus[:, None] * max(P.buffer_bytes, 0.0)).min(axis=0)
     bound = np.where(np.isnan(bound), np.inf, bound + 1e-9 * (1.0 + np.abs(bound)))
     return {(int(n), int(m)): float(b) for n, m, b in zip(ns, ms, bound)}
-
-
-def _spread(cost: np.ndarray) -> float:
-    """The range of a cost over the bitwidths, or its size where it has none (1 if nothing)."""
-    return float(cost.max() - cost.min()) or float(np.abs(cost).max()) or 1.0
 
 
 def lp_bound(P: Problem, pr, first, n: int, m: int, acc: float) -> float:
