@@ -114,6 +114,36 @@ def test_error_stays_inside_each_shard(tiny_weights):
         assert not np.array_equal(before[(name, 1)][0], after[(name, 1)][0])
 
 
+def test_a_given_grid_is_the_one_rounded_to(tiny_weights):
+    """`grid` replaces the codec's grid part by part (benchmarks/bench_rounding.py compares
+    grids this way): the choices carry its scale and zero, and every code is on it. Here the
+    unclipped grid (the group's full range), which the codec's clipping search would not
+    pick for every group."""
+    c, layer = tiny_weights.config, tiny_weights.layers[0]
+    calls = []
+
+    def full_range(name, pos, part, bits):
+        calls.append((name, pos))
+        groups = torch.from_numpy(codecs._pad(part.contiguous().numpy().ravel(), codecs.GROUP, edge=True)
+                                  .reshape(-1, codecs.GROUP))
+        lo, hi = groups.amin(1), groups.amax(1)
+        scale, zero = ((hi - lo) / 3).half().float(), lo.half().float()
+        codes = torch.clamp(torch.round((groups - zero[:, None]) / scale[:, None]), 0, 3)
+        return codes.numpy().ravel()[:part.numel()].astype(np.uint8), scale.numpy(), zero.numpy()
+
+    grams = random_grams(c)
+    mine, codec = gptq.layer_choices(layer, c, 2, grams, grid=full_range), gptq.layer_choices(layer, c, 2, grams)
+    assert len(calls) == len(gptq.INPUTS) * len(layer.shard_ids)
+    differ = 0
+    for (name, j), (codes, scale, zero) in mine.items():
+        part = getattr(layer.shard(j, c), name).contiguous().numpy().ravel()
+        _, s, z = full_range(name, 0, torch.from_numpy(part), 2)
+        assert np.array_equal(scale, s) and np.array_equal(zero, z), (name, j)
+        assert codes.max() <= 3
+        differ += not np.array_equal(scale, codec[(name, j)][1])
+    assert differ > 0  # the codec's own search clips some groups: the hook changed something
+
+
 def inputs_by_hand(x: torch.Tensor, layer, c) -> dict:
     """The inputs of a layer's projections for one request's states x [S, H], written out
     head by head (softmax attention, no torch attention kernel), each projection fed the

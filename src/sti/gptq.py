@@ -95,15 +95,18 @@ def _add(gram: dict, inputs: dict, real: torch.Tensor) -> None:
 
 
 def layer_choices(layer: LayerWeights, config: ModelConfig, bits: int, grams: dict,
-                  factors: dict | None = None) -> dict[tuple[str, int], tuple]:
+                  factors: dict | None = None, grid=None) -> dict[tuple[str, int], tuple]:
     """Every matrix part of every shard of `layer` at `bits`: (name, shard id) -> (codes,
     scale, zero) for `codec.encode`'s `choice`. `factors` caches the inverse-Hessian factors
-    across bitwidths (they do not depend on b)."""
+    across bitwidths (they do not depend on b). `grid(name, position, part, bits)` -> (codes,
+    scale, zero) picks a part's grid (default: the codec's, `codec.linear_choice`; another
+    is for comparing choices, benchmarks/bench_rounding.py: a store's decoder reads any)."""
     factors = {} if factors is None else factors
+    grid = grid or (lambda name, pos, part, b: codecs.linear_choice(part.contiguous().numpy().ravel(), b))
     out = {}
     parts = [layer.shard(j, config) for j in layer.shard_ids]
     for name, kind in INPUTS.items():
-        grids = [codecs.linear_choice(getattr(p, name).contiguous().numpy().ravel(), bits) for p in parts]
+        grids = [grid(name, pos, getattr(p, name), bits) for pos, p in enumerate(parts)]
         dim = split_dim(name)  # 0: the shards' rows are stacked; 1: their columns are
         scale = torch.cat([_spread(g[1], getattr(p, name).shape) for g, p in zip(grids, parts)], dim)
         zero = torch.cat([_spread(g[2], getattr(p, name).shape) for g, p in zip(grids, parts)], dim)
