@@ -15,7 +15,7 @@ the median of latency over the plan's prediction, stalls and the compute lane's 
 Two questions it answers: whether a process that has measured first serves slower than one
 that has not (if so, the "after ..." passes run slower than the first), and how far the pace
 of one engine moves from one pass to the next on this machine, seconds apart (the spread of
-the passes). Writes benchmarks/results/pace.json (or --out).
+the passes). Writes benchmarks/results/pace-<UTC start>.json (or --out): one file a run.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ def main() -> int:
     ap.add_argument("--memory-mb", type=float, default=2.0)
     ap.add_argument("--requests", type=int, default=400, help="test requests a pass serves")
     ap.add_argument("--passes", type=int, default=3, help="passes on the first engine (the others serve one)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "pace.json")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default: pace-<UTC start>.json)")
     args = ap.parse_args()
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     store = args.store or demo_store_path()
     model = args.model or default_model_dir("full")
     st = args.storage
@@ -93,13 +94,15 @@ def main() -> int:
     h.calibrated(device, st, None, args.target_x * unit, args.memory_mb)
     record("after a calibration")
     ratios = [r["measured_over_predicted"] for r in rows]
-    summary = {"passes": len(rows), "measured_over_predicted_min": min(ratios), "measured_over_predicted_max": max(ratios),
+    summary = {"first_engine_passes": args.passes, "measured_over_predicted_min": min(ratios), "measured_over_predicted_max": max(ratios),
                "first_pass": ratios[0], "after_measuring_median": statistics.median(ratios[args.passes:])}
     print(f"measured/predicted over {len(rows)} passes: {min(ratios):.3f}-{max(ratios):.3f}")
+    args.out = args.out if args.out is not None else RESULTS / f"pace-{started[:16].replace(' ', '-').replace(':', '')}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"conditions_from": str(args.same_conditions_as), "store": str(store),
                                     "storage": st, "target_x": args.target_x, "memory_mb": args.memory_mb,
-                                    "t_unit_ms": unit, "requests": len(texts), "threads": 1, "guard": False,
+                                    "t_unit_ms": unit, "requests": len(texts), "threads": device.threads,
+                                    "guard": False, "started_utc": started,
                                     **summary, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
     return 0

@@ -133,8 +133,10 @@ def rounded_model(model, batches, bits: int, variant: str):
                 layer_forward(x, keep, layer, c, observe=lambda **ins: gptq._add(grams, ins, real))
             q = decoded(layer, gptq.layer_choices(layer, c, bits, grams, grid=grid_for(variant, grams, c)), c)
             layers.append(q)
-            rounded = [layer_forward(x, keep, q, c) for x, (_, keep, _) in zip(rounded, inputs)]
-            exact = [layer_forward(x, keep, layer, c) for x, (_, keep, _) in zip(exact, inputs)]
+            if variant == "sequential":
+                rounded = [layer_forward(x, keep, q, c) for x, (_, keep, _) in zip(rounded, inputs)]
+            else:
+                exact = [layer_forward(x, keep, layer, c) for x, (_, keep, _) in zip(exact, inputs)]
         return replace(model, layers=layers)
     finally:
         gptq.DAMP = kept

@@ -116,9 +116,9 @@ def test_error_stays_inside_each_shard(tiny_weights):
 
 def test_a_given_grid_is_the_one_rounded_to(tiny_weights):
     """`grid` replaces the codec's grid part by part (benchmarks/bench_rounding.py compares
-    grids this way): the choices carry its scale and zero, and every code is on it. Here the
-    unclipped grid (the group's full range), which the codec's clipping search would not
-    pick for every group."""
+    grids this way): the choices carry its scale and zero, and the codes are GPTQ's on that
+    grid (rebuilt here for q by `round_columns`). Here the unclipped grid (the group's full
+    range), which the codec's clipping search would not pick for every group."""
     c, layer = tiny_weights.config, tiny_weights.layers[0]
     calls = []
 
@@ -139,9 +139,16 @@ def test_a_given_grid_is_the_one_rounded_to(tiny_weights):
         part = getattr(layer.shard(j, c), name).contiguous().numpy().ravel()
         _, s, z = full_range(name, 0, torch.from_numpy(part), 2)
         assert np.array_equal(scale, s) and np.array_equal(zero, z), (name, j)
-        assert codes.max() <= 3
         differ += not np.array_equal(scale, codec[(name, j)][1])
     assert differ > 0  # the codec's own search clips some groups: the hook changed something
+    parts = [layer.shard(j, c).q_w for j in layer.shard_ids]
+    grids = [full_range("q_w", 0, p, 2) for p in parts]
+    scale = torch.cat([gptq._spread(g[1], tuple(p.shape)) for g, p in zip(grids, parts)])
+    zero = torch.cat([gptq._spread(g[2], tuple(p.shape)) for g, p in zip(grids, parts)])
+    expected = gptq.round_columns(layer.q_w, scale, zero, 2, *gptq.inverse_factor(grams["x"]))
+    for pos, j in enumerate(layer.shard_ids):
+        want = expected[shard_slice("q_w", pos, c)].contiguous().numpy().ravel().astype(np.uint8)
+        assert np.array_equal(mine[("q_w", j)][0], want), j
 
 
 def inputs_by_hand(x: torch.Tensor, layer, c) -> dict:

@@ -99,8 +99,9 @@ def layer_choices(layer: LayerWeights, config: ModelConfig, bits: int, grams: di
     """Every matrix part of every shard of `layer` at `bits`: (name, shard id) -> (codes,
     scale, zero) for `codec.encode`'s `choice`. `factors` caches the inverse-Hessian factors
     across bitwidths (they do not depend on b). `grid(name, position, part, bits)` -> (codes,
-    scale, zero) picks a part's grid (default: the codec's, `codec.linear_choice`; another
-    is for comparing choices, benchmarks/bench_rounding.py: a store's decoder reads any)."""
+    scale, zero) picks a part's grid; only its scale and zero are kept, GPTQ chooses the
+    codes on them (default: the codec's, `codec.linear_choice`; another is for comparing
+    choices, benchmarks/bench_rounding.py: a store's decoder reads any grid)."""
     factors = {} if factors is None else factors
     grid = grid or (lambda name, pos, part, b: codecs.linear_choice(part.contiguous().numpy().ravel(), b))
     out = {}
