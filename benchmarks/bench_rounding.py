@@ -9,7 +9,8 @@ ratios shrunk symmetrically about the group's centre (`codec.linear_grid`), and 
 0.3; these are the textbook alternatives, each measured on the whole model with every shard
 at b bits (decoded in memory, exactly as a store of them would decode), against the float32
 model's answers over 3,000 training sentences outside the calibration texts (KL, the finer
-measure) and on the test split (accuracy):
+measure) and on the test and dev splits (accuracy; dev, which no reported figure uses, is the
+split to choose a rounding by):
   shipped     what `sti build` does
   sequential  each layer's Gram matrices measured on the model whose earlier layers are
               already rounded at b bits (GPTQ's paper does this)
@@ -166,8 +167,8 @@ def main() -> int:
     random.Random(0).shuffle(train)
     held = set(texts)
     sample = [e for e in train if (e.text, e.text_pair) not in held][:KL_SENTENCES]
-    test = load_split("test")
-    labels = torch.tensor([e.label for e in test])
+    test, dev = load_split("test"), load_split("dev")
+    labels, dev_labels = torch.tensor([e.label for e in test]), torch.tensor([e.label for e in dev])
     order = sorted(texts, key=lambda t: len(t[0]) + len(t[1] or ""))  # similar lengths together, as gptq.measure
     batches = []
     for k in range(0, len(order), 64):
@@ -177,6 +178,7 @@ def main() -> int:
     with torch.no_grad():
         ref = predict_logits(model, tok, sample)
         fp32 = (predict_logits(model, tok, test).argmax(1) == labels).float().mean().item()
+        fp32_dev = (predict_logits(model, tok, dev).argmax(1) == dev_labels).float().mean().item()
         rows = []
         for bits in map(int, args.bits.split(",")):
             for v in variants:
@@ -186,12 +188,15 @@ def main() -> int:
                 p, q = torch.log_softmax(ref, 1), torch.log_softmax(logits, 1)
                 kl = (p.exp() * (p - q)).sum(1).mean().item()
                 acc = (predict_logits(m, tok, test).argmax(1) == labels).float().mean().item()
-                rows.append({"bits": bits, "variant": v, "kl": kl, "test_accuracy": acc,
+                dev_acc = (predict_logits(m, tok, dev).argmax(1) == dev_labels).float().mean().item()
+                rows.append({"bits": bits, "variant": v, "kl": kl, "test_accuracy": acc, "dev_accuracy": dev_acc,
                              "points_below_fp32": (fp32 - acc) * 100, "seconds": time.perf_counter() - t0})
-                print(f"{bits} bits  {v:11} KL {kl:.4f}   test {acc:.4f} ({(acc - fp32) * 100:+.2f} points)", flush=True)
+                print(f"{bits} bits  {v:11} KL {kl:.4f}   test {acc:.4f} ({(acc - fp32) * 100:+.2f} points)   "
+                      f"dev {dev_acc:.4f} ({(dev_acc - fp32_dev) * 100:+.2f})", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": str(args.model), "calibration_texts": len(texts), "seed": args.seed,
-                                    "kl_sentences": len(sample), "fp32_test_accuracy": fp32, "rows": rows}, indent=1))
+                                    "kl_sentences": len(sample), "fp32_test_accuracy": fp32,
+                                    "fp32_dev_accuracy": fp32_dev, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
     return 0
 
