@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from dataclasses import replace
@@ -36,11 +35,12 @@ import numpy as np
 import torch
 
 import sti.codec as codecs
+from bench_store import fidelity, kl_sample
 from sti import gptq
 from sti.api import calibration_texts
 from sti.data import load_split
 from sti.encoder import attention_keep, embed, layer_forward
-from sti.evaluate import predict_logits
+from sti.evaluate import accuracy, predict_logits
 from sti.finetune import default_model_dir
 from sti.tokenizer import Tokenizer
 from sti.weights import load_model_dir, shard_slice, split_dim
@@ -55,47 +55,21 @@ def damp_of(variant: str) -> float | None:
         return float(variant[4:]) if variant.startswith("damp") else None
     except ValueError:
         return None
-KL_SENTENCES = 3000
 
 
-def decoded(layer, choices: dict, config):
-    """`layer` with every matrix replaced by its rounding: zero + code * scale per group, in
-    the decoder's float32 arithmetic."""
+def decoded(layer, bits: int, choices: dict, config):
+    """`layer` with every matrix replaced by its rounding, encoded and decoded by the codec
+    as a store's shard would be."""
     new = {}
     for name in gptq.INPUTS:
         full, dim = getattr(layer, name).clone(), split_dim(name)
         for pos, j in enumerate(layer.shard_ids):
-            codes, scale, zero = choices[(name, j)]
             sl = shard_slice(name, pos, config)
             part = full[:, sl] if dim else full[sl]
-            per = lambda v: np.repeat(v.astype(np.float32), codecs.GROUP)[:part.numel()]  # noqa: E731
-            part.copy_(torch.from_numpy(((codes.astype(np.float32) * per(scale)).astype(np.float32)
-                                         + per(zero)).reshape(part.shape)))
+            blob = codecs.encode(part.contiguous().numpy(), bits, "linear", choice=choices[(name, j)])
+            part.copy_(torch.from_numpy(codecs.decode(blob, tuple(part.shape))))
         new[name] = full
     return replace(layer, **new)
-
-
-def searched_grid(groups: torch.Tensor, bits: int, pairs, weights: torch.Tensor | None):
-    """`codec.linear_grid`'s search over (low ratio, high ratio) `pairs`, the error weighted
-    by `weights` [n, G] if given."""
-    levels = (1 << bits) - 1
-    gmin, gmax = groups.amin(1), groups.amax(1)
-    mid, half = (gmin + gmax) / 2, (gmax - gmin) / 2
-    best = None
-    for low, high in pairs:
-        lo, hi = mid - half * low, mid + half * high
-        scale, zero = ((hi - lo) / levels).half().float(), lo.half().float()
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.clamp(torch.round((groups - zero[:, None]) / safe[:, None]), 0, levels)
-        err = (codecs.linear_values(codes, scale, zero) - groups).double().square()
-        err = (err * weights if weights is not None else err).sum(1)
-        if best is None:
-            best = [codes, scale, zero, err]
-            continue
-        better = err < best[3]
-        for k, v in enumerate((codes, scale, zero, err)):
-            best[k][better] = v[better]
-    return best[:3]
 
 
 def grid_for(variant: str, grams: dict, config):
@@ -103,18 +77,19 @@ def grid_for(variant: str, grams: dict, config):
     if variant not in ("weighted", "asymmetric"):
         return None
     ratios = codecs.CLIP_RATIOS
-    pairs = [(a, b) for a in ratios for b in ratios] if variant == "asymmetric" else [(r, r) for r in ratios]
+    clips = [(a, b) for a in ratios for b in ratios] if variant == "asymmetric" else None
+
+    def grouped(t: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(codecs._pad(t.contiguous().numpy().ravel(), codecs.GROUP, edge=True)
+                                .reshape(-1, codecs.GROUP))
 
     def grid(name, pos, part, bits):
-        groups = torch.from_numpy(codecs._pad(part.contiguous().numpy().ravel(), codecs.GROUP, edge=True)
-                                  .reshape(-1, codecs.GROUP))
         weights = None
         if variant == "weighted":  # an element's input: its column (of the layer's input, for a column shard)
             energy = torch.diagonal(grams[gptq.INPUTS[name]])
             energy = energy[shard_slice(name, pos, config)] if split_dim(name) else energy
-            weights = torch.from_numpy(codecs._pad(energy.expand(part.shape).contiguous().numpy().ravel(),
-                                                   codecs.GROUP, edge=True).reshape(-1, codecs.GROUP))
-        codes, scale, zero = searched_grid(groups, bits, pairs, weights)
+            weights = grouped(energy.expand(part.shape))
+        codes, scale, zero = codecs.linear_grid(grouped(part.float()), bits, clips, weights)
         return codes.numpy().ravel()[:part.numel()].astype(np.uint8), scale.numpy(), zero.numpy()
     return grid
 
@@ -132,7 +107,7 @@ def rounded_model(model, batches, bits: int, variant: str):
             grams: dict = {}
             for x, (_, keep, real) in zip(rounded if variant == "sequential" else exact, inputs):
                 layer_forward(x, keep, layer, c, observe=lambda **ins: gptq._add(grams, ins, real))
-            q = decoded(layer, gptq.layer_choices(layer, c, bits, grams, grid=grid_for(variant, grams, c)), c)
+            q = decoded(layer, bits, gptq.layer_choices(layer, c, bits, grams, grid=grid_for(variant, grams, c)), c)
             layers.append(q)
             if variant == "sequential":
                 rounded = [layer_forward(x, keep, q, c) for x, (_, keep, _) in zip(rounded, inputs)]
@@ -163,32 +138,19 @@ def main() -> int:
     model = load_model_dir(args.model)
     tok = Tokenizer(args.model, max_length=min(128, model.config.max_tokens))  # as `sti build` calibrates
     texts = calibration_texts(seed=args.seed)
-    train = load_split("train")
-    random.Random(0).shuffle(train)
-    held = set(texts)
-    sample = [e for e in train if (e.text, e.text_pair) not in held][:KL_SENTENCES]
+    sample = kl_sample(set(texts))
     test, dev = load_split("test"), load_split("dev")
-    labels, dev_labels = torch.tensor([e.label for e in test]), torch.tensor([e.label for e in dev])
-    order = sorted(texts, key=lambda t: len(t[0]) + len(t[1] or ""))  # similar lengths together, as gptq.measure
-    batches = []
-    for k in range(0, len(order), 64):
-        chunk = order[k:k + 64]
-        pairs = [p for _, p in chunk]
-        batches.append(tok.encode([t for t, _ in chunk], pairs=pairs if any(p is not None for p in pairs) else None))
+    batches = list(gptq.batches(tok, texts))
     with torch.no_grad():
         ref = predict_logits(model, tok, sample)
-        fp32 = (predict_logits(model, tok, test).argmax(1) == labels).float().mean().item()
-        fp32_dev = (predict_logits(model, tok, dev).argmax(1) == dev_labels).float().mean().item()
+        fp32, fp32_dev = accuracy(model, tok, test), accuracy(model, tok, dev)
         rows = []
         for bits in map(int, args.bits.split(",")):
             for v in variants:
                 t0 = time.perf_counter()
                 m = rounded_model(model, batches, bits, v)
-                logits = predict_logits(m, tok, sample)
-                p, q = torch.log_softmax(ref, 1), torch.log_softmax(logits, 1)
-                kl = (p.exp() * (p - q)).sum(1).mean().item()
-                acc = (predict_logits(m, tok, test).argmax(1) == labels).float().mean().item()
-                dev_acc = (predict_logits(m, tok, dev).argmax(1) == dev_labels).float().mean().item()
+                kl, _ = fidelity(predict_logits(m, tok, sample), ref)
+                acc, dev_acc = accuracy(m, tok, test), accuracy(m, tok, dev)
                 rows.append({"bits": bits, "variant": v, "kl": kl, "test_accuracy": acc, "dev_accuracy": dev_acc,
                              "points_below_fp32": (fp32 - acc) * 100, "seconds": time.perf_counter() - t0})
                 print(f"{bits} bits  {v:11} KL {kl:.4f}   test {acc:.4f} ({(acc - fp32) * 100:+.2f} points)   "

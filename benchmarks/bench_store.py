@@ -16,8 +16,9 @@ codec with another group size or clipping floor, to compare the choices of docs/
 --draws N builds the GPTQ store from N draws of calibration texts (seeds 0..N-1 of
 `sti.calibration_texts`; seed 0 is what `sti build` uses) and reports each bitwidth's mean
 and range over them (--calibration-texts N: N texts a draw instead of 512; the KL sentences
-are those of the 3,000 outside every draw, fewer when the draws cover most of the split): on the test split, which draw a store was calibrated on moves 2-bit
-accuracy by more than a point, so one draw does not say how good the rounding is.
+are those of the 3,000 outside every draw, fewer when the draws cover most of the split): on
+the test split, which draw a store was calibrated on moves 2-bit accuracy by more than a
+point, so one draw does not say how good the rounding is.
 Writes benchmarks/results/store.json (store-G<G>-clip<R>.json for a variant, -draws<N> added
 with --draws, or --out).
 """
@@ -66,6 +67,14 @@ def fidelity(logits: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return kl, (logits.argmax(1) == ref.argmax(1)).float().mean().item()
 
 
+def kl_sample(held: set) -> list:
+    """The KL sentences: the first KL_SENTENCES of the shuffled training split outside `held`
+    ((text, second text) pairs: the calibration texts)."""
+    train = load_split("train")
+    random.Random(0).shuffle(train)
+    return [e for e in train if (e.text, e.text_pair) not in held][:KL_SENTENCES]
+
+
 def mean_row(rows: list[dict]) -> dict:
     """One row standing for several draws of the same store and bitwidth: numbers averaged."""
     return {k: statistics.mean(r[k] for r in rows) if isinstance(v, float) else v for k, v in rows[0].items()}
@@ -104,10 +113,7 @@ def main() -> int:
     test = load_split("test")
     labels = torch.tensor([e.label for e in test])
     calibrations = [calibration_texts(count=args.calibration_texts, seed=k) for k in range(args.draws)]
-    held = set().union(*map(set, calibrations))
-    train = load_split("train")
-    random.Random(0).shuffle(train)
-    sample = [e for e in train if (e.text, e.text_pair) not in held][:KL_SENTENCES]
+    sample = kl_sample(set().union(*map(set, calibrations)))
     if len(sample) < KL_SENTENCES:
         print(f"KL over {len(sample)} training sentences, not {KL_SENTENCES}: the calibration draws hold the rest",
               file=sys.stderr)

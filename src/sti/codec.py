@@ -107,14 +107,18 @@ F16_MAX = 65504.0
 
 
 @torch.no_grad()
-def linear_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def linear_grid(groups: torch.Tensor, bits: int, clips=None,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The linear codec's choice for every row of `groups` ([n, G] float32): (codes, scale,
     zero), codes as float32 integers, scale and zero float32 values that float16 holds
     exactly. Per group, the grid [lo, hi] is the group's range shrunk about its centre by the
     ratio (of CLIP_RATIOS) with the least squared error: clipping a few extreme weights buys a
     finer step for all the others, which matters most at 2-4 bits. Codes are rounded against
     the grid as stored (float16). The store's encoder and training's fake quantization
-    (sti.qat) both call this, so a store holds exactly what quantization-aware training saw."""
+    (sti.qat) both call this, so a store holds exactly what quantization-aware training saw.
+    `clips` ((low, high) shares of the half-range kept below and above the centre) and
+    `weights` ([n, G], each weight's share of the squared error) change the search, to compare
+    other choices with this one (benchmarks/bench_rounding.py); the codec uses neither."""
     levels = (1 << bits) - 1
     gmin, gmax = groups.amin(1), groups.amax(1)
     biggest = max(-gmin.min().item(), gmax.max().item(), 0.0)  # scale <= 2 * biggest / 3 fits when this does
@@ -123,12 +127,13 @@ def linear_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
                          f"scales (at most {F16_MAX:g}): build the store with codec 'gobo', which keeps float32")
     mid, half = (gmin + gmax) / 2, (gmax - gmin) / 2
     best = None
-    for ratio in CLIP_RATIOS:
-        lo, hi = mid - half * ratio, mid + half * ratio
+    for low, high in clips or [(r, r) for r in CLIP_RATIOS]:
+        lo, hi = mid - half * low, mid + half * high
         scale, zero = ((hi - lo) / levels).half().float(), lo.half().float()
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = torch.clamp(torch.round((groups - zero[:, None]) / safe[:, None]), 0, levels)
-        err = (linear_values(codes, scale, zero) - groups).double().square().sum(1)
+        err = (linear_values(codes, scale, zero) - groups).double().square()
+        err = (err if weights is None else err * weights).sum(1)
         if best is None:
             best = [codes, scale, zero, err]
             continue

@@ -68,23 +68,29 @@ def measure(weights: ModelWeights, tokenizer, texts: list[tuple[str, str | None]
         raise ConfigError("GPTQ rounding needs calibration texts, and none were given")
     c = weights.config
     grams = tuple({} for _ in weights.layers)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i][0]) + len(texts[i][1] or ""))
-    tokens, starts = 0, range(0, len(order), batch_size)  # similar lengths together: little padding
+    tokens, total = 0, -(-len(texts) // batch_size)
     with torch.no_grad():
-        for done, start in enumerate(starts, 1):
-            chunk = [texts[i] for i in order[start:start + batch_size]]
-            pairs = [p for _, p in chunk]
-            batch = tokenizer.encode([t for t, _ in chunk], pairs=pairs if any(p is not None for p in pairs) else None)
+        for done, batch in enumerate(batches(tokenizer, texts, batch_size), 1):
             real = batch.attention_mask.bool()
             tokens += int(real.sum())
             keep = attention_keep(batch.attention_mask)
             x = embed(weights.embeddings, batch.input_ids, c, token_type_ids=batch.token_type_ids)
             for layer, gram in zip(weights.layers, grams):
                 x = layer_forward(x, keep, layer, c, observe=lambda **ins: _add(gram, ins, real))
-            if progress is not None and progress(done, len(starts)) is False:
+            if progress is not None and progress(done, total) is False:
                 raise Cancelled("calibration cancelled")
     digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
     return Calibration(grams, len(texts), tokens, digest)
+
+
+def batches(tokenizer, texts: list[tuple[str, str | None]], batch_size: int = 64):
+    """The calibration texts tokenized in batches of `batch_size`, similar lengths together
+    (little padding), one batch at a time."""
+    order = sorted(texts, key=lambda t: len(t[0]) + len(t[1] or ""))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        pairs = [p for _, p in chunk]
+        yield tokenizer.encode([t for t, _ in chunk], pairs=pairs if any(p is not None for p in pairs) else None)
 
 
 def _add(gram: dict, inputs: dict, real: torch.Tensor) -> None:
