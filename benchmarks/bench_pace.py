@@ -32,6 +32,7 @@ from sti.profile_device import measure_device
 from sti.runtime import Engine
 from sti.store import Store
 from sti.demo import demo_store_path
+from sti.errors import StiError
 from sti.finetune import default_model_dir
 
 RESULTS = Path(__file__).parent / "results"
@@ -65,15 +66,21 @@ def main() -> int:
     ap.add_argument("--passes", type=int, default=3, help="passes on the first engine (the others serve one)")
     ap.add_argument("--out", type=Path, default=None, help="results file (default: pace-<UTC start>.json)")
     args = ap.parse_args()
+    if args.requests < 1 or args.passes < 1:
+        ap.error("--requests and --passes must be at least 1")
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-    store = args.store or demo_store_path()
     model = args.model or default_model_dir("full")
     st = args.storage
     cfg = BenchConfig(systems=("sti-joint",), storages=(st,), seq_modes=("own",), targets_x=(args.target_x,),
                       memories_mb=(args.memory_mb,), ood_limit=0, conditions_from=str(args.same_conditions_as))
-    h = Harness(store, model, cfg, log=lambda *a: None)
-    unit = h.t_unit(st, "own")
-    device = h.point_device(st, "own", st, unit, args.target_x, args.memory_mb)
+    try:  # no demo store, a wrong results file, store or point: say which, as `sti bench` does
+        store = args.store or demo_store_path()
+        h = Harness(store, model, cfg, log=lambda *a: None)
+        unit = h.t_unit(st, "own")
+        device = h.point_device(st, "own", st, unit, args.target_x, args.memory_mb)
+    except StiError as exc:
+        print(f"bench_pace: {exc}", file=sys.stderr)
+        return 1
     plans = planned(h, "sti-joint", device, args.target_x * unit, args.memory_mb, None)
     texts = [e.text for e in h.served_test[:args.requests]]
     rows = []
